@@ -1,0 +1,1 @@
+"""Deployment definitions, schedules and work pools for the pipeline's flows."""

@@ -1,0 +1,148 @@
+"""State dicts on storage: safetensors with a JSON sidecar, and their fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from storage.core import Storage
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIX = ".safetensors"
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def sidecar_key(key: str) -> str:
+    """The key of a checkpoint's JSON sidecar: ``model.safetensors`` -> ``model.json``."""
+    for suffix in (SAFETENSORS_SUFFIX, *_TORCH_SUFFIXES):
+        if key.endswith(suffix):
+            return key[: -len(suffix)] + ".json"
+    return key + ".json"
+
+
+def save_state_dict(
+    storage: Storage,
+    key: str,
+    state_dict: Mapping[str, torch.Tensor],
+    metadata: dict[str, Any],
+) -> str:
+    """Write ``state_dict`` as safetensors, then its JSON sidecar.
+
+    Tensors are stored contiguous and on CPU under their own keys (open_clip's keys stay
+    open_clip's). The sidecar is ``metadata`` plus ``state_fingerprint``, written after the
+    tensors so that a sidecar always describes a complete checkpoint.
+
+    Args:
+        storage: where to write.
+        key: the checkpoint key; must end with ``.safetensors``.
+        state_dict: tensors by name.
+        metadata: JSON-able facts (source domain, base fingerprint, config...).
+
+    Returns:
+        The :func:`state_fingerprint` of the state dict.
+
+    Raises:
+        ValueError: bad key, non-tensor values, or metadata that is not JSON-able or carries a
+            different ``state_fingerprint``.
+    """
+    if not key.endswith(SAFETENSORS_SUFFIX):
+        raise ValueError(f"checkpoint key {key!r} must end with {SAFETENSORS_SUFFIX}")
+    tensors = _cpu_contiguous(state_dict)
+    fingerprint = state_fingerprint(tensors)
+    if metadata.get("state_fingerprint", fingerprint) != fingerprint:
+        raise ValueError(
+            f"metadata state_fingerprint {metadata['state_fingerprint']} does not match the "
+            f"tensors ({fingerprint})"
+        )
+    sidecar = {**metadata, "state_fingerprint": fingerprint}
+    try:
+        sidecar_text = json.dumps(sidecar, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint metadata for {key} is not JSON-able: {exc}") from exc
+    storage.write_bytes(key, safetensors.torch.save(tensors, metadata={"format": "pt"}))
+    storage.write_json(sidecar_key(key), json.loads(sidecar_text))
+    logger.info("saved %d tensors to %s (%s)", len(tensors), storage.url(key), fingerprint)
+    return fingerprint
+
+
+def load_state_dict(storage: Storage, key: str) -> dict[str, torch.Tensor]:
+    """Load a state dict on CPU.
+
+    ``.safetensors`` is the project's format; ``.pt``/``.pth``/``.bin`` files (such as released
+    open_clip weights) are read with ``torch.load(weights_only=True)``, unwrapping a
+    ``{"state_dict": ...}`` checkpoint and a DataParallel ``module.`` prefix.
+
+    Raises:
+        ObjectNotFoundError: no object under ``key``.
+        ValueError: an unknown suffix, or a torch file that is not a state dict or holds
+            pickled objects other than tensors.
+    """
+    data = storage.read_bytes(key)
+    if key.endswith(SAFETENSORS_SUFFIX):
+        return safetensors.torch.load(data)
+    if key.endswith(_TORCH_SUFFIXES):
+        try:
+            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(
+                f"{storage.url(key)} holds more than tensors; refused by torch.load(weights_only=True)"
+            ) from exc
+        if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+            loaded = loaded["state_dict"]
+        if not isinstance(loaded, Mapping) or not all(
+            isinstance(v, torch.Tensor) for v in loaded.values()
+        ):
+            raise ValueError(f"{storage.url(key)} does not hold a state dict of tensors")
+        state = dict(loaded)
+        if state and all(k.startswith("module.") for k in state):
+            state = {k[len("module.") :]: v for k, v in state.items()}
+        return state
+    raise ValueError(
+        f"unknown checkpoint format for {key!r}; expected {SAFETENSORS_SUFFIX} or one of "
+        f"{', '.join(_TORCH_SUFFIXES)}"
+    )
+
+
+def load_sidecar(storage: Storage, key: str) -> dict[str, Any]:
+    """The JSON sidecar written by :func:`save_state_dict` for the checkpoint ``key``."""
+    return storage.read_json(sidecar_key(key))
+
+
+def state_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A 16-hex-character sha256 over sorted keys, dtypes, shapes and tensor bytes.
+
+    Equal for equal state dicts whatever their device, memory layout or insertion order.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to("cpu").contiguous()
+        header = f"{name}\x00{str(tensor.dtype)}\x00{tuple(tensor.shape)}\x00"
+        digest.update(header.encode("utf-8"))
+        # Viewing as bytes hashes every dtype alike, bfloat16 included (numpy has no bfloat16).
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_contiguous(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    seen_storages: set[int] = set()
+    for name, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"state dict entry {name!r} is a {type(value).__name__}, not a tensor")
+        tensor = value.detach().to("cpu").contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        # safetensors refuses tensors sharing memory (tied weights); each gets its own copy.
+        if pointer in seen_storages and tensor.numel() > 0:
+            tensor = tensor.clone()
+        seen_storages.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    return tensors

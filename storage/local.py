@@ -1,0 +1,186 @@
+"""A local folder as a :class:`~storage.core.Storage`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from os import PathLike
+from pathlib import Path
+from typing import BinaryIO
+
+from storage.core import Storage, check_prefix, normalise_key
+from storage.errors import ObjectNotFoundError, PathOutsideRootError, StorageError
+
+logger = logging.getLogger(__name__)
+
+# Partial files are dot-files with this suffix beside their final name; listings skip them.
+_PARTIAL_SUFFIX = ".partial"
+
+
+def _is_partial(name: str) -> bool:
+    return name.startswith(".") and name.endswith(_PARTIAL_SUFFIX)
+
+
+class LocalStorage(Storage):
+    """Objects are files under a root folder; keys are their paths relative to it.
+
+    Writes go to a temporary file in the destination folder, which is then renamed over the
+    final name with :func:`os.replace` (atomic on POSIX within one file system), so readers
+    never see a partial file. The root folder is created on the first write.
+
+    Args:
+        root: the root folder (created lazily).
+    """
+
+    def __init__(self, root: str | PathLike[str]) -> None:
+        self.root = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        path = self.root / normalise_key(key)
+        # Keys cannot contain "..", but a symlink inside the root could still lead outside.
+        real_root = os.path.realpath(self.root)
+        real_path = os.path.realpath(path)
+        if os.path.commonpath([real_root, real_path]) != real_root:
+            raise PathOutsideRootError(f"key {key!r} resolves outside the storage root {self.uri}")
+        return path
+
+    def child(self, prefix: str) -> LocalStorage:
+        """A storage rooted at ``prefix`` under this one."""
+        return LocalStorage(self.root / normalise_key(prefix))
+
+    def url(self, key: str) -> str:
+        """The absolute path of ``key``."""
+        return str(self._path(key))
+
+    def exists(self, key: str) -> bool:
+        """Whether a file exists under ``key``."""
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        """The size of the file in bytes."""
+        path = self._path(key)
+        with _not_found_as(path):
+            return path.stat().st_size
+
+    def read_bytes(self, key: str) -> bytes:
+        """The whole file as bytes."""
+        path = self._path(key)
+        with _not_found_as(path):
+            return path.read_bytes()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Publish ``data`` under ``key`` atomically."""
+        path = self._path(key)
+
+        def write(handle: BinaryIO) -> None:
+            handle.write(data)
+
+        _publish(path, write)
+        logger.debug("wrote %d bytes to %s", len(data), path)
+
+    def open_read(self, key: str) -> BinaryIO:
+        """The file opened for binary reading."""
+        path = self._path(key)
+        with _not_found_as(path):
+            return open(path, "rb")
+
+    def upload_file(self, local_path: str | PathLike[str], key: str) -> None:
+        """Copy a local file under ``key`` atomically."""
+        path = self._path(key)
+        source = Path(local_path)
+        if not source.is_file():
+            raise ObjectNotFoundError(f"cannot upload {source}: no such local file")
+
+        def write(handle: BinaryIO) -> None:
+            with open(source, "rb") as reader:
+                shutil.copyfileobj(reader, handle, length=1 << 20)
+
+        _publish(path, write)
+        logger.debug("copied %s to %s", source, path)
+
+    def download_file(self, key: str, local_path: str | PathLike[str]) -> None:
+        """Copy the file to ``local_path`` atomically."""
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFoundError(f"no object at {path}")
+
+        def write(handle: BinaryIO) -> None:
+            with open(path, "rb") as reader:
+                shutil.copyfileobj(reader, handle, length=1 << 20)
+
+        _publish(Path(os.path.abspath(local_path)), write)
+
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        """Yield the file itself (no copy): read it, do not modify it."""
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFoundError(f"no object at {path}")
+        yield path
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted keys of the files whose key starts with ``prefix`` (string prefix, as S3)."""
+        prefix = check_prefix(prefix)
+        # Only the folder part of the prefix needs walking; the rest is a string filter.
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root / folder if folder else self.root
+        if not start.is_dir():
+            return []
+        keys = []
+        for dirpath, _dirnames, filenames in os.walk(start):
+            relative_dir = os.path.relpath(dirpath, self.root)
+            for name in filenames:
+                if _is_partial(name):
+                    continue
+                key = name if relative_dir == "." else f"{relative_dir}/{name}".replace(os.sep, "/")
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        """Remove the file; a missing file is not an error."""
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _publish(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through ``write`` into a temporary sibling of ``path``, then rename it over ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except NotADirectoryError as exc:
+        raise StorageError(f"cannot create {path}: a parent is a file") from exc
+    fd, temp_name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX
+    )
+    try:
+        # mkstemp creates the file owner-only; published objects are meant to be shared.
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            # Without fsync a crash after the rename could leave a renamed but empty file, and a
+            # completion marker written next would vouch for it.
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+@contextmanager
+def _not_found_as(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        raise ObjectNotFoundError(f"no object at {path}") from exc

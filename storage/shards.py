@@ -1,0 +1,245 @@
+"""WebDataset tar shards: writing, reading, completion and the manifest.
+
+A shard is written locally with webdataset's own :class:`~webdataset.TarWriter`, published with
+one upload, and only then marked complete; readers use :func:`complete_shards` and so never see
+a shard a crash interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import re
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import webdataset
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from storage.core import Storage
+from storage.errors import ObjectNotFoundError, ShardReadError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_KEY = "manifest.parquet"
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("name", pa.string()),
+        ("samples", pa.int64()),
+        ("bytes", pa.int64()),
+        ("sha256", pa.string()),
+    ]
+)
+
+
+def shard_name(name: str, split: str, index: int) -> str:
+    """The file name of a shard: ``{name}-{split}-{index:06d}.tar``.
+
+    Args:
+        name: the dataset name, e.g. ``imagenet-x``.
+        split: the split, e.g. ``train``.
+        index: the shard index (zero-padded to six digits so names sort in order).
+    """
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"{name}-{split}-{index:06d}.tar"
+
+
+class ShardWriter:
+    """Write one shard: samples go to a local temporary tar, published on a clean exit.
+
+    On a clean exit the tar is uploaded to ``key``, then the completion marker
+    ``_completions/{basename}.json`` is written with ``{"samples", "bytes", "sha256"}``. If the
+    block raises, nothing is uploaded and the temporary file is removed. A stale marker of the
+    same shard is removed before the upload, so a marker always describes the object beside it.
+
+    Args:
+        storage: the dataset folder.
+        key: the shard's key, usually :func:`shard_name`.
+        temp_dir: where the local tar is built (the system default when None); it must have
+            room for one shard.
+
+    Example:
+        >>> with ShardWriter(storage, shard_name("dom", "train", 0)) as writer:
+        ...     writer.write({"__key__": "000000", "png": png_bytes, "cls": 3})
+    """
+
+    def __init__(self, storage: Storage, key: str, temp_dir: str | None = None) -> None:
+        self.storage = storage
+        self.temp_dir = temp_dir
+        self.key = key
+        self.name = posixpath.basename(key)
+        self.samples = 0
+        self.bytes: int | None = None
+        self.sha256: str | None = None
+        self._temp_path: str | None = None
+        self._handle: BinaryIO | None = None
+        self._tar: webdataset.TarWriter | None = None
+
+    def __enter__(self) -> ShardWriter:
+        fd, self._temp_path = tempfile.mkstemp(
+            prefix=f"{self.name}.", suffix=".partial", dir=self.temp_dir
+        )
+        self._handle = os.fdopen(fd, "wb")
+        # A fixed mtime makes the tar a function of its samples, so a rerun reproduces the sha256.
+        self._tar = webdataset.TarWriter(self._handle, mtime=0.0)
+        return self
+
+    def write(self, sample: dict[str, Any]) -> None:
+        """Append one sample (a dict with ``__key__``; ``cls`` may be an int)."""
+        if self._tar is None:
+            raise RuntimeError("ShardWriter.write called outside its `with` block")
+        self._tar.write(sample)
+        self.samples += 1
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        assert self._tar is not None and self._temp_path is not None
+        try:
+            # TarWriter.close also closes the file object it was given.
+            self._tar.close()
+            if exc_type is not None:
+                logger.warning("shard %s abandoned after an error; nothing published", self.key)
+                return
+            self.bytes, self.sha256 = _size_and_sha256(self._temp_path)
+            self.storage.clear_complete(self.name)
+            self.storage.upload_file(self._temp_path, self.key)
+            self.storage.mark_complete(
+                self.name, {"samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+            )
+            logger.info("published shard %s (%d samples)", self.storage.url(self.key), self.samples)
+        finally:
+            os.unlink(self._temp_path)
+            self._tar = None
+
+
+def read_shard(storage: Storage, key: str) -> Iterator[dict[str, Any]]:
+    """Stream the samples of one shard.
+
+    Fields are raw bytes as stored, except ``cls``, decoded to ``int``. When the shard has a
+    completion marker the bytes read are checked against its size and sha256.
+
+    Args:
+        storage: the dataset folder.
+        key: the shard's key.
+
+    Yields:
+        One dict per sample, with ``__key__``.
+
+    Raises:
+        ObjectNotFoundError: no shard under ``key``.
+        ShardReadError: the tar is truncated or corrupt, or differs from its marker.
+    """
+    url = storage.url(key)
+    name = posixpath.basename(key)
+    expected = storage.completion_info(name) if storage.is_complete(name) else None
+    with storage.open_read(key) as stream:
+        reader = _HashingReader(stream)
+        source = {"url": url, "stream": reader}
+        try:
+            for sample in group_by_keys(tar_file_expander([source])):
+                yield _decode(sample)
+            reader.drain()
+        except (tarfile.TarError, EOFError, ValueError) as exc:
+            # webdataset appends the stream and URL to the args; the first one is the reason.
+            reason = exc.args[0] if exc.args else type(exc).__name__
+            raise ShardReadError(f"shard {url} is truncated or corrupt: {reason}") from exc
+    if expected is not None:
+        if reader.size != expected.get("bytes") or reader.sha256() != expected.get("sha256"):
+            raise ShardReadError(
+                f"shard {url} does not match its completion marker: read {reader.size} bytes "
+                f"(sha256 {reader.sha256()[:12]}), marker says {expected.get('bytes')} bytes "
+                f"(sha256 {str(expected.get('sha256'))[:12]})"
+            )
+
+
+def complete_shards(storage: Storage, name: str, split: str) -> list[str]:
+    """Sorted keys of the shards of ``name``/``split`` that carry a completion marker.
+
+    These, and only these, are what a reader may use.
+    """
+    pattern = re.compile(rf"{re.escape(name)}-{re.escape(split)}-\d{{6,}}\.tar")
+    return sorted(unit for unit in storage.completed() if pattern.fullmatch(unit))
+
+
+def write_manifest(storage: Storage, shard_keys: Iterable[str]) -> pa.Table:
+    """Write ``manifest.parquet``: one row per shard, from the shards' completion markers.
+
+    Args:
+        storage: the dataset folder.
+        shard_keys: the shards to list (each must be complete).
+
+    Returns:
+        The table written.
+
+    Raises:
+        ObjectNotFoundError: a shard has no completion marker.
+    """
+    rows: dict[str, list[Any]] = {field: [] for field in MANIFEST_SCHEMA.names}
+    for key in sorted(shard_keys):
+        name = posixpath.basename(key)
+        if not storage.is_complete(name):
+            raise ObjectNotFoundError(f"shard {storage.url(key)} has no completion marker")
+        info = storage.completion_info(name)
+        rows["name"].append(name)
+        rows["samples"].append(int(info["samples"]))
+        rows["bytes"].append(int(info["bytes"]))
+        rows["sha256"].append(str(info["sha256"]))
+    table = pa.table(rows, schema=MANIFEST_SCHEMA)
+    storage.write_parquet(MANIFEST_KEY, table)
+    return table
+
+
+def read_manifest(storage: Storage) -> pa.Table:
+    """Read ``manifest.parquet`` (columns name, samples, bytes, sha256)."""
+    return storage.read_parquet(MANIFEST_KEY)
+
+
+def _decode(sample: dict[str, Any]) -> dict[str, Any]:
+    decoded = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+    if "cls" in decoded:
+        decoded["cls"] = int(decoded["cls"].decode("utf-8").strip())
+    return decoded
+
+
+def _size_and_sha256(path: str) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+class _HashingReader:
+    """A read-only stream wrapper counting and hashing every byte that passes through."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._digest.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read what the tar reader left (end-of-archive padding) so the hash covers it all."""
+        while self.read(1 << 20):
+            pass
+
+    def sha256(self) -> str:
+        return self._digest.hexdigest()

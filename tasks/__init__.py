@@ -1,0 +1,1 @@
+"""Stage logic: plain, typed Python callable without Prefect."""

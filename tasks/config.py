@@ -1,0 +1,44 @@
+"""Typed, validated stage configuration shared by every stage.
+
+Each stage defines one :class:`StageConfig` subclass with flat snake_case fields. A config is
+validated before any compute, has a stable fingerprint (used to version outputs) and is written
+next to what it produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StageConfig(BaseModel):
+    """Base class of every stage configuration.
+
+    Unknown fields are refused, so a typo in a config file is an error instead of a silently
+    ignored setting.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    def canonical_json(self) -> str:
+        """The config as JSON with sorted keys: the input of :meth:`fingerprint`."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def fingerprint(self, *extra: Any, length: int = 16) -> str:
+        """A stable hex digest of the config and any extra JSON-able values.
+
+        Args:
+            *extra: values that also determine the output (model fingerprint, input listing).
+            length: number of hex characters returned.
+        """
+        digest = hashlib.sha256(self.canonical_json().encode())
+        for value in extra:
+            digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+        return digest.hexdigest()[:length]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-able dict (what is written next to the outputs)."""
+        return self.model_dump(mode="json")
