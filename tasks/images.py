@@ -1,0 +1,219 @@
+"""Image decoding and validation shared by every stage that touches pixels.
+
+Stored samples keep the original encoded bytes; everything that needs pixels goes through
+:func:`decode_image`, so one function decides how odd inputs (grayscale, CMYK, palette, alpha,
+16-bit, truncated or enormous files) become RGB, and one exception type says why an input was
+refused. EXIF orientation is deliberately not applied, like torchvision's ``ImageFolder`` and the
+usual ImageNet pipelines, so pixels match what those pipelines see.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+# Well above any ImageNet photo (the largest are ~ 4000 x 3000) and below Pillow's own
+# decompression-bomb limit, so the check here fires first and with a readable reason.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+# Sample fields that hold the main image, in the order a reader looks for them.
+IMAGE_FIELDS = ("jpg", "png")
+
+_WHITE = (255, 255, 255)
+
+
+class BadImageError(ValueError):
+    """An input that cannot become an RGB image; ``reason`` is a short, stable description.
+
+    Reasons start with one of: ``"zero-byte file"``, ``"not an image"``,
+    ``"truncated/corrupt"``, ``"too large"`` (followed by ``": WxH"``).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    @property
+    def category(self) -> str:
+        """The reason without its details (``"too large: 9000x9000"`` -> ``"too large"``)."""
+        return self.reason.split(":", 1)[0]
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The container format from the magic bytes: ``"jpg"``, ``"png"`` or ``None`` for others.
+
+    Only the two formats stored unchanged in shards are told apart here; anything else is
+    identified (or refused) by Pillow in :func:`decode_image`.
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    return None
+
+
+def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an encoded image without changing its mode.
+
+    Args:
+        data: encoded image bytes.
+        max_pixels: largest accepted width * height, checked before the pixels are decoded.
+
+    Returns:
+        The loaded Pillow image in its own mode (``"CMYK"``, ``"P"``, ``"I;16"`` ...).
+
+    Raises:
+        BadImageError: for empty, unidentifiable, truncated or too large inputs.
+    """
+    if not data:
+        raise BadImageError("zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            # The size check below replaces Pillow's decompression-bomb warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(f"too large: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise BadImageError("not an image") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        # Headers Pillow recognises but cannot parse are damaged files, not foreign formats.
+        raise BadImageError(f"truncated/corrupt: {exc}") from exc
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise BadImageError(f"truncated/corrupt: empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise BadImageError(f"too large: {width}x{height}")
+    try:
+        img.load()
+    except Exception as exc:  # codecs raise anything from OSError to struct.error
+        raise BadImageError(f"truncated/corrupt: {exc}") from exc
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is flattened onto white.
+
+    Args:
+        img: a loaded image.
+
+    Returns:
+        An ``"RGB"`` image of the same size.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return _high_depth_to_rgb(img)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    # CMYK (including Adobe's inverted JPEGs, which Pillow handles), YCbCr, L, 1, P, LAB, HSV.
+    return img.convert("RGB")
+
+
+def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
+    # Pillow's convert("RGB") clips 16-bit values at 255, which turns most of the image white.
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+        arr = arr / 257.0
+    elif img.mode == "F" and arr.max(initial=0) <= 1.0:
+        arr = arr * 255.0
+    gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes to a loaded RGB Pillow image.
+
+    Grayscale, CMYK, palette, 16-bit and alpha images are converted to RGB (alpha flattened on
+    white); for animated formats the first frame is used.
+
+    Args:
+        data: encoded image bytes (any format Pillow reads).
+        max_pixels: largest accepted width * height.
+
+    Returns:
+        An ``"RGB"`` image.
+
+    Raises:
+        BadImageError: with reason ``"zero-byte file"``, ``"not an image"``,
+            ``"truncated/corrupt: ..."`` or ``"too large: WxH"``.
+    """
+    img = open_image(data, max_pixels=max_pixels)
+    try:
+        return to_rgb(img)
+    except Exception as exc:  # an undecodable mode is a corrupt file to callers
+        raise BadImageError(f"truncated/corrupt: cannot convert mode {img.mode}") from exc
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """Encode an image as PNG with fixed settings, so equal pixels give equal bytes.
+
+    No metadata is written and the compression level is pinned, which keeps synthetic data and
+    converted files byte-identical across runs.
+    """
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG", compress_level=6, optimize=False)
+    return buffer.getvalue()
+
+
+def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """Resize the shorter side to ``size`` (bicubic), center-crop, and return a float tensor.
+
+    No normalisation is applied: the model applies CLIP's mean and std itself.
+
+    Args:
+        img: a Pillow image (converted to RGB if needed).
+        size: output side length in pixels.
+
+    Returns:
+        A ``float32`` tensor of shape ``[3, size, size]`` with values in ``[0, 1]``.
+    """
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    img = to_rgb(img)
+    width, height = img.size
+    if (width, height) != (size, size):
+        scale = size / min(width, height)
+        # max(size, ...) keeps the short side exactly `size` despite rounding.
+        new_w = size if width <= height else max(size, round(width * scale))
+        new_h = size if height < width else max(size, round(height * scale))
+        if (new_w, new_h) != (width, height):
+            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left = (new_w - size) // 2
+        top = (new_h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def sample_image_bytes(sample: Mapping[str, object]) -> tuple[str, bytes]:
+    """The main image field of a sample dict and its bytes (``"jpg"`` or ``"png"``).
+
+    Raises:
+        KeyError: if the sample holds neither field.
+    """
+    for field in IMAGE_FIELDS:
+        data = sample.get(field)
+        if isinstance(data, bytes | bytearray):
+            return field, bytes(data)
+    raise KeyError(f"sample {sample.get('__key__')!r} has no image field {IMAGE_FIELDS}")
+
+
+def sample_to_tensor(
+    sample: Mapping[str, object], size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> torch.Tensor:
+    """Decode a sample's image and return it as a ``[3, size, size]`` tensor in ``[0, 1]``."""
+    _, data = sample_image_bytes(sample)
+    return image_to_tensor(decode_image(data, max_pixels=max_pixels), size)
