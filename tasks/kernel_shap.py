@@ -1,0 +1,720 @@
+"""Batched Kernel SHAP over a grid of image cells (stage 1 of the pipeline, DESIGN.md).
+
+The players are the cells of a ``gh x gw`` grid over the image. A coalition keeps its cells and
+replaces the others by a baseline; its value is the explained model's logit (or probability) of a
+class. Coalitions are drawn exactly as ``shap.KernelExplainer`` draws them (whole subset sizes
+enumerated while the budget covers them, the rest sampled from the Shapley kernel in
+complementary pairs) and the attributions solve the same weighted least squares with the
+efficiency constraint, so on the same coalitions the result equals shap's.
+
+What differs from shap is the execution: the coalitions of every image of a batch go through the
+model together in large forward batches on the model's device, and all regressions are solved at
+once with batched ``torch.linalg`` in float64. When the model implements :class:`TokenMaskable`
+and the grid cells are whole blocks of ViT patches, masking happens on the patch embeddings
+instead of the pixels; because the patch embedding is a convolution with stride = kernel = patch,
+this gives the same values without materialising one image per coalition.
+
+The open_clip ViT helpers (:func:`vit_embed_patches`, :func:`vit_forward_from_patches`,
+:func:`vit_forward_tokens`) and the :class:`OpenCLIPClassifier` wrapper live here because token
+masking needs them; the self-explaining model reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("mean", "zero", "blur")
+OUTPUTS = ("logit", "prob")
+MASKINGS = ("auto", "pixel", "token")
+DEFAULT_BATCH_ROWS = 1024
+# eigenvalues of the normal equations below this fraction of the largest count as zero
+RCOND = 1e-10
+
+
+@runtime_checkable
+class TokenMaskable(Protocol):
+    """A classifier whose input can be masked in ViT patch-token space.
+
+    Attributes:
+        patch_grid: the ViT token grid ``(rows, cols)``, e.g. ``(7, 7)``.
+    """
+
+    patch_grid: tuple[int, int]
+
+    def embed_patches(self, images: Tensor) -> Tensor:
+        """Patch embeddings ``[B, rows * cols, D]`` (row-major, before class and position tokens)."""
+        ...
+
+    def forward_from_patches(self, patch_tokens: Tensor) -> Tensor:
+        """Logits ``[B, C]`` computed from patch embeddings as returned by :meth:`embed_patches`."""
+        ...
+
+
+def _check_vit(visual: nn.Module) -> None:
+    if getattr(visual, "attn_pool", None) is not None:
+        raise NotImplementedError("open_clip ViTs with attentional pooling are not supported")
+    if getattr(visual, "pool_type", "tok") not in ("tok", "avg"):
+        raise NotImplementedError(f"unsupported ViT pool_type {visual.pool_type!r}")
+
+
+def vit_embed_patches(visual: nn.Module, images: Tensor) -> Tensor:
+    """Patch embeddings of an open_clip ``VisionTransformer``.
+
+    Args:
+        visual: ``clip_model.visual`` (open_clip ``VisionTransformer``).
+        images: ``[B, 3, H, W]``, normalised for the model.
+
+    Returns:
+        ``[B, gh * gw, width]``: the ``conv1`` output in row-major token order, before the class
+        token, the positional embedding and ``ln_pre``.
+    """
+    x = visual.conv1(images)
+    return x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+
+
+def _vit_trunk(visual: nn.Module, patch_tokens: Tensor) -> Tensor:
+    """Everything of ``VisionTransformer.forward`` after ``conv1`` and before pooling."""
+    _check_vit(visual)
+    batch = patch_tokens.shape[0]
+    cls = visual.class_embedding.view(1, 1, -1).expand(batch, -1, -1).to(patch_tokens.dtype)
+    x = torch.cat([cls, patch_tokens], dim=1)
+    x = x + visual.positional_embedding.to(x.dtype)
+    x = visual.patch_dropout(x)
+    x = visual.ln_pre(x)
+    return visual.transformer(x)
+
+
+def _global_pool(visual: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    if visual.pool_type == "avg":
+        return x[:, 1:].mean(dim=1), x[:, 1:]
+    return x[:, 0], x[:, 1:]
+
+
+def vit_forward_tokens(visual: nn.Module, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Pooled image embedding and projected patch tokens from patch embeddings.
+
+    Reproduces ``VisionTransformer.forward`` (class token, positional embedding, patch dropout,
+    ``ln_pre``, transformer, ``ln_post``, global pooling, ``proj``) starting from
+    :func:`vit_embed_patches`. The patch tokens go through the same final layer norm and
+    projection as the pooled token, which is what the self-explaining head needs.
+
+    Args:
+        visual: ``clip_model.visual`` (open_clip ``VisionTransformer``, token or average pooling).
+        patch_tokens: ``[B, gh * gw, width]`` patch embeddings.
+
+    Returns:
+        ``(pooled [B, embed_dim], tokens [B, gh * gw, embed_dim])``, both unnormalised.
+    """
+    x = _vit_trunk(visual, patch_tokens)
+    if visual.final_ln_after_pool:
+        pooled, tokens = _global_pool(visual, x)
+        pooled, tokens = visual.ln_post(pooled), visual.ln_post(tokens)
+    else:
+        pooled, tokens = _global_pool(visual, visual.ln_post(x))
+    if visual.proj is not None:
+        pooled, tokens = pooled @ visual.proj, tokens @ visual.proj
+    return pooled, tokens
+
+
+def vit_forward_from_patches(visual: nn.Module, patch_tokens: Tensor) -> Tensor:
+    """Pooled image embedding ``[B, embed_dim]`` from patch embeddings.
+
+    ``vit_forward_from_patches(visual, vit_embed_patches(visual, x))`` equals ``visual(x)``.
+
+    Args:
+        visual: ``clip_model.visual`` (open_clip ``VisionTransformer``, token or average pooling).
+        patch_tokens: ``[B, gh * gw, width]`` patch embeddings.
+    """
+    x = _vit_trunk(visual, patch_tokens)
+    if visual.final_ln_after_pool:
+        pooled = visual.ln_post(_global_pool(visual, x)[0])
+    else:
+        pooled = _global_pool(visual, visual.ln_post(x))[0]
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    return pooled
+
+
+class OpenCLIPClassifier(nn.Module):
+    """An open_clip ViT image tower with a fixed class-embedding head, token-maskable.
+
+    ``logits = logit_scale * normalise(visual(images)) @ normalise(class_embeddings).T``.
+    Images must already be resized and normalised for the model (open_clip's mean and std):
+    preprocessing stays outside so that the masking baseline lives in the model's input space.
+
+    Args:
+        clip_model: an open_clip ``CLIP`` model (only its ``visual`` tower is kept) or the
+            ``VisionTransformer`` itself.
+        class_embeddings: ``[C, embed_dim]`` class embeddings (normalised here, kept frozen).
+        logit_scale: multiplier of the cosine similarities; defaults to
+            ``clip_model.logit_scale.exp()`` when the model has one, else 100.
+    """
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        class_embeddings: Tensor,
+        logit_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.visual = getattr(clip_model, "visual", clip_model)
+        _check_vit(self.visual)
+        if logit_scale is None:
+            scale = getattr(clip_model, "logit_scale", None)
+            logit_scale = float(scale.detach().exp()) if scale is not None else 100.0
+        self.logit_scale = float(logit_scale)
+        self.register_buffer(
+            "class_embeddings", F.normalize(class_embeddings.detach().float(), dim=-1)
+        )
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """The ViT token grid ``(rows, cols)``."""
+        return tuple(self.visual.grid_size)
+
+    def _head(self, embedding: Tensor) -> Tensor:
+        z = F.normalize(embedding, dim=-1)
+        return self.logit_scale * z @ self.class_embeddings.to(z.dtype).T
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``[B, C]`` of normalised images ``[B, 3, H, W]``."""
+        return self._head(self.visual(images))
+
+    def embed_patches(self, images: Tensor) -> Tensor:
+        """Patch embeddings ``[B, L, width]`` (see :func:`vit_embed_patches`)."""
+        return vit_embed_patches(self.visual, images)
+
+    def forward_from_patches(self, patch_tokens: Tensor) -> Tensor:
+        """Logits ``[B, C]`` from patch embeddings (see :func:`vit_forward_from_patches`)."""
+        return self._head(vit_forward_from_patches(self.visual, patch_tokens))
+
+
+@dataclass
+class KernelShapResult:
+    """Kernel SHAP attributions of a batch of images and what is needed to reproduce them.
+
+    Attributes:
+        phi: float32 ``[N, k, gh, gw]`` (``[N, gh, gw]`` when ``classes`` was 1-D), on the CPU.
+        v_empty: float64 ``[N, k]`` (or ``[N]``): value of the all-baseline image.
+        v_full: float64 ``[N, k]`` (or ``[N]``): value of the unmasked image.
+        classes: ``[N, k]`` (or ``[N]``) explained classes.
+        evaluations: ``[N]`` model evaluations per image, empty and full included (lower than
+            the budget only when it exceeds ``2 ** players`` or sampling ran out of new
+            coalitions, as in shap).
+        seeds: the per-image seeds.
+        budget: requested evaluations per image.
+        grid: ``(gh, gw)``.
+        baseline: name of the baseline (``"tensor"`` for a given tensor).
+        output: ``"logit"`` or ``"prob"``.
+        masking: ``"pixel"`` or ``"token"``: how coalitions were applied.
+    """
+
+    phi: Tensor
+    v_empty: Tensor
+    v_full: Tensor
+    classes: Tensor
+    evaluations: Tensor
+    seeds: list[int]
+    budget: int
+    grid: tuple[int, int]
+    baseline: str
+    output: str
+    masking: str
+
+    def image_metadata(self, index: int) -> dict[str, Any]:
+        """JSON-able labelling metadata of one image (the ``json`` field of an X-dataset)."""
+        classes = self.classes[index].reshape(-1)
+        return {
+            "classes": [int(c) for c in classes],
+            "v_empty": [float(v) for v in self.v_empty[index].reshape(-1)],
+            "v_full": [float(v) for v in self.v_full[index].reshape(-1)],
+            "budget": self.budget,
+            "evaluations": int(self.evaluations[index]),
+            "seed": self.seeds[index],
+            "grid": list(self.grid),
+            "baseline": self.baseline,
+            "output": self.output,
+        }
+
+
+def derive_seed(key: str, seed: int) -> int:
+    """A stable per-image seed from a sample key and a global seed (63 bits)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def shapley_kernel_weights(num_players: int) -> np.ndarray:
+    """shap's normalised weight of each subset size ``1..ceil((P-1)/2)`` (paired sizes doubled)."""
+    m = num_players
+    sizes = np.arange(1, math.ceil((m - 1) / 2) + 1)
+    weights = (m - 1.0) / (sizes * (m - sizes))
+    weights[: (m - 1) // 2] *= 2
+    return weights / weights.sum()
+
+
+def sample_coalitions(
+    num_players: int, num_samples: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Coalitions and kernel weights exactly as ``shap.KernelExplainer`` draws them.
+
+    Subset sizes are visited from the outside in (``s`` with ``P - s``); a size is enumerated
+    whole while the remaining budget times its remaining kernel weight covers every subset of
+    it, then the other sizes are drawn from the kernel distribution in complementary pairs,
+    repeated draws adding weight to the coalition already drawn instead of a new evaluation.
+    The sampled weights are scaled to the kernel weight left after the enumerated sizes.
+
+    Args:
+        num_players: ``P`` >= 2.
+        num_samples: coalitions wanted, empty and full excluded (shap's ``nsamples``); capped
+            at ``2 ** P - 2``.
+        generator: CPU generator; the coalitions depend on it only.
+
+    Returns:
+        ``(masks bool [K, P], weights float64 [K])`` with ``K <= num_samples``.
+    """
+    m = num_players
+    if m < 2:
+        raise ValueError("Kernel SHAP needs at least 2 players")
+    if m <= 30:
+        num_samples = min(num_samples, 2**m - 2)
+    num_subset_sizes = math.ceil((m - 1) / 2)
+    num_paired = (m - 1) // 2
+    weight_vector = shapley_kernel_weights(m)
+
+    masks: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    num_full = 0
+    left = float(num_samples)
+    remaining = weight_vector.copy()
+    for size in range(1, num_subset_sizes + 1):
+        paired = size <= num_paired
+        count = math.comb(m, size)
+        nsubsets = count * (2 if paired else 1)
+        if left * remaining[size - 1] / nsubsets < 1.0 - 1e-8:
+            break
+        num_full += 1
+        left -= nsubsets
+        if remaining[size - 1] < 1.0:
+            remaining /= 1 - remaining[size - 1]
+        combos = np.array(list(itertools.combinations(range(m), size)), dtype=np.int64)
+        block = np.zeros((count, m), dtype=bool)
+        np.put_along_axis(block, combos, True, axis=1)
+        if paired:
+            # shap adds each subset immediately followed by its complement
+            block = np.stack([block, ~block], axis=1).reshape(-1, m)
+        masks.append(block)
+        weights.append(np.full(len(block), weight_vector[size - 1] / count / (2 if paired else 1)))
+
+    fixed = sum(len(b) for b in masks)
+    samples_left = num_samples - fixed
+    if num_full != num_subset_sizes and samples_left > 0:
+        size_probs = weight_vector.copy()
+        size_probs[:num_paired] /= 2  # a paired draw yields two coalitions
+        size_probs = size_probs[num_full:]
+        size_probs /= size_probs.sum()
+        size_probs = torch.from_numpy(size_probs)
+        max_draws = 4 * samples_left  # shap's cap: repeated draws only add weight
+        total_draws = 0
+        drawn: list[np.ndarray] = []
+        counts: list[float] = []
+        seen: dict[bytes, int] = {}
+        while samples_left > 0 and total_draws < max_draws:
+            # draw in chunks: one chunk of samples_left is nearly always enough
+            chunk = min(samples_left, max_draws - total_draws)
+            total_draws += chunk
+            sizes = torch.multinomial(size_probs, chunk, replacement=True, generator=generator)
+            sizes = (sizes + num_full + 1).numpy()
+            order = torch.rand(chunk, m, generator=generator).numpy().argsort(axis=1)
+            candidates = np.zeros((chunk, m), dtype=bool)
+            members = np.arange(m)[None, :] < sizes[:, None]
+            np.put_along_axis(candidates, order, members, axis=1)
+            paired = sizes <= num_paired
+            for i in range(chunk):
+                if samples_left <= 0:
+                    break
+                mask = candidates[i]
+                key = mask.tobytes()
+                j = seen.get(key)
+                if j is None:
+                    seen[key] = len(drawn)
+                    drawn.append(mask)
+                    counts.append(1.0)
+                    samples_left -= 1
+                    if samples_left > 0 and paired[i]:
+                        drawn.append(~mask)
+                        counts.append(1.0)
+                        samples_left -= 1
+                else:
+                    counts[j] += 1.0
+                    if paired[i]:
+                        counts[j + 1] += 1.0
+        if drawn:
+            sampled = np.asarray(counts)
+            sampled *= weight_vector[num_full:].sum() / sampled.sum()
+            masks.append(np.stack(drawn))
+            weights.append(sampled)
+
+    if not masks:
+        return torch.zeros(0, m, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
+    return torch.from_numpy(np.concatenate(masks)), torch.from_numpy(np.concatenate(weights))
+
+
+def solve_kernel_shap(
+    masks: Tensor, weights: Tensor, values: Tensor, v_empty: Tensor, v_full: Tensor
+) -> Tensor:
+    """Constrained weighted least squares of Kernel SHAP, batched over images, in float64.
+
+    As shap does, the last player is eliminated with the efficiency constraint
+    ``sum(phi) = v_full - v_empty`` and the normal equations of the other ``P - 1`` are solved.
+    One system per image serves all its explained classes. An image whose system is rank
+    deficient by its eigenvalues (fewer than about ``2 * P`` coalitions: a coalition and its
+    complement give the same row up to sign) gets the minimum-norm least-squares solution,
+    shap's fallback for singular systems, instead of noise.
+
+    Args:
+        masks: ``[N, K, P]`` coalitions (bool or 0/1); padding rows must have weight 0.
+        weights: ``[N, K]`` kernel weights.
+        values: ``[N, K, k]`` coalition values.
+        v_empty: ``[N, k]`` value of the empty coalition.
+        v_full: ``[N, k]`` value of the full coalition.
+
+    Returns:
+        ``phi`` float64 ``[N, P, k]``.
+    """
+    z = masks.to(torch.float64)
+    w = weights.to(torch.float64)
+    v_empty = v_empty.to(torch.float64)
+    delta = v_full.to(torch.float64) - v_empty
+    players = z.shape[-1]
+    if players == 1:
+        return delta.unsqueeze(1)
+    last = z[:, :, -1:]
+    y = values.to(torch.float64) - v_empty.unsqueeze(1) - last * delta.unsqueeze(1)
+    x = z[:, :, :-1] - last
+    wx = w.unsqueeze(-1) * x
+    gram = wx.transpose(1, 2) @ x
+    rhs = wx.transpose(1, 2) @ y
+    coef, info = torch.linalg.solve_ex(gram, rhs)
+    # Complementary coalitions give the same regression row up to sign, so a budget below about
+    # 2 * P leaves the system rank deficient, which an LU solve does not notice in floating point.
+    eigenvalues = torch.linalg.eigvalsh(gram)
+    tolerance = RCOND * eigenvalues[:, -1:].clamp_min(torch.finfo(torch.float64).tiny)
+    deficient = ((eigenvalues > tolerance).sum(dim=1) < players - 1) | (info != 0)
+    if bool(deficient.any()):
+        log.warning(
+            "%d of %d Kernel SHAP systems are rank deficient (budget too small for %d players); "
+            "using the minimum-norm least-squares solution",
+            int(deficient.sum()),
+            len(deficient),
+            players,
+        )
+        pinv = torch.linalg.pinv(gram[deficient], rtol=RCOND, hermitian=True)
+        coef[deficient] = pinv @ rhs[deficient]
+    phi_last = delta.unsqueeze(1) - coef.sum(dim=1, keepdim=True)
+    return torch.cat([coef, phi_last], dim=1)
+
+
+def _model_device(model: Callable[[Tensor], Tensor], fallback: torch.device) -> torch.device:
+    if isinstance(model, nn.Module):
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            return tensor.device
+    return fallback
+
+
+def _cell_index(size: int, cells: int, device: torch.device) -> Tensor:
+    """Cell of each of ``size`` positions split into ``cells`` near-equal bands."""
+    return torch.arange(size, device=device) * cells // size
+
+
+def blur_baseline(images: Tensor, grid: tuple[int, int]) -> Tensor:
+    """The ``"blur"`` baseline: a gaussian blur with sigma = half a cell (reflect padding).
+
+    A cell replaced by its blurred version keeps little of its own content but the image's
+    colours, which is the point of this baseline.
+
+    Args:
+        images: ``[N, C, H, W]``.
+        grid: ``(gh, gw)`` cells, which set the blur width.
+    """
+    height, width = images.shape[-2:]
+    sigma = max(height / grid[0], width / grid[1]) / 2
+    radius = min(math.ceil(3 * sigma), min(height, width) - 1)
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = images.shape[1]
+    x = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+_gaussian_blur = blur_baseline
+
+
+def _baseline_images(
+    images: Tensor, baseline: str | Tensor, grid: tuple[int, int]
+) -> tuple[Tensor, str, bool]:
+    """Baseline images ``[N or 1, 3, H, W]``, their name, and whether one is shared by all."""
+    n, channels, height, width = images.shape
+    if isinstance(baseline, Tensor):
+        b = baseline.to(device=images.device, dtype=images.dtype)
+        if b.shape == (channels,):
+            b = b.view(1, channels, 1, 1).expand(1, channels, height, width)
+        elif b.shape == (channels, height, width):
+            b = b.unsqueeze(0)
+        elif b.shape != (n, channels, height, width):
+            raise ValueError(
+                f"baseline tensor must be [{channels}], [{channels},H,W] or [N,{channels},H,W],"
+                f" got {tuple(b.shape)}"
+            )
+        return b, "tensor", b.shape[0] == 1
+    if baseline == "mean":
+        mean = images.mean(dim=(0, 2, 3)).view(1, channels, 1, 1)
+        return mean.expand(1, channels, height, width), "mean", True
+    if baseline == "zero":
+        return images.new_zeros(1, channels, height, width), "zero", True
+    if baseline == "blur":
+        return blur_baseline(images, grid), "blur", False
+    raise ValueError(f"baseline must be one of {BASELINES} or a tensor, got {baseline!r}")
+
+
+def _seeds(seed: int | Sequence[int] | Tensor, n: int) -> list[int]:
+    if isinstance(seed, Tensor):
+        seed = seed.reshape(-1).tolist()
+    if isinstance(seed, int):
+        return [seed] * n
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} images")
+    return seeds
+
+
+def _token_cells(model: Any, images: Tensor, grid: tuple[int, int], masking: str) -> Tensor | None:
+    """Cell index of each ViT token when token masking applies, else ``None``."""
+    if masking == "pixel":
+        return None
+    height, width = images.shape[-2:]
+    aligned = False
+    if isinstance(model, TokenMaskable):
+        rows, cols = model.patch_grid
+        aligned = (
+            rows % grid[0] == 0 and cols % grid[1] == 0 and height % rows == 0 and width % cols == 0
+        )
+    if not aligned:
+        if masking == "token":
+            raise ValueError(
+                "token masking needs a TokenMaskable model whose patch grid is an integer "
+                f"multiple of the cell grid {grid} and divides the image size"
+            )
+        return None
+    row_cell = _cell_index(rows, grid[0], images.device)
+    col_cell = _cell_index(cols, grid[1], images.device)
+    return (row_cell.unsqueeze(1) * grid[1] + col_cell.unsqueeze(0)).reshape(-1)
+
+
+def kernel_shap_explain(
+    model: Callable[[Tensor], Tensor],
+    images: Tensor,
+    classes: Tensor,
+    *,
+    grid: tuple[int, int] = (7, 7),
+    budget: int = 150,
+    baseline: str | Tensor = "mean",
+    output: str = "logit",
+    seed: int | Sequence[int] | Tensor = 0,
+    batch_size: int | None = None,
+    masking: str = "auto",
+) -> KernelShapResult:
+    """Kernel SHAP attributions of grid cells for a batch of images, with v(empty) and v(full).
+
+    Args:
+        model: callable mapping float ``[B, 3, H, W]`` to logits ``[B, C]``; should be in eval
+            mode. If it implements :class:`TokenMaskable` and the grid aligns with its patches,
+            masking happens on patch embeddings.
+        images: ``[N, 3, H, W]`` model inputs.
+        classes: ``[N]`` or ``[N, k]`` class indices; several classes per image share the
+            same model evaluations.
+        grid: ``(gh, gw)`` cells; the players.
+        budget: model evaluations per image, the empty and full coalitions included (>= 2;
+            about ``2 * P + 2`` are needed to determine ``P`` attributions, because
+            sampled coalitions come with their complements).
+        baseline: replacement of absent cells: ``"mean"`` (per-channel mean of ``images``;
+            pass the dataset mean as a tensor to make results independent of the batch),
+            ``"zero"``, ``"blur"`` (the image blurred with sigma = half a cell), or a tensor
+            ``[3]``, ``[3, H, W]`` or ``[N, 3, H, W]``.
+        output: ``"logit"`` or ``"prob"`` (softmax probability of the class).
+        seed: one seed for every image, or one per image (sequence or tensor). Coalitions of an
+            image depend only on its seed and the number of players, never on the batch.
+        batch_size: forward rows per model call (masked inputs of several images mixed);
+            default 1024.
+        masking: ``"auto"`` (token space when possible), ``"pixel"`` or ``"token"``.
+
+    Returns:
+        A :class:`KernelShapResult`.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
+    n = images.shape[0]
+    if classes.dim() not in (1, 2) or classes.shape[0] != n:
+        raise ValueError(f"classes must be [N] or [N, k] with N={n}, got {tuple(classes.shape)}")
+    grid = (int(grid[0]), int(grid[1]))
+    players = grid[0] * grid[1]
+    if players < 2:
+        raise ValueError(f"grid {grid} has fewer than 2 cells")
+    if budget < 2:
+        raise ValueError("budget counts the empty and full coalitions and must be >= 2")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if masking not in MASKINGS:
+        raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
+    if isinstance(model, nn.Module) and model.training:
+        log.warning("explaining a model in training mode (dropout etc. make values random)")
+    batch_size = int(batch_size or DEFAULT_BATCH_ROWS)
+    seeds = _seeds(seed, n)
+
+    device = _model_device(model, images.device)
+    images = images.to(device)
+    class_rows = (classes.unsqueeze(1) if classes.dim() == 1 else classes).to(device)
+    base, baseline_name, shared_base = _baseline_images(images, baseline, grid)
+
+    coalitions = []
+    for image_seed in seeds:
+        generator = torch.Generator().manual_seed(image_seed)
+        coalitions.append(sample_coalitions(players, budget - 2, generator))
+    counts = [len(c[0]) for c in coalitions]
+
+    # rows per image: empty, full, then its sampled coalitions
+    row_masks = torch.cat(
+        [
+            torch.cat(
+                [
+                    torch.zeros(1, players, dtype=torch.bool),
+                    torch.ones(1, players, dtype=torch.bool),
+                    c[0],
+                ]
+            )
+            for c in coalitions
+        ]
+    ).to(device)
+    row_image = torch.repeat_interleave(
+        torch.arange(n, device=device), torch.tensor(counts, device=device) + 2
+    )
+
+    token_cells = _token_cells(model, images, grid, masking)
+    values = torch.empty(len(row_masks), class_rows.shape[1], dtype=torch.float64, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.inference_mode(), autocast:
+        if token_cells is not None:
+            image_tokens = torch.cat(
+                [model.embed_patches(images[i : i + batch_size]) for i in range(0, n, batch_size)]
+            )
+            base_tokens = torch.cat(
+                [
+                    model.embed_patches(base[i : i + batch_size])
+                    for i in range(0, len(base), batch_size)
+                ]
+            )
+        else:
+            height, width = images.shape[-2:]
+            pixel_cells = (
+                _cell_index(height, grid[0], device).unsqueeze(1) * grid[1]
+                + _cell_index(width, grid[1], device).unsqueeze(0)
+            ).reshape(-1)
+        for start in range(0, len(row_masks), batch_size):
+            rows = row_masks[start : start + batch_size]
+            owner = row_image[start : start + batch_size]
+            base_owner = owner.new_zeros(owner.shape) if shared_base else owner
+            if token_cells is not None:
+                keep = rows[:, token_cells].unsqueeze(-1)
+                logits = model.forward_from_patches(
+                    torch.where(keep, image_tokens[owner], base_tokens[base_owner])
+                )
+            else:
+                keep = rows[:, pixel_cells].view(len(rows), 1, height, width)
+                logits = model(torch.where(keep, images[owner], base[base_owner]))
+            if logits.dim() != 2:
+                raise ValueError(f"model must return logits [B, C], got {tuple(logits.shape)}")
+            logits = logits.float()
+            if output == "prob":
+                logits = logits.softmax(dim=-1)
+            values[start : start + len(rows)] = logits.gather(1, class_rows[owner]).double()
+
+    values = values.cpu()
+    k = class_rows.shape[1]
+    longest = max(counts)
+    masks = torch.zeros(n, longest, players, dtype=torch.bool)
+    weights = torch.zeros(n, longest, dtype=torch.float64)
+    sampled = torch.zeros(n, longest, k, dtype=torch.float64)
+    v_empty = torch.empty(n, k, dtype=torch.float64)
+    v_full = torch.empty(n, k, dtype=torch.float64)
+    offset = 0
+    for i, (image_masks, image_weights) in enumerate(coalitions):
+        count = counts[i]
+        v_empty[i], v_full[i] = values[offset], values[offset + 1]
+        masks[i, :count] = image_masks
+        weights[i, :count] = image_weights
+        sampled[i, :count] = values[offset + 2 : offset + 2 + count]
+        offset += count + 2
+
+    phi = solve_kernel_shap(masks, weights, sampled, v_empty, v_full)
+    phi = phi.transpose(1, 2).reshape(n, k, *grid).float()
+    single = classes.dim() == 1
+    log.debug("explained %d images with %d forward rows", n, len(row_masks))
+    return KernelShapResult(
+        phi=phi[:, 0] if single else phi,
+        v_empty=v_empty[:, 0] if single else v_empty,
+        v_full=v_full[:, 0] if single else v_full,
+        classes=classes.cpu(),
+        evaluations=torch.tensor(counts) + 2,
+        seeds=seeds,
+        budget=budget,
+        grid=grid,
+        baseline=baseline_name,
+        output=output,
+        masking="pixel" if token_cells is None else "token",
+    )
+
+
+def kernel_shap(
+    model: Callable[[Tensor], Tensor],
+    images: Tensor,
+    classes: Tensor,
+    *,
+    grid: tuple[int, int] = (7, 7),
+    budget: int = 150,
+    baseline: str | Tensor = "mean",
+    output: str = "logit",
+    seed: int | Sequence[int] | Tensor = 0,
+    batch_size: int | None = None,
+    masking: str = "auto",
+) -> Tensor:
+    """Kernel SHAP attributions of grid cells (see :func:`kernel_shap_explain`).
+
+    Returns:
+        float32 CPU tensor ``[N, gh, gw]`` (``[N, k, gh, gw]`` for ``classes`` ``[N, k]``).
+    """
+    return kernel_shap_explain(
+        model,
+        images,
+        classes,
+        grid=grid,
+        budget=budget,
+        baseline=baseline,
+        output=output,
+        seed=seed,
+        batch_size=batch_size,
+        masking=masking,
+    ).phi
