@@ -1,0 +1,336 @@
+"""The transfer sweep on a miniature: two synthetic targets, two lambdas, tiny ViT on CPU."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from storage import open_storage
+from storage.checkpoints import save_state_dict
+from storage.shards import ShardWriter, shard_name
+from tasks.finetune import FinetuneConfig, finetune, load_finetuned
+from tasks.images import sample_to_tensor
+from tasks.labelling import BuildConfig, LabelConfig, finalize_build, label_shard, plan_build
+from tasks.metrics import accuracy
+from tasks.model import DEFAULT_MODEL, load_clip, model_fingerprint
+from tasks.sweep import (
+    TABLE_SCHEMA,
+    SweepConfig,
+    TargetSpec,
+    baseline_tensor,
+    evaluate_kernel_shap,
+    evaluate_sem,
+    load_reference,
+    load_target,
+    run_sweep,
+    select_lambda,
+    sweep_target,
+    target_fingerprint,
+    validate_sweep,
+)
+from tasks.synthetic import SYNTHETIC_DOMAINS, make_split
+from tasks.vectors import ExplainabilityVector, VectorMeta
+
+DOMAINS = ("shapes", "scenes")
+REFERENCE_BUDGET = 120
+
+
+def build_world(root: Path, domains: tuple[str, ...] = DOMAINS) -> dict:
+    """theta_T per domain (one fine-tuning step from a shared random base), Kernel SHAP
+    references of theta_T on val and test (2 images per class), and a vector on that base."""
+    torch.manual_seed(0)
+    store = open_storage(str(root))
+    base = load_clip(DEFAULT_MODEL)
+    save_state_dict(store, "base/model.safetensors", base.state_dict(), {})
+    base_fingerprint = model_fingerprint(base)
+    targets = []
+    for domain in domains:
+        data = store.child(f"data/{domain}")
+        with ShardWriter(data, shard_name(domain, "train", 0)) as writer:
+            for sample in make_split(domain, "train", per_class=1):
+                writer.write({k: sample[k] for k in ("__key__", "png", "cls")})
+        finetuned = finetune(
+            FinetuneConfig(
+                domain=domain,
+                mode="P",
+                base=store.url("base/model.safetensors"),
+                data=data.uri,
+                epochs=1,
+                batch_size=8,
+                max_steps=1,
+                lr=1e-3,
+                device="cpu",
+            ),
+            store,
+            f"targets/{domain}",
+        )
+        references = {}
+        for split in ("val", "test"):
+            plan = plan_build(
+                BuildConfig(
+                    name=f"{domain}-ref",
+                    split=split,
+                    input_uri=domain,
+                    synthetic_per_class=2,
+                    checkpoint=finetuned["uri"],
+                    label=LabelConfig(budget=REFERENCE_BUDGET, top_k=0, seed=7),
+                    num_shards=1,
+                    output_uri=store.url("references"),
+                    device="cpu",
+                )
+            )
+            label_shard(plan, 0)
+            finalize_build(plan)
+            references[split] = plan.dataset_uri
+        targets.append(
+            TargetSpec(
+                domain=domain,
+                model=finetuned["uri"],
+                val_reference=references["val"],
+                test_reference=references["test"],
+                related=SYNTHETIC_DOMAINS[domain].related,
+            )
+        )
+    # theta_X and theta_P: two perturbed copies of the base, as two fine-tunings would be.
+    state = base.state_dict()
+    theta_x = {
+        k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()
+    }
+    vector = ExplainabilityVector.from_models(
+        theta_x, state, base_fingerprint=base_fingerprint, source_domain="glyphs"
+    )
+    vector.save(store, "vectors/tau.safetensors")
+    return {
+        "root": store.uri,
+        "targets": tuple(targets),
+        "vector": store.url("vectors/tau.safetensors"),
+        "vector_object": vector,
+    }
+
+
+def sweep_config(world: dict, **changes) -> SweepConfig:
+    fields = dict(
+        name="mini",
+        vector=world["vector"],
+        targets=world["targets"],
+        lambdas=(0.0, 1.0),
+        kernel_shap_budgets=(25, 100),
+        # Insertion/deletion in 7 steps of 7 cells: 16 forward passes per image instead of 100.
+        auc_steps=7,
+        heatmap_images=3,
+        device="cpu",
+        output_uri=world["root"],
+    )
+    fields.update(changes)
+    return SweepConfig(**fields)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return build_world(tmp_path_factory.mktemp("sweep-world"))
+
+
+@pytest.fixture(scope="module")
+def swept(world: dict):
+    return run_sweep(sweep_config(world))
+
+
+def _same_rows(a: list[dict], b: list[dict]) -> bool:
+    """Row lists equal, NaN equal to NaN (Kernel SHAP rows have no lambda)."""
+
+    def key(value):
+        return "nan" if isinstance(value, float) and math.isnan(value) else value
+
+    return [{k: key(v) for k, v in r.items()} for r in a] == [
+        {k: key(v) for k, v in r.items()} for r in b
+    ]
+
+
+def _accuracy_of_theta_t(world: dict, domain: str, split: str) -> float:
+    """theta_T's accuracy computed without the sweep: loader, synthetic images, one pass."""
+    spec = next(t for t in world["targets"] if t.domain == domain)
+    sem, _ = load_finetuned(spec.model.rpartition("/")[0], "model.safetensors")
+    samples = list(make_split(domain, split, per_class=2))
+    images = torch.stack([sample_to_tensor(s, 56) for s in samples])
+    labels = torch.tensor([s["cls"] for s in samples])
+    with torch.no_grad():
+        logits, _ = sem(images)
+    return accuracy(logits, labels)
+
+
+def test_config_validation() -> None:
+    spec = TargetSpec(domain="shapes", model="m", val_reference="v", test_reference="t")
+    config = SweepConfig(name="s", vector="v.safetensors", targets=(spec,), output_uri="o")
+    assert config.lambdas == (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+    assert config.kernel_shap_budgets == (25, 50, 100, 150, 300)
+    for bad in [(0.5, 1.0), (0.0, 1.0, 0.5), (0.0, math.inf), (0.0, 0.0), ()]:
+        with pytest.raises(ValidationError, match="lambdas"):
+            SweepConfig(name="s", vector="v", targets=(spec,), output_uri="o", lambdas=bad)
+    with pytest.raises(ValidationError, match="repeat domains"):
+        SweepConfig(name="s", vector="v", targets=(spec, spec), output_uri="o")
+    with pytest.raises(ValidationError, match="topk"):
+        SweepConfig(name="s", vector="v", targets=(spec,), output_uri="o", grid=2, topk=5)
+
+
+def test_select_lambda_respects_the_accuracy_tolerance() -> None:
+    rows = [
+        {"lambda": 0.0, "accuracy": 0.80, "pearson": 0.10},
+        {"lambda": 0.5, "accuracy": 0.795, "pearson": 0.40},  # -0.5 points: allowed
+        {"lambda": 1.0, "accuracy": 0.78, "pearson": 0.90},  # -2 points: too much
+        {"lambda": 2.0, "accuracy": 0.85, "pearson": math.nan},
+    ]
+    assert select_lambda(rows, tolerance=1.0) == 0.5
+    assert select_lambda(rows, tolerance=2.0) == 1.0
+    assert select_lambda(rows, tolerance=0.0) == 0.0
+    # Lower deletion AUC is better; ties go to the smaller edit.
+    rows = [
+        {"lambda": 0.0, "accuracy": 0.5, "deletion_auc": 0.3},
+        {"lambda": 0.5, "accuracy": 0.5, "deletion_auc": 0.2},
+        {"lambda": 1.0, "accuracy": 0.5, "deletion_auc": 0.2},
+    ]
+    assert select_lambda(rows, metric="deletion_auc") == 0.5
+    with pytest.raises(ValueError, match="lambda = 0"):
+        select_lambda(rows[1:])
+
+
+def test_sem_and_kernel_shap_evaluations_measure_agreement_with_the_reference(world) -> None:
+    spec = world["targets"][0]
+    target = load_target(spec, grid=7)
+    data = load_reference(spec.test_reference)
+    assert data.reference.shape == (10, 7, 7) and data.masks is not None
+    baseline = baseline_tensor(data.images.float() / 255, "mean", data.baseline_mean, data.grid)
+    common = dict(baseline=baseline, auc_output="prob", auc_steps=7)
+
+    # Against its own maps, the SEM agrees perfectly: the label class is the one compared.
+    with torch.no_grad():
+        _, maps = target.sem(data.float_images(slice(None)))
+    data.reference = maps[torch.arange(len(data)), data.labels]
+    own = evaluate_sem(target.sem, data, **common, batch_size=4)
+    assert own["pearson"] == pytest.approx(1.0) and own["topk"] == pytest.approx(1.0)
+    assert 0.0 <= own["insertion_auc"] <= 1.0 and 0.0 <= own["deletion_auc"] <= 1.0
+    assert 0.0 <= own["pointing"] <= 1.0 and own["images"] == 10
+
+    # Kernel SHAP with the reference's seed and budget reproduces the reference (same baseline,
+    # same coalitions); any other seed gives an estimate that only approximates it.
+    data = load_reference(spec.test_reference)
+    same = evaluate_kernel_shap(target.sem, data, REFERENCE_BUDGET, seed=7, **common)
+    other = evaluate_kernel_shap(target.sem, data, REFERENCE_BUDGET, seed=8, **common)
+    assert same["pearson"] == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 < other["pearson"] < same["pearson"] - 1e-4
+    assert same["accuracy"] == pytest.approx(_accuracy_of_theta_t(world, spec.domain, "test"))
+
+
+def test_sweep_writes_table_plot_heatmaps_and_summary(world, swept) -> None:
+    table = swept.table
+    assert set(TABLE_SCHEMA.names) <= set(table.column_names)
+    # Per target: 2 lambdas x 2 splits of SEM rows, 2 Kernel SHAP budgets on test.
+    assert table.num_rows == 2 * (2 * 2 + 2)
+    out = open_storage(world["root"]).child("sweeps/mini")
+    assert _same_rows(out.read_parquet("results.parquet").to_pylist(), swept.rows)
+    for key in ["sweep.png", *(f"heatmaps-{d}.png" for d in DOMAINS)]:
+        assert out.read_bytes(key)[:8] == b"\x89PNG\r\n\x1a\n", key
+    summary = out.read_json("summary.json")
+    assert summary["chosen"] == swept.chosen and set(swept.chosen) == set(DOMAINS)
+    assert out.is_complete("results")
+
+    for row in swept.rows:
+        assert row["method"] in ("sem", "kernel_shap") and row["split"] in ("val", "test")
+        if row["method"] == "sem":
+            assert row["inferences"] == 1 and row["lambda"] in (0.0, 1.0)
+        else:
+            assert math.isnan(row["lambda"]) and row["inferences"] in (25, 100)
+            assert row["split"] == "test" and not row["chosen"]
+        assert -1.0 <= row["pearson"] <= 1.0 and 0.0 <= row["topk"] <= 1.0
+        assert 0.0 <= row["insertion_auc"] <= 1.0 and 0.0 <= row["pointing"] <= 1.0
+
+
+def test_lambda_zero_reproduces_the_target_models_accuracy_exactly(world, swept) -> None:
+    for domain in DOMAINS:
+        for split in ("val", "test"):
+            [row] = [
+                r
+                for r in swept.rows
+                if (r["target"], r["method"], r["split"], r["lambda"])
+                == (domain, "sem", split, 0.0)
+            ]
+            assert row["accuracy"] == _accuracy_of_theta_t(world, domain, split)
+        shap_rows = [
+            r for r in swept.rows if r["target"] == domain and r["method"] == "kernel_shap"
+        ]
+        test_zero = [
+            r for r in swept.rows if (r["target"], r["split"], r["lambda"]) == (domain, "test", 0.0)
+        ]
+        assert {r["accuracy"] for r in shap_rows} == {test_zero[0]["accuracy"]}
+
+
+def test_chosen_lambda_is_the_best_within_the_tolerance_on_validation(swept) -> None:
+    for domain in DOMAINS:
+        sem = [r for r in swept.rows if r["target"] == domain and r["method"] == "sem"]
+        val = [r for r in sem if r["split"] == "val"]
+        chosen = swept.chosen[domain]
+        assert chosen == select_lambda(val, metric="pearson", tolerance=1.0)
+        at_zero = next(r for r in val if r["lambda"] == 0.0)
+        picked = next(r for r in val if r["lambda"] == chosen)
+        assert picked["accuracy"] >= at_zero["accuracy"] - 0.01
+        for row in val:
+            if row["accuracy"] >= at_zero["accuracy"] - 0.01 and row["lambda"] != chosen:
+                assert not row["pearson"] > picked["pearson"]
+        # Marked on its val and test rows, and only there.
+        assert sorted((r["split"], r["lambda"]) for r in sem if r["chosen"]) == [
+            ("test", chosen),
+            ("val", chosen),
+        ]
+
+
+def test_a_complete_sweep_is_not_recomputed(world, swept) -> None:
+    out = open_storage(world["root"]).child("sweeps/mini")
+    before = out.read_bytes("results.parquet")
+    again = run_sweep(sweep_config(world))
+    assert again.skipped and again.chosen == swept.chosen
+    assert _same_rows(again.rows, swept.rows) and out.read_bytes("results.parquet") == before
+    with pytest.raises(ValueError, match="other settings"):
+        run_sweep(sweep_config(world, lambdas=(0.0, 0.5)))
+
+
+def test_stored_rows_are_tied_to_the_vectors_content_not_only_its_uri(world, tmp_path) -> None:
+    store = open_storage(str(tmp_path))
+    world["vector_object"].save(store, "tau.safetensors")
+    config = sweep_config(world, vector=store.url("tau.safetensors"))
+    before = target_fingerprint(config, "shapes")
+    assert target_fingerprint(config, "shapes") == before
+    (2.0 * world["vector_object"]).save(store, "tau.safetensors")
+    assert target_fingerprint(config, "shapes") != before
+
+
+def test_a_vector_from_another_base_or_with_other_shapes_is_refused(world, tmp_path) -> None:
+    vector = world["vector_object"]
+    store = open_storage(str(tmp_path))
+    other_base = ExplainabilityVector(
+        vector.deltas, VectorMeta.from_dict({**vector.meta.to_dict(), "base_fingerprint": "0" * 16})
+    )
+    other_base.save(store, "other-base.safetensors")
+    config = sweep_config(world, name="refused", vector=store.url("other-base.safetensors"))
+    with pytest.raises(ValueError, match="cannot be applied to 'shapes'.*built on base"):
+        run_sweep(config)
+    assert not open_storage(world["root"]).list("sweeps/refused")
+    # The explicit override lets it through.
+    validate_sweep(config.model_copy(update={"allow_different_base": True}))
+
+    deltas = dict(vector.deltas)
+    deltas["visual.proj"] = torch.zeros(3, 3, dtype=torch.float64)
+    ExplainabilityVector(deltas, vector.meta).save(store, "other-shape.safetensors")
+    config = sweep_config(world, name="refused", vector=store.url("other-shape.safetensors"))
+    with pytest.raises(ValueError, match="shape mismatch.*visual.proj"):
+        run_sweep(config)
+
+
+def test_a_reference_of_another_model_is_refused(world) -> None:
+    shapes, scenes = world["targets"]
+    wrong = shapes.model_copy(update={"test_reference": scenes.test_reference})
+    config = sweep_config(world, name="wrong-reference", targets=(wrong,))
+    with pytest.raises(ValueError, match="reference explains model"):
+        sweep_target(config, "shapes")
