@@ -1,0 +1,338 @@
+"""The ``explain-transfer`` command line: every subcommand runs the same Prefect flow a
+deployment runs, with a progress bar on the terminal.
+
+Without a Prefect API configured (``PREFECT_API_URL``), Prefect starts a temporary local
+server for the run; ``explain-transfer serve`` starts a persistent one with the UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+class _Poller:
+    """Drives a tqdm bar from a ``count()`` function polled in a background thread."""
+
+    def __init__(self, total: int, description: str, count: Callable[[], int]) -> None:
+        self.bar = tqdm(total=total, desc=description, unit="shard", file=sys.stderr)
+        self.count = count
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self._update()
+
+    def _update(self) -> None:
+        try:
+            done = self.count()
+        except Exception:  # a storage hiccup only delays the bar
+            return
+        self.bar.update(max(0, min(done, self.bar.total) - self.bar.n))
+
+    def __enter__(self) -> _Poller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._update()
+        self.bar.close()
+
+
+def _load_json(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"error: cannot read config {path}: {exc}") from exc
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.pipeline import PipelineConfig, explain_transfer_pipeline
+    from flows.training import enable_console_progress
+
+    out = str(Path(args.out).resolve())
+    make = PipelineConfig.miniature if args.miniature else PipelineConfig
+    config = make(out_uri=out, **_load_json(args.config))
+    enable_console_progress()
+    started = time.perf_counter()
+    result = explain_transfer_pipeline(config)
+    minutes = (time.perf_counter() - started) / 60
+    print(_sweep_table(result["sweep"]))
+    print(
+        f"\nall outputs under {out} ({minutes:.1f} min); sweep table: {result['sweep'].get('table_uri')}"
+    )
+    return 0
+
+
+def _sweep_table(sweep: dict[str, Any]) -> str:
+    """The test-split rows of the sweep as a fixed-width table."""
+    import pyarrow.parquet as pq
+
+    from storage import open_storage
+
+    uri = sweep["table_uri"]
+    parent, _, name = uri.rpartition("/")
+    with open_storage(parent).open_read(name) as f:
+        rows = pq.read_table(f).to_pylist()
+    columns = [
+        "target",
+        "method",
+        "lambda",
+        "inferences",
+        "accuracy",
+        "pearson",
+        "spearman",
+        "insertion_auc",
+        "deletion_auc",
+        "pointing",
+        "chosen",
+    ]
+    rows = [r for r in rows if r.get("split") == "test"]
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "" if v != v else f"{v:.3f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from flows.training import export_domain_flow
+
+    per_class = {"train": args.train, "val": args.val, "test": args.test}
+    _print_json(export_domain_flow(args.domain, args.out, per_class, args.image_size, args.seed))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from flows.training import enable_console_progress, pretrain_base_flow
+    from tasks.pretrain import PretrainConfig
+
+    enable_console_progress()
+    print(pretrain_base_flow(PretrainConfig(**_load_json(args.config)), args.out))
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from flows.build_dataset import run_build
+    from flows.runners import RunnerConfig
+    from storage import open_storage
+    from tasks.labelling import BuildConfig, LabelConfig
+
+    fields = _load_json(args.config)
+    overrides = {
+        "name": args.name,
+        "split": args.split,
+        "input_kind": args.input_kind,
+        "input_uri": args.input,
+        "input_name": args.input_name,
+        "class_names_file": args.class_names,
+        "checkpoint": args.checkpoint,
+        "model_name": args.model,
+        "num_shards": args.shards,
+        "output_uri": args.out,
+        "image_size": args.image_size,
+    }
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    label = dict(fields.pop("label", {}))
+    if args.budget is not None:
+        label["budget"] = args.budget
+    config = BuildConfig(**fields, label=LabelConfig(**label))
+    runner = RunnerConfig(
+        kind="dask" if args.dask or args.dask_address else "thread",
+        max_workers=args.workers,
+        address=args.dask_address,
+        gpus_per_worker=args.gpus_per_worker,
+    )
+    output = open_storage(config.output_uri)
+
+    def complete() -> int:
+        prefix = f"{config.name}-{config.split}-"
+        versions = {
+            k.split("/")[1] for k in output.list(f"{config.name}/") if "/_completions/" in k
+        }
+        return max(
+            (
+                sum(
+                    1
+                    for u in output.child(f"{config.name}/{v}").completed()
+                    if u.startswith(prefix)
+                )
+                for v in versions
+            ),
+            default=0,
+        )
+
+    with _Poller(config.num_shards, f"labelling {config.name}", complete):
+        summary = run_build(config, runner, overwrite=args.overwrite)
+    _print_json(summary)
+    return 1 if summary["missing"] else 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from flows.training import enable_console_progress, finetune_flow
+    from tasks.finetune import FinetuneConfig
+
+    fields = _load_json(args.config)
+    overrides = {
+        "domain": args.domain,
+        "mode": args.mode,
+        "base": args.base,
+        "data": args.data,
+        "epochs": args.epochs,
+        "beta": args.beta,
+        "model_name": args.model,
+    }
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    enable_console_progress()
+    result = finetune_flow(FinetuneConfig(**fields), args.out)
+    _print_json({k: v for k, v in result.items() if k != "metrics"})
+    return 0
+
+
+def cmd_vector(args: argparse.Namespace) -> int:
+    from flows.vector import compute_vector_flow
+
+    _print_json(compute_vector_flow(args.source, args.theta_x, args.theta_p, args.out, args.key))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from flows.sweep import transfer_sweep
+    from tasks.sweep import SweepConfig
+
+    result = transfer_sweep(SweepConfig(**_load_json(args.config)))
+    print(_sweep_table(result))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve_cli import serve
+
+    return serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="explain-transfer",
+        description="Transfer visual explainability by task arithmetic: a Prefect pipeline.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on the embedded default")
+    demo.add_argument("--out", default="demo-out", help="output folder (default: ./demo-out)")
+    demo.add_argument("--miniature", action="store_true", help="a tiny run (about a minute)")
+    demo.add_argument("--config", help="JSON file of PipelineConfig fields to override")
+    demo.set_defaults(func=cmd_demo)
+
+    export = sub.add_parser("export", help="export a synthetic domain to WebDataset shards")
+    export.add_argument("--domain", required=True)
+    export.add_argument("--out", required=True, help="dataset folder URI")
+    export.add_argument("--train", type=int, default=64)
+    export.add_argument("--val", type=int, default=16)
+    export.add_argument("--test", type=int, default=32)
+    export.add_argument("--image-size", type=int, default=56)
+    export.add_argument("--seed", type=int, default=0)
+    export.set_defaults(func=cmd_export)
+
+    pretrain = sub.add_parser("pretrain", help="pretrain the embedded default's base model")
+    pretrain.add_argument("--out", required=True, help="output root URI")
+    pretrain.add_argument("--config", help="JSON file of PretrainConfig fields")
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    build = sub.add_parser("build-dataset", help="label a dataset with Kernel SHAP (an X-dataset)")
+    build.add_argument("--config", help="JSON file of BuildConfig fields (flags override it)")
+    build.add_argument("--name", help="dataset name, e.g. imagenet-x")
+    build.add_argument("--split")
+    build.add_argument("--input-kind", choices=["synthetic", "imagefolder", "webdataset"])
+    build.add_argument("--input", help="synthetic domain name, or folder / shards URI")
+    build.add_argument("--input-name", help="webdataset input: the shards' dataset name")
+    build.add_argument("--class-names", help="imagefolder: wnid -> name file")
+    build.add_argument("--model", help="open_clip architecture (default tiny-vit-56)")
+    build.add_argument("--checkpoint", help="explained model weights URI")
+    build.add_argument("--budget", type=int, help="model evaluations per image")
+    build.add_argument("--image-size", type=int)
+    build.add_argument("--shards", type=int, help="number of output shards")
+    build.add_argument("--out", help="output root URI")
+    build.add_argument("--workers", type=int, default=2, help="threads or Dask workers")
+    build.add_argument("--dask", action="store_true", help="run shards on a local Dask cluster")
+    build.add_argument("--dask-address", help="tcp://host:8786 of a Dask scheduler")
+    build.add_argument("--gpus-per-worker", type=int, default=0)
+    build.add_argument("--overwrite", action="store_true", help="relabel complete shards")
+    build.set_defaults(func=cmd_build)
+
+    ft = sub.add_parser("finetune", help="fine-tune the self-explaining model (P or X)")
+    ft.add_argument("--config", help="JSON file of FinetuneConfig fields (flags override it)")
+    ft.add_argument("--domain")
+    ft.add_argument("--mode", choices=["P", "X"])
+    ft.add_argument("--base", help="pretrained weights URI")
+    ft.add_argument("--data", help="training dataset folder URI")
+    ft.add_argument("--model")
+    ft.add_argument("--epochs", type=int)
+    ft.add_argument("--beta", type=float)
+    ft.add_argument("--out", required=True, help="output root URI")
+    ft.set_defaults(func=cmd_finetune)
+
+    vec = sub.add_parser("vector", help="compute tau_X = theta_X - theta_P")
+    vec.add_argument("--source", required=True, help="source domain")
+    vec.add_argument("--theta-x", required=True, help="URI of the X model's model.safetensors")
+    vec.add_argument("--theta-p", required=True, help="URI of the P model's model.safetensors")
+    vec.add_argument("--out", required=True, help="output root URI")
+    vec.add_argument("--key", help="vector key (default vectors/{source}.safetensors)")
+    vec.set_defaults(func=cmd_vector)
+
+    sweep = sub.add_parser("sweep", help="sweep lambda over target domains")
+    sweep.add_argument("--config", required=True, help="JSON file of SweepConfig fields")
+    sweep.set_defaults(func=cmd_sweep)
+
+    from flows.serve_cli import add_serve_arguments
+
+    serve = sub.add_parser("serve", help="local Prefect server + UI + scheduled deployments")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

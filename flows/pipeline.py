@@ -1,0 +1,265 @@
+"""The whole pipeline as one parent flow; each stage is a subflow that skips completed work.
+
+```
+base model ──► fine-tune P (source) ──► label X (source, Kernel SHAP) ──► fine-tune X (source)
+     │                                                                          │
+     ├──► fine-tune P (each target) ──► label X (target val/test, reference)    ▼
+     │                                                      vector tau_X = theta_X - theta_P
+     └──────────────────────────────────────────────► sweep targets x lambda ◄──┘
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from pydantic import Field, field_validator
+
+from flows.build_dataset import build_explanation_dataset
+from flows.runners import RunnerConfig
+from flows.sweep import transfer_sweep
+from flows.training import export_domain_flow, finetune_flow, pretrain_base_flow
+from flows.vector import compute_vector_flow
+from storage import open_storage
+from tasks.config import StageConfig
+from tasks.finetune import FinetuneConfig
+from tasks.labelling import BuildConfig, LabelConfig
+from tasks.pretrain import PretrainConfig
+from tasks.sweep import SweepConfig, TargetSpec
+from tasks.synthetic import SYNTHETIC_DOMAINS
+
+
+def _lambda_grid(stop: float = 2.0, step: float = 0.25) -> tuple[float, ...]:
+    return tuple(round(i * step, 6) for i in range(int(round(stop / step)) + 1))
+
+
+class PipelineConfig(StageConfig):
+    """The whole pipeline: domains, model, training, labelling and sweep settings.
+
+    The defaults are the embedded default: synthetic domains, the tiny ViT pretrained here,
+    local storage, CPU. Real runs set ``base`` to real CLIP weights (a file or s3:// URI).
+    """
+
+    out_uri: str
+    source: str = "shapes"
+    targets: tuple[str, ...] = ("glyphs", "colours", "textures", "scenes")
+    model_name: str = "tiny-vit-56"
+    base: str | None = Field(None, description="pretrained weights URI; None pretrains one")
+    pretrain: PretrainConfig = PretrainConfig()
+    per_class: dict[str, int] = {"train": 48, "val": 12, "test": 16}
+    image_size: int = 56
+    data_seed: int = 0
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    beta: float = Field(1.0, ge=0)
+    seed: int = 0
+    label: LabelConfig = LabelConfig()
+    reference_budget: int = Field(600, ge=2)
+    num_shards: int = Field(2, ge=1)
+    lambdas: tuple[float, ...] = _lambda_grid()
+    kernel_shap_budgets: tuple[int, ...] = (25, 50, 100, 150, 300)
+    accuracy_tolerance: float = Field(1.0, ge=0)
+    sweep_name: str = "embedded-default"
+    runner: RunnerConfig = RunnerConfig()
+    device: str = "auto"
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value not in SYNTHETIC_DOMAINS:
+            raise ValueError(
+                f"unknown source domain {value!r}; built in: {sorted(SYNTHETIC_DOMAINS)}"
+            )
+        return value
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [t for t in value if t not in SYNTHETIC_DOMAINS]
+        if unknown or not value:
+            raise ValueError(
+                f"unknown target domains {unknown}; built in: {sorted(SYNTHETIC_DOMAINS)}"
+            )
+        return value
+
+    @classmethod
+    def miniature(cls, out_uri: str, **changes: Any) -> PipelineConfig:
+        """A tiny pipeline (two targets, two lambdas) that runs in a minute or two: for tests."""
+        fields: dict[str, Any] = dict(
+            out_uri=out_uri,
+            targets=("glyphs", "scenes"),
+            pretrain=PretrainConfig(per_class=8, val_per_class=4, epochs=1, batch_size=32),
+            per_class={"train": 4, "val": 2, "test": 2},
+            epochs=1,
+            batch_size=8,
+            label=LabelConfig(budget=60, images_per_batch=16),
+            reference_budget=80,
+            lambdas=(0.0, 1.0),
+            kernel_shap_budgets=(60,),
+            sweep_name="miniature",
+        )
+        fields.update(changes)
+        return cls(**fields)
+
+
+def _data_uri(config: PipelineConfig, domain: str) -> str:
+    return open_storage(config.out_uri).url(f"data/{domain}")
+
+
+def _finetune_config(
+    config: PipelineConfig, domain: str, mode: str, base: str, data: str
+) -> FinetuneConfig:
+    return FinetuneConfig(
+        domain=domain,
+        mode=mode,
+        model_name=config.model_name,
+        base=base,
+        data=data,
+        data_name=domain if mode == "P" else None,
+        val_data=_data_uri(config, domain),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        beta=config.beta,
+        grid=config.label.grid_h,
+        seed=config.seed,
+        device=config.device,
+        image_size=config.image_size,
+    )
+
+
+def _build_config(
+    config: PipelineConfig,
+    domain: str,
+    name: str,
+    split: str,
+    checkpoint: str,
+    label: LabelConfig,
+) -> BuildConfig:
+    return BuildConfig(
+        name=name,
+        split=split,
+        input_kind="webdataset",
+        input_uri=_data_uri(config, domain),
+        input_name=domain,
+        image_size=config.image_size,
+        model_name=config.model_name,
+        checkpoint=checkpoint,
+        label=label,
+        num_shards=config.num_shards,
+        output_uri=open_storage(config.out_uri).url("xdata"),
+        device=config.device,
+    )
+
+
+def _build(build: BuildConfig, config: PipelineConfig) -> dict[str, Any]:
+    summary = build_explanation_dataset(config=build, runner=config.runner)
+    if summary["missing"]:
+        raise RuntimeError(
+            f"explanation dataset {build.name}/{build.split}: shards failed after retries: "
+            f"{summary['missing']} (rerun to fill them; completed shards are kept)"
+        )
+    return summary
+
+
+@flow(name="explain-transfer-pipeline", flow_run_name="pipeline-{config.sweep_name}")
+def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Run every stage: data, base, source P, source X-dataset, source X, vector, targets, sweep.
+
+    Every stage reads and writes under ``config.out_uri`` and skips what is already complete,
+    so a rerun after a crash continues where the first run stopped.
+
+    Returns:
+        The URIs of everything produced and the sweep summary.
+    """
+    logger = get_run_logger()
+    domains = [config.source, *[t for t in config.targets if t != config.source]]
+    for domain in domains:
+        export_domain_flow(
+            domain,
+            _data_uri(config, domain),
+            per_class=config.per_class,
+            image_size=config.image_size,
+            seed=config.data_seed,
+        )
+
+    base = config.base or pretrain_base_flow(
+        config.pretrain.model_copy(update={"model_name": config.model_name}), config.out_uri
+    )
+    source_data = _data_uri(config, config.source)
+    theta_p = finetune_flow(
+        _finetune_config(config, config.source, "P", base, source_data), config.out_uri
+    )
+
+    x_data = _build(
+        _build_config(
+            config, config.source, f"{config.source}-x", "train", theta_p["uri"], config.label
+        ),
+        config,
+    )
+    theta_x = finetune_flow(
+        _finetune_config(config, config.source, "X", base, x_data["dataset_uri"]), config.out_uri
+    )
+    vector = compute_vector_flow(
+        config.source,
+        theta_x["uri"],
+        theta_p["uri"],
+        config.out_uri,
+        key=f"vectors/{config.source}-{theta_x['fingerprint'][:8]}-{theta_p['fingerprint'][:8]}.safetensors",
+    )
+
+    reference_label = config.label.model_copy(
+        update={"budget": config.reference_budget, "top_k": 0, "seed": config.label.seed + 1000}
+    )
+    targets = []
+    for target in config.targets:
+        theta_t = finetune_flow(
+            _finetune_config(config, target, "P", base, _data_uri(config, target)), config.out_uri
+        )
+        references = {
+            split: _build(
+                _build_config(
+                    config, target, f"{target}-ref", split, theta_t["uri"], reference_label
+                ),
+                config,
+            )["dataset_uri"]
+            for split in ("val", "test")
+        }
+        targets.append(
+            TargetSpec(
+                domain=target,
+                model=theta_t["uri"],
+                val_reference=references["val"],
+                test_reference=references["test"],
+                related=SYNTHETIC_DOMAINS[target].related,
+            )
+        )
+
+    sweep = transfer_sweep(
+        SweepConfig(
+            name=config.sweep_name,
+            vector=vector["uri"],
+            targets=tuple(targets),
+            lambdas=config.lambdas,
+            kernel_shap_budgets=config.kernel_shap_budgets,
+            accuracy_tolerance=config.accuracy_tolerance,
+            grid=config.label.grid_h,
+            baseline=config.label.baseline,
+            output=config.label.output,
+            seed=config.seed,
+            device=config.device,
+            output_uri=config.out_uri,
+        )
+    )
+    logger.info("pipeline %s complete under %s", config.sweep_name, config.out_uri)
+    return {
+        "base": base,
+        "theta_p": theta_p["uri"],
+        "x_dataset": x_data["dataset_uri"],
+        "theta_x": theta_x["uri"],
+        "vector": vector["uri"],
+        "targets": [t.to_dict() for t in targets],
+        "sweep": sweep,
+    }

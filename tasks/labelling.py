@@ -1,0 +1,624 @@
+"""Stage 1: build an explanation dataset (an "X-dataset") with Kernel SHAP labels.
+
+The builder turns any image-classification input (a synthetic domain, an ImageNet-style folder,
+or existing WebDataset shards) into WebDataset shards whose samples carry, beside the original
+image bytes and the label, the Kernel SHAP attributions of the explained model (``shap.npy``) and
+the labelling metadata (``json``), as DESIGN.md specifies.
+
+The work is split in three steps so that an orchestrator can fan out the middle one:
+
+1. :func:`plan_build` validates the config, lists the input (sorted, deterministic), loads the
+   explained model to fingerprint it, and derives the dataset *version* from a hash of
+   (model fingerprint, labelling config, input listing). It writes ``config.json`` there.
+2. :func:`label_shard` labels one output shard ``(shard_index, num_shards)`` and publishes it
+   (tar upload first, completion marker last). A complete shard is skipped.
+3. :func:`finalize_build` writes the Parquet manifest and the run's quarantine report.
+
+A changed config, model or input gives a new version folder; the old one is never touched.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from storage import Storage, StorageError, open_storage
+from storage.shards import ShardWriter, complete_shards, read_shard, shard_name, write_manifest
+from tasks.config import StageConfig
+from tasks.images import BadImageError, decode_image, image_to_tensor, sample_image_bytes
+from tasks.kernel_shap import derive_seed, kernel_shap_explain
+from tasks.sources import (
+    QuarantineReport,
+    image_for_storage,
+    key_problem,
+    list_image_folder,
+    read_class_names,
+    sanitise_key,
+)
+
+logger = logging.getLogger(__name__)
+
+InputKind = Literal["synthetic", "imagefolder", "webdataset"]
+
+#: How many input images are read to estimate the dataset-mean baseline.
+MEAN_SAMPLE_SIZE = 256
+
+
+class LabelConfig(StageConfig):
+    """How Kernel SHAP labels are computed (DESIGN.md, "Kernel SHAP labelling")."""
+
+    grid_h: int = Field(7, ge=1, le=64)
+    grid_w: int = Field(7, ge=1, le=64)
+    budget: int = Field(
+        150, ge=2, description="model evaluations per image, empty and full included"
+    )
+    baseline: Literal["mean", "zero", "blur"] = "mean"
+    output: Literal["logit", "prob"] = "logit"
+    top_k: int = Field(1, ge=0, le=10, description="predicted classes explained beside the label")
+    seed: int = 0
+    images_per_batch: int = Field(32, ge=1)
+    forward_batch_size: int = Field(2048, ge=1, description="forward rows per model call")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.grid_h, self.grid_w)
+
+    @model_validator(mode="after")
+    def _budget_covers_players(self) -> LabelConfig:
+        players = self.grid_h * self.grid_w
+        if players < 2:
+            raise ValueError(f"grid {self.grid} has fewer than 2 cells")
+        if self.budget <= players:
+            raise ValueError(
+                f"budget {self.budget} is not larger than the number of players {players} "
+                f"(grid {self.grid_h}x{self.grid_w}): Kernel SHAP needs at least players + 1 "
+                "model evaluations per image"
+            )
+        return self
+
+
+class BuildConfig(StageConfig):
+    """One explanation-dataset build: input, explained model, labelling, layout, output."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.]*(?:-[A-Za-z0-9_.]+)*$")
+    split: str = Field("train", pattern=r"^[A-Za-z0-9_]+$")
+    input_kind: InputKind = "synthetic"
+    input_uri: str = Field(description="synthetic: a domain name; otherwise a folder URI")
+    input_name: str | None = Field(None, description="webdataset: dataset name of the shards")
+    input_split: str | None = Field(None, description="input split (default: split)")
+    class_names_file: str | None = None
+    synthetic_seed: int = 0
+    synthetic_per_class: int | None = Field(None, ge=1)
+    image_size: int = Field(56, ge=16, le=1024)
+    model_name: str = "tiny-vit-56"
+    checkpoint: str | None = Field(
+        None, description="URI of the explained model's weights (theta_P, or the base model)"
+    )
+    label: LabelConfig = LabelConfig()
+    num_shards: int = Field(4, ge=1)
+    output_uri: str
+    device: str = "auto"
+
+    @property
+    def source_split(self) -> str:
+        return self.input_split or self.split
+
+
+@dataclass
+class BuildPlan:
+    """Everything a shard worker needs, derived once from a :class:`BuildConfig`.
+
+    Attributes:
+        config: the validated config.
+        version: ``v-<hash>`` of (model fingerprint, labelling config, input listing).
+        dataset_uri: where the shards of this version live.
+        units: the sorted input listing (sample references or input shard keys).
+        class_names: the classes of the explained model's head, in label order.
+        model_fingerprint: content hash of the explained model's weights.
+        baseline_mean: per-channel dataset mean in ``[0, 1]`` (the "mean" baseline).
+    """
+
+    config: BuildConfig
+    version: str
+    dataset_uri: str
+    units: list[str]
+    class_names: list[str]
+    model_fingerprint: str
+    baseline_mean: list[float] = field(default_factory=list)
+
+    def shard_key(self, shard_index: int) -> str:
+        return shard_name(self.config.name, self.config.split, shard_index)
+
+    def shard_units(self, shard_index: int) -> list[str]:
+        """The contiguous block of the sorted listing that one output shard labels."""
+        n, shards = len(self.units), self.config.num_shards
+        if not 0 <= shard_index < shards:
+            raise ValueError(f"shard_index {shard_index} outside [0, {shards})")
+        return self.units[shard_index * n // shards : (shard_index + 1) * n // shards]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "version": self.version,
+            "dataset_uri": self.dataset_uri,
+            "units": self.units,
+            "class_names": self.class_names,
+            "model_fingerprint": self.model_fingerprint,
+            "baseline_mean": self.baseline_mean,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildPlan:
+        return cls(
+            config=BuildConfig.model_validate(data["config"]),
+            version=data["version"],
+            dataset_uri=data["dataset_uri"],
+            units=list(data["units"]),
+            class_names=list(data["class_names"]),
+            model_fingerprint=data["model_fingerprint"],
+            baseline_mean=list(data["baseline_mean"]),
+        )
+
+
+@dataclass
+class ShardOutcome:
+    """What labelling one shard did."""
+
+    shard: str
+    samples: int = 0
+    quarantined: int = 0
+    seconds: float = 0.0
+    skipped: bool = False
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+def _input_storage(config: BuildConfig) -> Storage:
+    return open_storage(config.input_uri)
+
+
+def list_input(config: BuildConfig) -> tuple[list[str], list[str]]:
+    """The sorted input listing and the class names of a build.
+
+    Returns:
+        ``(units, class_names)``: for a synthetic domain the units are sample indices, for an
+        image folder the file keys, for WebDataset input the keys of the complete input shards.
+    """
+    if config.input_kind == "synthetic":
+        from tasks.synthetic import SYNTHETIC_DOMAINS, split_length
+
+        if config.input_uri not in SYNTHETIC_DOMAINS:
+            raise ValueError(
+                f"unknown synthetic domain {config.input_uri!r}; "
+                f"available: {', '.join(sorted(SYNTHETIC_DOMAINS))}"
+            )
+        total = split_length(config.input_uri, config.source_split, config.synthetic_per_class)
+        return [f"{i:08d}" for i in range(total)], list(
+            SYNTHETIC_DOMAINS[config.input_uri].class_names
+        )
+    storage = _input_storage(config)
+    if config.input_kind == "imagefolder":
+        listing = list_image_folder(storage, class_names_file=config.class_names_file)
+        if not listing.files:
+            raise ValueError(f"no image files under {storage.uri}")
+        return [f"{class_id}:{key}" for key, class_id in listing.files], list(listing.class_names)
+    name = config.input_name
+    if name is None:
+        raise ValueError("webdataset input needs input_name (the dataset name of the shards)")
+    shards = complete_shards(storage, name, config.source_split)
+    if not shards:
+        raise ValueError(
+            f"no complete shards {name}-{config.source_split}-*.tar under {storage.uri}"
+        )
+    return shards, read_class_names(storage)
+
+
+def iter_units(
+    config: BuildConfig, units: Sequence[str], report: QuarantineReport
+) -> Iterator[dict[str, Any]]:
+    """Yield the input samples of some units of the listing, in listing order.
+
+    Bad images are quarantined in ``report`` (with the reason) and never yielded.
+    """
+    if config.input_kind == "synthetic":
+        from tasks.synthetic import make_sample
+
+        for unit in units:
+            report.count("read")
+            yield make_sample(
+                config.input_uri,
+                config.source_split,
+                int(unit),
+                seed=config.synthetic_seed,
+                image_size=config.image_size,
+            )
+        return
+    storage = _input_storage(config)
+    if config.input_kind == "imagefolder":
+        for unit in units:
+            class_id, path = unit.split(":", 1)
+            report.count("read")
+            key = sanitise_key(path)
+            try:
+                data = storage.read_bytes(path)
+                field_name, payload = image_for_storage(data, key, report=report)
+            except BadImageError as exc:
+                report.quarantine(path, exc.reason, stage="read")
+                continue
+            except (StorageError, OSError) as exc:
+                # StorageError covers a symlink that leads outside the input root.
+                report.quarantine(path, f"unreadable: {exc}", stage="read")
+                continue
+            yield {"__key__": key, field_name: payload, "cls": int(class_id)}
+        return
+    for shard in units:
+        try:
+            samples = list(read_shard(storage, shard))
+        except Exception as exc:  # a damaged input shard is reported, the others go on
+            report.count("bad_shards")
+            report.quarantine(shard, f"bad shard: {exc}", stage="read")
+            continue
+        for sample in samples:
+            report.count("read")
+            problem = key_problem(sample.get("__key__"))
+            if problem is not None:
+                report.quarantine(f"{shard}:{sample.get('__key__')}", problem, stage="read")
+                continue
+            yield sample
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(
+    model_name: str,
+    checkpoint: str | None,
+    class_names: tuple[str, ...],
+    grid: tuple[int, int],
+    device: str,
+) -> torch.nn.Module:
+    from tasks.model import build_sem
+
+    if checkpoint is None:
+        # A random initialisation must not depend on what the process drew before: a shard
+        # worker (a retry, a Dask process) has to rebuild the very model the plan fingerprinted.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            sem = build_sem(model_name, list(class_names), pretrained=None, grid=grid)
+    else:
+        sem = build_sem(model_name, list(class_names), pretrained=checkpoint, grid=grid)
+    return sem.to(device).eval()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_fingerprint(
+    model_name: str,
+    checkpoint: str | None,
+    class_names: tuple[str, ...],
+    grid: tuple[int, int],
+    device: str,
+) -> str:
+    from tasks.model import model_fingerprint
+
+    model = _cached_model(model_name, checkpoint, class_names, grid, device)
+    return model_fingerprint(model.clip)
+
+
+def load_explained_model(config: BuildConfig, class_names: Sequence[str]) -> torch.nn.Module:
+    """The explained model: a self-explaining CLIP whose ``predict`` is explained.
+
+    Cached per process, so the shards a worker labels share one copy.
+    """
+    device = str(resolve_device(config.device))
+    grid = config.label.grid
+    return _cached_model(config.model_name, config.checkpoint, tuple(class_names), grid, device)
+
+
+def explained_model_fingerprint(config: BuildConfig, class_names: Sequence[str]) -> str:
+    """The fingerprint of :func:`load_explained_model`'s weights (cached per process)."""
+    device = str(resolve_device(config.device))
+    key = (config.model_name, config.checkpoint, tuple(class_names), config.label.grid, device)
+    return _cached_fingerprint(*key)
+
+
+def _image_tensor(sample: dict[str, Any], size: int) -> torch.Tensor:
+    _, data = sample_image_bytes(sample)
+    return image_to_tensor(decode_image(data), size)
+
+
+def _dataset_mean(config: BuildConfig, units: Sequence[str]) -> list[float]:
+    """Per-channel mean of the first images of the listing (deterministic)."""
+    report = QuarantineReport()
+    total = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for sample in iter_units(config, units[:MEAN_SAMPLE_SIZE], report):
+        try:
+            total += _image_tensor(sample, config.image_size).double().mean(dim=(1, 2))
+        except BadImageError:
+            continue
+        count += 1
+        if count >= MEAN_SAMPLE_SIZE:
+            break
+    if count == 0:
+        raise ValueError("no readable image at the start of the input to estimate its mean")
+    return [round(float(v), 6) for v in total / count]
+
+
+def plan_build(config: BuildConfig) -> BuildPlan:
+    """Validate a build, list its input, fingerprint the model, and fix the dataset version.
+
+    Writes ``config.json`` (the full config, version, fingerprints) into the version folder.
+    Everything that can be wrong with the config (unknown model, missing checkpoint, missing
+    bucket, empty input) fails here, before any labelling.
+    """
+    output = open_storage(config.output_uri)
+    # A missing bucket or refused credentials must fail here, before the model is loaded.
+    output.exists(f"{config.name}/config.json")
+    units, class_names = list_input(config)
+    fingerprint = explained_model_fingerprint(config, class_names)
+    mean = _dataset_mean(config, units) if config.label.baseline == "mean" else []
+    input_digest = hashlib.sha256("\n".join(units).encode()).hexdigest()
+    version = "v-" + config.label.fingerprint(
+        fingerprint,
+        class_names,
+        input_digest,
+        config.input_kind,
+        config.input_uri,
+        config.source_split,
+        config.image_size,
+        config.num_shards,
+        mean,
+    )
+    dataset = output.child(f"{config.name}/{version}")
+    plan = BuildPlan(
+        config=config,
+        version=version,
+        dataset_uri=dataset.uri,
+        units=units,
+        class_names=class_names,
+        model_fingerprint=fingerprint,
+        baseline_mean=mean,
+    )
+    if not dataset.exists("config.json"):
+        dataset.write_json(
+            "config.json",
+            {
+                "config": config.to_dict(),
+                "version": version,
+                "model_fingerprint": fingerprint,
+                "input_digest": input_digest,
+                "inputs": len(units),
+                "class_names": class_names,
+                "baseline_mean": mean,
+            },
+        )
+        dataset.write_json("classes.json", {"class_names": class_names})
+    logger.info(
+        "explanation dataset %s %s: %d inputs in %d shards at %s",
+        config.name,
+        version,
+        len(units),
+        config.num_shards,
+        dataset.uri,
+    )
+    return plan
+
+
+def _classes_to_explain(labels: torch.Tensor, logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``[N, 1 + top_k]``: the label first, then the top predicted classes."""
+    if top_k == 0:
+        return labels.unsqueeze(1)
+    top = logits.topk(min(top_k, logits.shape[1]), dim=1).indices.cpu()
+    return torch.cat([labels.unsqueeze(1), top], dim=1)
+
+
+def _unique_in_order(values: Sequence[int]) -> list[int]:
+    seen: list[int] = []
+    for value in values:
+        if value not in seen:
+            seen.append(value)
+    return seen
+
+
+def label_samples(
+    model: torch.nn.Module,
+    samples: Sequence[dict[str, Any]],
+    label: LabelConfig,
+    *,
+    image_size: int,
+    baseline_mean: Sequence[float] | None,
+    model_fingerprint: str,
+) -> list[dict[str, Any]]:
+    """Kernel SHAP labels for a batch of decoded-able samples: X-dataset sample dicts.
+
+    Each output sample keeps every input field (the original image bytes unchanged, ``cls``,
+    a mask if any) and adds ``shap.npy`` (float32 ``[k, gh, gw]``, label class first, then the
+    top predicted classes that differ) and ``json`` (the labelling metadata).
+    """
+    device = next(model.parameters()).device
+    images = torch.stack([_image_tensor(s, image_size) for s in samples]).to(device)
+    labels = torch.tensor([int(s["cls"]) for s in samples], dtype=torch.long)
+    classifier = model.as_classifier() if hasattr(model, "as_classifier") else model
+    classifier.eval()
+    with torch.inference_mode():
+        logits = classifier(images)
+    classes = _classes_to_explain(labels, logits, label.top_k)
+    baseline: str | torch.Tensor = label.baseline
+    if label.baseline == "mean":
+        baseline = torch.tensor(baseline_mean, dtype=images.dtype, device=device)
+    result = kernel_shap_explain(
+        classifier,
+        images,
+        classes.to(device),
+        grid=label.grid,
+        budget=label.budget,
+        baseline=baseline,
+        output=label.output,
+        seed=[derive_seed(str(s["__key__"]), label.seed) for s in samples],
+        batch_size=label.forward_batch_size,
+    )
+    labelled = []
+    for i, sample in enumerate(samples):
+        meta = result.image_metadata(i)
+        row_classes = [int(c) for c in classes[i]]
+        keep = [row_classes.index(c) for c in _unique_in_order(row_classes)]
+        phi = result.phi[i][keep].numpy().astype(np.float32)
+        meta.update(
+            classes=[row_classes[j] for j in keep],
+            v_empty=[meta["v_empty"][j] for j in keep],
+            v_full=[meta["v_full"][j] for j in keep],
+            predicted=int(logits[i].argmax()),
+            baseline_mean=list(baseline_mean or []),
+            model=model_fingerprint,
+        )
+        buffer = io.BytesIO()
+        np.save(buffer, phi)
+        out = {k: v for k, v in sample.items() if k not in ("shap.npy", "json")}
+        out["shap.npy"] = buffer.getvalue()
+        out["json"] = meta
+        labelled.append(out)
+    return labelled
+
+
+def label_shard(
+    plan: BuildPlan,
+    shard_index: int,
+    *,
+    overwrite: bool = False,
+    progress: Any = None,
+) -> ShardOutcome:
+    """Label and publish one output shard; skip it when already complete.
+
+    The shard is written locally, uploaded, and only then marked complete, so a crash at any
+    point leaves either the whole shard or nothing visible. Bad inputs are quarantined with a
+    reason in ``reports/shards/{shard}.json`` (written before the marker).
+
+    Args:
+        plan: the build plan from :func:`plan_build`.
+        shard_index: which output shard, in ``[0, num_shards)``.
+        overwrite: relabel a complete shard.
+        progress: optional callable ``(done_images, total_images)``.
+    """
+    config = plan.config
+    dataset = open_storage(plan.dataset_uri)
+    shard = plan.shard_key(shard_index)
+    if dataset.is_complete(shard) and not overwrite:
+        logger.info("shard %s already complete; skipped", shard)
+        return ShardOutcome(shard=shard, skipped=True, **_marker_counts(dataset, shard))
+    start = time.perf_counter()
+    units = plan.shard_units(shard_index)
+    report = QuarantineReport()
+    model = load_explained_model(config, plan.class_names)
+    fingerprint = explained_model_fingerprint(config, plan.class_names)
+    if fingerprint != plan.model_fingerprint:
+        # The checkpoint changed since the plan (or the model is not reproducible): labels from
+        # another model would be published under this version's name.
+        raise ValueError(
+            f"explained model {config.model_name} ({config.checkpoint or 'random init'}) has "
+            f"fingerprint {fingerprint}, but the plan of {plan.version} was made with "
+            f"{plan.model_fingerprint}; plan the build again"
+        )
+    samples = []
+    for sample in iter_units(config, units, report):
+        try:
+            _image_tensor(sample, config.image_size)
+        except BadImageError as exc:
+            report.quarantine(str(sample.get("__key__")), exc.reason, stage="label")
+            continue
+        label_id = sample.get("cls")
+        if not isinstance(label_id, int) or not 0 <= label_id < len(plan.class_names):
+            report.quarantine(
+                str(sample.get("__key__")),
+                f"label out of range: {label_id!r} not in [0, {len(plan.class_names)})",
+                stage="label",
+            )
+            continue
+        samples.append(sample)
+    written = 0
+    batch = config.label.images_per_batch
+    with ShardWriter(dataset, shard) as writer:
+        for begin in range(0, len(samples), batch):
+            chunk = samples[begin : begin + batch]
+            for out in label_samples(
+                model,
+                chunk,
+                config.label,
+                image_size=config.image_size,
+                baseline_mean=plan.baseline_mean,
+                model_fingerprint=plan.model_fingerprint,
+            ):
+                writer.write(out)
+                written += 1
+            if progress is not None:
+                progress(written, len(samples))
+        dataset.write_json(f"reports/shards/{shard}.json", report.to_dict())
+    seconds = time.perf_counter() - start
+    logger.info(
+        "shard %s: %d samples labelled, %d quarantined, %.1f images/s",
+        shard,
+        written,
+        report.num_quarantined(),
+        written / seconds if seconds else 0.0,
+    )
+    return ShardOutcome(
+        shard=shard,
+        samples=written,
+        quarantined=report.num_quarantined(),
+        seconds=seconds,
+        report=report.to_dict(),
+    )
+
+
+def _marker_counts(dataset: Storage, shard: str) -> dict[str, Any]:
+    info = dataset.completion_info(shard)
+    return {"samples": int(info.get("samples", 0))}
+
+
+def finalize_build(plan: BuildPlan) -> dict[str, Any]:
+    """Write the manifest of the complete shards and a summary of the build.
+
+    Returns:
+        ``{"dataset_uri", "version", "complete", "missing", "samples", "quarantined"}``;
+        ``missing`` lists the shards without a completion marker (failed ones).
+    """
+    dataset = open_storage(plan.dataset_uri)
+    expected = [plan.shard_key(i) for i in range(plan.config.num_shards)]
+    complete = [s for s in expected if dataset.is_complete(s)]
+    missing = [s for s in expected if s not in complete]
+    table = write_manifest(dataset, complete)
+    report = QuarantineReport()
+    for shard in complete:
+        key = f"reports/shards/{shard}.json"
+        if dataset.exists(key):
+            report.merge(QuarantineReport.from_dict(dataset.read_json(key)))
+    dataset.write_json(f"reports/{plan.config.name}-{plan.config.split}.json", report.to_dict())
+    samples = int(sum(table.column("samples").to_pylist())) if table.num_rows else 0
+    summary = {
+        "dataset_uri": plan.dataset_uri,
+        "version": plan.version,
+        "complete": complete,
+        "missing": missing,
+        "samples": samples,
+        "inputs": len(plan.units),
+        "quarantined": report.num_quarantined(),
+    }
+    logger.info("explanation dataset %s: %s", plan.version, summary)
+    return summary
