@@ -1,0 +1,303 @@
+"""The shared pretrained start of the embedded default: a tiny CLIP trained on synthetic domains.
+
+Task arithmetic needs every fine-tuned model to start from the same pretrained weights, and the
+embedded default may not download any, so this stage trains the tiny ViT CLIP from a random
+initialisation with a CLIP-style contrastive objective: each image against its caption
+``"a photo of a {class}."``, over the union of all synthetic domains' train splits. The result
+is cached in storage under a key derived from the config, with a sidecar that records its
+zero-shot accuracy on every domain's val split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from pydantic import Field
+
+from tasks.config import StageConfig
+from tasks.model import (
+    DEFAULT_MODEL,
+    DEFAULT_TEMPLATES,
+    SelfExplainingCLIP,
+    load_clip,
+    model_fingerprint,
+    register_model_configs,
+    zero_shot_head,
+)
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+COMPLETION_UNIT = "model"
+
+
+class PretrainConfig(StageConfig):
+    """Configuration of the base-model pretraining.
+
+    Attributes:
+        model_name: open_clip architecture (trained from random initialisation).
+        domains: synthetic domains whose train splits are pooled (None: all of them).
+        per_class: training images per class and domain.
+        val_per_class: validation images per class and domain (zero-shot accuracy).
+        image_size: image side in pixels.
+        epochs: passes over the pooled data.
+        batch_size: images per step.
+        lr: peak AdamW learning rate (cosine decay to zero after a linear warm-up).
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW weight decay on matrices.
+        seed: seeds the initialisation, the data order and the synthetic data.
+        template: caption template with one ``{}`` for the class name.
+    """
+
+    model_name: str = DEFAULT_MODEL
+    domains: tuple[str, ...] | None = None
+    per_class: int = Field(default=48, ge=1)
+    val_per_class: int = Field(default=20, ge=1)
+    image_size: int = Field(default=56, ge=8)
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=32, ge=2)
+    lr: float = Field(default=1e-3, gt=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    seed: int = 0
+    template: str = DEFAULT_TEMPLATES[0]
+
+
+def base_key(config: PretrainConfig) -> str:
+    """Storage key of the base model for ``config``."""
+    return f"models/base-{config.fingerprint()}/{MODEL_FILE}"
+
+
+def _domains(config: PretrainConfig) -> list[str]:
+    from tasks.synthetic import SYNTHETIC_DOMAINS
+
+    domains = list(config.domains) if config.domains is not None else sorted(SYNTHETIC_DOMAINS)
+    unknown = [name for name in domains if name not in SYNTHETIC_DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown synthetic domains {unknown}; known: {sorted(SYNTHETIC_DOMAINS)}")
+    return domains
+
+
+def _load_split(
+    domains: Sequence[str], split: str, per_class: int, config: PretrainConfig
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{domain: (uint8 images [N, 3, s, s], domain-local labels [N])}`` of a split."""
+    from tasks.images import sample_to_tensor
+    from tasks.synthetic import make_split
+
+    data = {}
+    for domain in domains:
+        images, labels = [], []
+        for sample in make_split(
+            domain, split, seed=config.seed, per_class=per_class, image_size=config.image_size
+        ):
+            tensor = sample_to_tensor(sample, config.image_size)
+            images.append((tensor * 255.0).round().to(torch.uint8))
+            labels.append(int(sample["cls"]))
+        data[domain] = (torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+    return data
+
+
+def contrastive_loss(
+    image_features: torch.Tensor,
+    caption_features: torch.Tensor,
+    captions: torch.Tensor,
+    logit_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between images and the caption vocabulary.
+
+    Images of the same class share one caption, so in-batch pairs would turn same-class images
+    into negatives of each other. Instead each image is classified against every caption
+    (image -> text) and each caption present in the batch against the batch's images, with all
+    images carrying it as positives (text -> image).
+
+    Args:
+        image_features: ``[B, D]`` L2-normalised image embeddings.
+        caption_features: ``[V, D]`` L2-normalised embeddings of the caption vocabulary.
+        captions: ``[B]`` caption index of each image.
+        logit_scale: CLIP's log temperature.
+    """
+    logits = logit_scale.exp() * image_features @ caption_features.T
+    image_to_text = F.cross_entropy(logits, captions)
+    present = torch.unique(captions)
+    positives = (captions[None, :] == present[:, None]).float()
+    text_logits = logits.T[present]
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    text_to_image = -(targets * F.log_softmax(text_logits, dim=1)).sum(dim=1).mean()
+    return 0.5 * (image_to_text + text_to_image)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    clip_model: torch.nn.Module,
+    class_names: Sequence[str],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    model_name: str | None = None,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    batch_size: int = 256,
+) -> float:
+    """Accuracy of the zero-shot head of ``class_names`` on uint8 ``images``."""
+    head = zero_shot_head(clip_model, class_names, templates, model_name=model_name)
+    model = SelfExplainingCLIP(clip_model, head).eval()
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        batch = images[start : start + batch_size].float().div_(255.0)
+        correct += int(
+            (model.predict(batch).argmax(dim=1) == labels[start : start + batch_size]).sum()
+        )
+    return correct / max(1, len(labels))
+
+
+def pretrain_base(
+    config: PretrainConfig,
+    storage: Any,
+    progress: Callable[[int, int], None] | None = None,
+) -> str:
+    """Train (or reuse) the base model of ``config`` and return its storage key.
+
+    Args:
+        config: the pretraining configuration.
+        storage: where the model is cached (``models/base-{fingerprint}/``).
+        progress: optional ``progress(step, total_steps)`` callback.
+
+    Returns:
+        The key of ``model.safetensors``; its sidecar holds the config, the model fingerprint
+        and the zero-shot accuracy per domain.
+    """
+    from storage.checkpoints import save_state_dict
+    from tasks.synthetic import SYNTHETIC_DOMAINS
+
+    key = base_key(config)
+    out = storage.child(key.rsplit("/", 1)[0])
+    if out.is_complete(COMPLETION_UNIT) and out.exists(MODEL_FILE):
+        logger.info("base model %s already exists: reusing it", storage.url(key))
+        return key
+
+    started = time.perf_counter()
+    register_model_configs()
+    domains = _domains(config)
+    vocabulary: list[str] = []
+    for domain in domains:
+        for name in SYNTHETIC_DOMAINS[domain].class_names:
+            if name not in vocabulary:
+                vocabulary.append(name)
+    train = _load_split(domains, "train", config.per_class, config)
+    images = torch.cat([train[domain][0] for domain in domains])
+    captions = torch.cat(
+        [
+            torch.tensor(
+                [
+                    vocabulary.index(SYNTHETIC_DOMAINS[domain].class_names[y])
+                    for y in train[domain][1]
+                ],
+                dtype=torch.int64,
+            )
+            for domain in domains
+        ]
+    )
+
+    torch.manual_seed(config.seed)
+    clip_model = load_clip(config.model_name).train()
+    tokenizer = open_clip.get_tokenizer(config.model_name)
+    tokens = tokenizer([config.template.format(name) for name in vocabulary])
+    # The same normalisation as SelfExplainingCLIP, which takes images in [0, 1].
+    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    # The random word embeddings stay fixed: with a vocabulary of a few dozen captions the text
+    # transformer separates them anyway, and a dense AdamW update of the 49k-row table would cost
+    # more than the rest of the step.
+    clip_model.token_embedding.weight.requires_grad_(False)
+    trainable = [(n, p) for n, p in clip_model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in trainable if p.ndim < 2 or "embedding" in n]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+    steps_per_epoch = math.ceil(len(captions) / config.batch_size)
+    total = config.epochs * steps_per_epoch
+    generator = torch.Generator().manual_seed(config.seed)
+    step, losses = 0, []
+    for _ in range(config.epochs):
+        order = torch.randperm(len(captions), generator=generator)
+        for start in range(0, len(order), config.batch_size):
+            index = order[start : start + config.batch_size]
+            warmup = (step + 1) / config.warmup_steps if step < config.warmup_steps else 1.0
+            cosine = 0.5 * (1 + math.cos(math.pi * step / total))
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * min(warmup, cosine)
+            batch = (images[index].float().div_(255.0) - mean) / std
+            image_features = clip_model.encode_image(batch, normalize=True)
+            caption_features = clip_model.encode_text(tokens, normalize=True)
+            loss = contrastive_loss(
+                image_features, caption_features, captions[index], clip_model.logit_scale
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                clip_model.logit_scale.clamp_(0, math.log(100))
+            losses.append(float(loss.detach()))
+            step += 1
+            if progress is not None:
+                progress(step, total)
+        logger.info("pretraining epoch loss %.4f", sum(losses[-steps_per_epoch:]) / steps_per_epoch)
+    train_seconds = time.perf_counter() - started
+
+    clip_model.eval()
+    val = _load_split(domains, "val", config.val_per_class, config)
+    zero_shot = {
+        domain: {
+            "accuracy": zero_shot_accuracy(
+                clip_model,
+                SYNTHETIC_DOMAINS[domain].class_names,
+                *val[domain],
+                model_name=config.model_name,
+            ),
+            "chance": 1.0 / len(SYNTHETIC_DOMAINS[domain].class_names),
+        }
+        for domain in domains
+    }
+    fingerprint = model_fingerprint(clip_model)
+    save_state_dict(
+        out,
+        MODEL_FILE,
+        {k: v.detach() for k, v in clip_model.state_dict().items()},
+        metadata={
+            "kind": "base",
+            "model_name": config.model_name,
+            "fingerprint": fingerprint,
+            "config": config.to_dict(),
+            "metrics": {
+                "zero_shot": zero_shot,
+                "final_loss": losses[-1],
+                "steps": step,
+                "train_samples": len(captions),
+                "train_seconds": train_seconds,
+            },
+        },
+    )
+    out.mark_complete(COMPLETION_UNIT, {"fingerprint": fingerprint})
+    logger.info(
+        "base model %s written to %s in %.1f s; zero-shot accuracy %s",
+        fingerprint,
+        storage.url(key),
+        train_seconds,
+        {d: round(v["accuracy"], 3) for d, v in zero_shot.items()},
+    )
+    return key
