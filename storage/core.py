@@ -231,9 +231,16 @@ def open_storage(
         The storage.
 
     Raises:
-        ValueError: the URI scheme is not supported or the URI embeds credentials.
+        ValueError: the URI scheme is not supported, is a ``pipe:`` command, or the URI embeds
+            credentials.
     """
     text = str(uri)
+    if text.lstrip().lower().startswith("pipe:"):
+        # webdataset would run the rest of a pipe: URL as a shell command; storage never does.
+        raise ValueError(
+            f"refusing storage URI {text[:60]!r}: 'pipe:' URIs run shell commands; "
+            "use a path, file:// or s3://"
+        )
     scheme, sep, rest = text.partition("://")
     if not sep:
         from storage.local import LocalStorage
