@@ -29,14 +29,23 @@ def artifact_key(*parts: str) -> str:
 class Progress:
     """A Prefect progress artifact updated as units of work finish."""
 
-    def __init__(self, total: int, description: str, key: str | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        description: str,
+        key: str | None = None,
+        artifact_id: UUID | None = None,
+    ) -> None:
+        """Create the artifact (at 0%), or continue one created elsewhere (``artifact_id``)."""
         self.total = max(total, 1)
         self.done = 0
-        self._id: UUID = create_progress_artifact(progress=0.0, key=key, description=description)
+        self.id: UUID = artifact_id or create_progress_artifact(
+            progress=0.0, key=key, description=description
+        )
 
     def advance(self, n: int = 1) -> None:
         self.done += n
-        update_progress_artifact(self._id, progress=100.0 * min(self.done, self.total) / self.total)
+        update_progress_artifact(self.id, progress=100.0 * min(self.done, self.total) / self.total)
 
 
 def _cell(value: Any) -> Any:

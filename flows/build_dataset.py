@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 import dask
 from prefect import flow, get_run_logger, task
@@ -67,10 +68,19 @@ def _submit_shards(plan: dict[str, Any], shards: list[int], overwrite: bool, gpu
 
 @flow(name="label-shards", flow_run_name="label-shards-{name}")
 def label_shards_flow(
-    plan: dict[str, Any], name: str, num_shards: int, overwrite: bool = False, gpu: bool = False
+    plan: dict[str, Any],
+    name: str,
+    num_shards: int,
+    overwrite: bool = False,
+    gpu: bool = False,
+    progress_id: UUID | None = None,
 ) -> dict[str, list]:
-    """Fan the shards out on this flow's task runner (threads or Dask); failures are collected."""
-    progress = Progress(num_shards, f"{name}: shards labelled")
+    """Fan the shards out on this flow's task runner (threads or Dask); failures are collected.
+
+    A subflow because the task runner of a flow is fixed when it starts: the parent picks it
+    from its ``runner`` parameter, so deployments choose threads or Dask by parameters alone.
+    """
+    progress = Progress(num_shards, f"{name}: shards labelled", artifact_id=progress_id)
     futures = _submit_shards(plan, list(range(num_shards)), overwrite, gpu=gpu)
     outcomes, failed = [], []
     for future in as_completed(futures):
@@ -109,12 +119,15 @@ def build_explanation_dataset(
     runner = runner or RunnerConfig()
     plan = plan_build_task(config)
     n = config.num_shards
+    # The progress artifact belongs to this run; the subflow moves it along.
+    progress = Progress(n, f"{config.name}-{config.split}: shards labelled")
     shards = label_shards_flow.with_options(task_runner=make_task_runner(runner))(
         plan,
         name=f"{config.name}-{config.split}",
         num_shards=n,
         overwrite=overwrite,
         gpu=runner.gpus_per_worker > 0,
+        progress_id=progress.id,
     )
     outcomes, failed = shards["outcomes"], shards["failed"]
     summary = finalize_build_task(plan)
