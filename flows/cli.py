@@ -166,7 +166,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     config = BuildConfig(**fields, label=LabelConfig(**label))
     runner = RunnerConfig(
         kind="dask" if args.dask or args.dask_address else "thread",
-        max_workers=args.workers,
+        max_workers=args.workers or (2 if args.dask or args.dask_address else 1),
         address=args.dask_address,
         gpus_per_worker=args.gpus_per_worker,
     )
@@ -281,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--image-size", type=int)
     build.add_argument("--shards", type=int, help="number of output shards")
     build.add_argument("--out", help="output root URI")
-    build.add_argument("--workers", type=int, default=2, help="threads or Dask workers")
+    build.add_argument(
+        "--workers", type=int, help="shard threads (default 1) or local Dask workers (default 2)"
+    )
     build.add_argument("--dask", action="store_true", help="run shards on a local Dask cluster")
     build.add_argument("--dask-address", help="tcp://host:8786 of a Dask scheduler")
     build.add_argument("--gpus-per-worker", type=int, default=0)
@@ -327,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The machines this runs on may have no route out: no telemetry from the local server.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:

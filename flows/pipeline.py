@@ -46,21 +46,22 @@ class PipelineConfig(StageConfig):
     targets: tuple[str, ...] = ("glyphs", "colours", "textures", "scenes")
     model_name: str = "tiny-vit-56"
     base: str | None = Field(None, description="pretrained weights URI; None pretrains one")
-    pretrain: PretrainConfig = PretrainConfig()
-    per_class: dict[str, int] = {"train": 48, "val": 12, "test": 16}
+    pretrain: PretrainConfig = PretrainConfig(per_class=64, epochs=20)
+    per_class: dict[str, int] = {"train": 64, "val": 6, "test": 12}
     image_size: int = 56
     data_seed: int = 0
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(12, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)
     beta: float = Field(1.0, ge=0)
     seed: int = 0
     label: LabelConfig = LabelConfig()
-    reference_budget: int = Field(600, ge=2)
+    reference_budget: int = Field(400, ge=2)
     num_shards: int = Field(2, ge=1)
     lambdas: tuple[float, ...] = _lambda_grid()
     kernel_shap_budgets: tuple[int, ...] = (25, 50, 100, 150, 300)
     accuracy_tolerance: float = Field(1.0, ge=0)
+    auc_steps: int | None = Field(16, ge=1, description="insertion/deletion steps (None: per cell)")
     sweep_name: str = "embedded-default"
     runner: RunnerConfig = RunnerConfig()
     device: str = "auto"
@@ -98,6 +99,7 @@ class PipelineConfig(StageConfig):
             reference_budget=80,
             lambdas=(0.0, 1.0),
             kernel_shap_budgets=(60,),
+            auc_steps=8,
             sweep_name="miniature",
         )
         fields.update(changes)
@@ -245,6 +247,7 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
             lambdas=config.lambdas,
             kernel_shap_budgets=config.kernel_shap_budgets,
             accuracy_tolerance=config.accuracy_tolerance,
+            auc_steps=config.auc_steps,
             grid=config.label.grid_h,
             baseline=config.label.baseline,
             output=config.label.output,

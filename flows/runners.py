@@ -21,7 +21,8 @@ class RunnerConfig(StageConfig):
     Attributes:
         kind: ``"thread"`` (in-process thread pool), ``"dask"`` (a ``LocalCluster`` started
             for the flow run, or the scheduler at ``address``).
-        max_workers: threads for ``"thread"``; worker processes for a local Dask cluster.
+        max_workers: threads for ``"thread"`` (default 1); worker processes for a local
+            Dask cluster.
         address: ``tcp://host:8786`` of an existing Dask scheduler.
         threads_per_worker: threads of each local Dask worker process.
         gpus_per_worker: Dask worker resource ``GPU`` advertised by each local worker; a shard
@@ -29,7 +30,9 @@ class RunnerConfig(StageConfig):
     """
 
     kind: Literal["thread", "dask"] = "thread"
-    max_workers: int = Field(2, ge=1)
+    # One shard at a time by default: torch already spreads one shard's forward passes over
+    # every CPU core, and two shards in threads would only fight for them.
+    max_workers: int = Field(1, ge=1)
     address: str | None = None
     threads_per_worker: int = Field(1, ge=1)
     gpus_per_worker: int = Field(0, ge=0)

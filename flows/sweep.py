@@ -7,6 +7,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import (
     Progress,
@@ -169,7 +170,14 @@ def _result_dict(result: SweepResult) -> dict[str, Any]:
     }
 
 
-@flow(name="transfer-sweep", flow_run_name="sweep-{config.name}")
+# One target at a time: each evaluation already keeps every core (or the GPU) busy, and
+# concurrent targets only oversubscribe them. ``transfer_sweep.with_options(task_runner=...)``
+# changes it.
+@flow(
+    name="transfer-sweep",
+    flow_run_name="sweep-{config.name}",
+    task_runner=ThreadPoolTaskRunner(max_workers=1),
+)
 def transfer_sweep(config: SweepConfig, overwrite: bool = False) -> dict[str, Any]:
     """Sweep lambda over the target domains and publish the table, summary and figures.
 

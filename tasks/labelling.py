@@ -140,10 +140,19 @@ class BuildPlan:
         return shard_name(self.config.name, self.config.split, shard_index)
 
     def shard_units(self, shard_index: int) -> list[str]:
-        """The contiguous block of the sorted listing that one output shard labels."""
-        n, shards = len(self.units), self.config.num_shards
+        """The contiguous block of the sorted listing that one output shard labels.
+
+        For WebDataset input the listing is per input shard (``"{shard}@{samples}"``, counts
+        from the completion markers), and the block is cut in samples, so output shards stay
+        balanced however many input shards there are: the units returned are sample ranges
+        ``"{shard}@{start}:{stop}"``.
+        """
+        shards = self.config.num_shards
         if not 0 <= shard_index < shards:
             raise ValueError(f"shard_index {shard_index} outside [0, {shards})")
+        if self.config.input_kind == "webdataset":
+            return _sample_ranges(self.units, shard_index, shards)
+        n = len(self.units)
         return self.units[shard_index * n // shards : (shard_index + 1) * n // shards]
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,7 +232,27 @@ def list_input(config: BuildConfig) -> tuple[list[str], list[str]]:
         raise ValueError(
             f"no complete shards {name}-{config.source_split}-*.tar under {storage.uri}"
         )
-    return shards, read_class_names(storage)
+    units = []
+    for shard in shards:
+        samples = storage.completion_info(shard).get("samples")
+        if not isinstance(samples, int):
+            samples = sum(1 for _ in read_shard(storage, shard))
+        units.append(f"{shard}@{samples}")
+    return units, read_class_names(storage)
+
+
+def _sample_ranges(units: Sequence[str], shard_index: int, num_shards: int) -> list[str]:
+    """Sample ranges ``"{shard}@{start}:{stop}"`` of output shard ``shard_index``."""
+    counts = [(unit.rsplit("@", 1)[0], int(unit.rsplit("@", 1)[1])) for unit in units]
+    total = sum(count for _, count in counts)
+    low, high = shard_index * total // num_shards, (shard_index + 1) * total // num_shards
+    ranges, offset = [], 0
+    for shard, count in counts:
+        start, stop = max(low - offset, 0), min(high - offset, count)
+        if start < stop:
+            ranges.append(f"{shard}@{start}:{stop}")
+        offset += count
+    return ranges
 
 
 def iter_units(
@@ -264,14 +293,16 @@ def iter_units(
                 continue
             yield {"__key__": key, field_name: payload, "cls": int(class_id)}
         return
-    for shard in units:
+    for unit in units:
+        shard, _, span = unit.rpartition("@")
+        start, _, stop = span.partition(":")
         try:
             samples = list(read_shard(storage, shard))
         except Exception as exc:  # a damaged input shard is reported, the others go on
             report.count("bad_shards")
             report.quarantine(shard, f"bad shard: {exc}", stage="read")
             continue
-        for sample in samples:
+        for sample in samples[int(start) : int(stop)] if stop else samples:
             report.count("read")
             problem = key_problem(sample.get("__key__"))
             if problem is not None:
