@@ -79,7 +79,16 @@ def run_worker(args: Iterable[str], env: dict[str, str], timeout: float = 120) -
 
     A negative status is the signal that ended it (``-9`` for SIGKILL).
     """
-    full_env = {**os.environ, **env, "PYTHONPATH": str(REPO_ROOT)}
+    import torch
+
+    # Bit-identical results need the same number of torch threads in both processes (float
+    # sums are split by thread); an earlier test or library may have changed OMP_NUM_THREADS.
+    full_env = {
+        **os.environ,
+        **env,
+        "PYTHONPATH": str(REPO_ROOT),
+        "TORCH_NUM_THREADS": str(torch.get_num_threads()),
+    }
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         full_env.pop(name, None)
     completed = subprocess.run(

@@ -65,6 +65,10 @@ def _finetune(args: argparse.Namespace) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO)
+    if "TORCH_NUM_THREADS" in os.environ:
+        import torch
+
+        torch.set_num_threads(int(os.environ["TORCH_NUM_THREADS"]))
     parser = argparse.ArgumentParser()
     commands = parser.add_subparsers(dest="command", required=True)
     label = commands.add_parser("label")
