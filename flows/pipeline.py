@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import Field, field_validator
 
+from flows.artifacts import artifact_key, publish_markdown
 from flows.build_dataset import build_explanation_dataset
 from flows.runners import RunnerConfig
 from flows.sweep import transfer_sweep
@@ -257,6 +258,18 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
         )
     )
     logger.info("pipeline %s complete under %s", config.sweep_name, config.out_uri)
+    chosen = ", ".join(f"{t}: {lam:g}" for t, lam in sweep["chosen"].items())
+    publish_markdown(
+        f"# Pipeline `{config.sweep_name}`\n\n"
+        f"- base model: `{base}`\n- theta_P ({config.source}): `{theta_p['uri']}`\n"
+        f"- X-dataset: `{x_data['dataset_uri']}`\n- theta_X: `{theta_x['uri']}`\n"
+        f"- vector: `{vector['uri']}` (norm {vector['norm']:.4f})\n"
+        + "".join(f"- theta_T ({t.domain}): `{t.model}`\n" for t in targets)
+        + f"- sweep table: `{sweep['table_uri']}`\n- plot: `{sweep['plot_uri']}`\n"
+        f"- chosen lambda per target: {chosen}\n",
+        key=artifact_key("pipeline", config.sweep_name),
+        description=f"pipeline {config.sweep_name}: where every output is",
+    )
     return {
         "base": base,
         "theta_p": theta_p["uri"],

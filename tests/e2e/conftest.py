@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parents[2]
 #: The deployment the end-to-end run triggers (the weekly Kernel SHAP dataset regeneration).
 BUILD_DEPLOYMENT = "build-explanation-dataset/regenerate-weekly"
 
+#: The deployment of the whole pipeline (scheduled nightly), triggered on the miniature config.
+PIPELINE_DEPLOYMENT = "explain-transfer-pipeline/nightly-sweep"
+
 #: Seconds allowed for the server to start and every deployment to register (a shared 2-core
 #: machine takes ~30 s for the server alone).
 STARTUP_TIMEOUT = 240
@@ -146,6 +149,24 @@ def build_run(stack: Stack) -> Any:
             BUILD_DEPLOYMENT,
             parameters=miniature_build_parameters(stack.data_root),
             timeout=300,
+        )
+    if not run.state or not run.state.is_final():
+        pytest.fail(f"run {run.id} not finished: {run.state}\n{stack.log_tail()}")
+    return run
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(stack: Stack) -> Any:
+    """The flow run of the whole pipeline (miniature config) on its served deployment, finished."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.pipeline import PipelineConfig
+
+    config = PipelineConfig.miniature(str(stack.data_root / "miniature"))
+    with temporary_settings(updates={PREFECT_API_URL: stack.api_url}):
+        run = run_deployment(
+            PIPELINE_DEPLOYMENT, parameters={"config": config.to_dict()}, timeout=900
         )
     if not run.state or not run.state.is_final():
         pytest.fail(f"run {run.id} not finished: {run.state}\n{stack.log_tail()}")

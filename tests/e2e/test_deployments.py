@@ -7,6 +7,7 @@ start.
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -167,3 +168,47 @@ def test_schedules_registered_with_their_next_run_times(stack) -> None:
                 timedelta(days=7) if spec.schedules[0].cron.endswith(" 0") else timedelta(days=1)
             )
             assert starts[1] - starts[0] == period
+
+
+@pytest.mark.slow
+def test_pipeline_deployment_runs_every_stage_to_completion(stack, pipeline_run) -> None:
+    assert pipeline_run.state.type.value == "COMPLETED", stack.log_tail()
+    run = stack.api("GET", f"/flow_runs/{pipeline_run.id}")
+    assert run["name"] == "pipeline-miniature"
+
+    # Every stage ran as a subflow of this run and completed.
+    subflows = stack.api(
+        "POST",
+        "/flow_runs/filter",
+        json={"flow_runs": {"parent_task_run_id": {"is_null_": False}}, "limit": 200},
+    )
+    names = {f["name"]: f["state"]["type"] for f in subflows}
+    expected = {
+        "export-shapes",
+        "pretrain-base",
+        "finetune-shapes-P",
+        "build-shapes-x-train",
+        "finetune-shapes-X",
+        "vector-shapes",
+        "finetune-glyphs-P",
+        "build-glyphs-ref-test",
+        "sweep-miniature",
+    }
+    assert expected <= names.keys()
+    assert all(names[name] == "COMPLETED" for name in expected)
+
+    artifacts = stack.api(
+        "POST",
+        "/artifacts/filter",
+        json={"artifacts": {"key": {"any_": ["pipeline-miniature", "sweep-miniature-table"]}}},
+    )
+    by_key = {a["key"]: a for a in artifacts}
+    assert {"pipeline-miniature", "sweep-miniature-table"} <= by_key.keys()
+    assert by_key["pipeline-miniature"]["flow_run_id"] == str(pipeline_run.id)
+    table = by_key["sweep-miniature-table"]["data"]
+    rows = json.loads(table) if isinstance(table, str) else table
+    targets = {row["target"] for row in rows}
+    assert targets == {"glyphs", "scenes"}
+
+    sweep = stack.data_root / "miniature" / "sweeps" / "miniature"
+    assert (sweep / "results.parquet").stat().st_size > 0 and (sweep / "sweep.png").exists()

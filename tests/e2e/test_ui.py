@@ -62,16 +62,15 @@ def _artifacts_text(driver) -> str:
     return panels[0].text if panels else ""
 
 
-def test_flow_run_page_shows_completed_state_and_artifacts(
-    stack, build_run, browser, tmp_path: Path
-) -> None:
+def _open_run_artifacts(browser, url: str, run_name: str, artifact: str, tmp_path: Path) -> str:
+    """Open a flow run's page, wait for Completed, show its Artifacts tab; return the tab text."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(browser, 90, poll_frequency=0.5)
-    browser.get(f"{stack.url}/runs/flow-run/{build_run.id}")
+    browser.get(url)
     try:
-        wait.until(lambda d: "build-shapes-x-val" in _visible_text(d))
+        wait.until(lambda d: run_name in _visible_text(d))
         # The state badge: an element whose whole text is the state's name.
         wait.until(
             lambda d: any(
@@ -92,15 +91,35 @@ def test_flow_run_page_shows_completed_state_and_artifacts(
             )
         )
         tab.click()
-        wait.until(lambda d: "x-dataset-shapes-x-val" in _artifacts_text(d))
+        wait.until(lambda d: artifact in _artifacts_text(d))
     except TimeoutException:
         browser.save_screenshot(str(tmp_path / "flow-run-timeout.png"))
         pytest.fail(
             f"the run page never showed the expected content; screenshot in {tmp_path}:\n"
             + _visible_text(browser)[:2000]
         )
+    return _artifacts_text(browser)
+
+
+def test_pipeline_run_page_shows_completed_state_and_summary(
+    stack, pipeline_run, browser, tmp_path: Path
+) -> None:
+    url = f"{stack.url}/runs/flow-run/{pipeline_run.id}"
+    listed = _open_run_artifacts(browser, url, "pipeline-miniature", "pipeline-miniature", tmp_path)
+    assert "MARKDOWN" in listed.upper()
+    screenshot = tmp_path / "pipeline-run.png"
+    assert browser.save_screenshot(str(screenshot))
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flow_run_page_shows_completed_state_and_artifacts(
+    stack, build_run, browser, tmp_path: Path
+) -> None:
+    url = f"{stack.url}/runs/flow-run/{build_run.id}"
+    listed = _open_run_artifacts(
+        browser, url, "build-shapes-x-val", "x-dataset-shapes-x-val", tmp_path
+    )
     # Both artifacts of the run are listed: the markdown summary and the progress bar.
-    listed = _artifacts_text(browser)
     assert "MARKDOWN" in listed.upper() and "PROGRESS" in listed.upper()
     assert "shapes-x-val: shards labelled" in listed
 
