@@ -23,7 +23,7 @@ from flows.sweep import transfer_sweep
 from flows.training import export_domain_flow, finetune_flow, pretrain_base_flow
 from flows.vector import compute_vector_flow
 from storage import open_storage
-from tasks.config import StageConfig
+from tasks.config import Device, StageConfig
 from tasks.finetune import FinetuneConfig
 from tasks.labelling import BuildConfig, LabelConfig
 from tasks.pretrain import PretrainConfig
@@ -65,7 +65,7 @@ class PipelineConfig(StageConfig):
     auc_steps: int | None = Field(16, ge=1, description="insertion/deletion steps (None: per cell)")
     sweep_name: str = "embedded-default"
     runner: RunnerConfig = RunnerConfig()
-    device: str = "auto"
+    device: Device = "auto"
 
     @field_validator("source")
     @classmethod

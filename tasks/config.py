@@ -9,9 +9,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+
+def check_device(value: str) -> str:
+    """Accept ``"auto"``, ``"cpu"`` or ``"cuda[:i]"`` (validated before any compute)."""
+    if value != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {value!r}")
+    return value
+
+
+#: A config field naming where tensors go: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:i"``.
+Device = Annotated[str, AfterValidator(check_device)]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 class StageConfig(BaseModel):

@@ -25,10 +25,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
-from tasks.config import StageConfig
+from tasks.config import Device, StageConfig, resolve_device
 from tasks.model import (
     DEFAULT_MODEL,
     DEFAULT_TEMPLATES,
@@ -104,16 +104,9 @@ class FinetuneConfig(StageConfig):
     grid: int = Field(default=7, ge=1)
     seed: int = 0
     checkpoint_every: int = Field(default=50, ge=1)
-    device: str = "auto"
+    device: Device = "auto"
     image_size: int = Field(default=56, ge=8)
     max_steps: int | None = Field(default=None, ge=1)
-
-    @field_validator("device")
-    @classmethod
-    def _check_device(cls, value: str) -> str:
-        if value != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {value!r}")
-        return value
 
     def resume_fingerprint(self) -> str:
         """Fingerprint of the fields that determine the trained weights."""
@@ -252,12 +245,6 @@ def pearson_per_image(maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     a = standardize_per_image(maps.float()).flatten(1)
     b = standardize_per_image(targets.float()).flatten(1)
     return (a * b).mean(dim=1)
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _class_names(config: FinetuneConfig) -> list[str]:
@@ -401,7 +388,7 @@ class Finetuner:
         head = zero_shot_head(
             clip_model, _class_names(config), config.templates, model_name=config.model_name
         )
-        device = _resolve_device(config.device)
+        device = resolve_device(config.device)
         model = SelfExplainingCLIP(clip_model, head, grid=grid).to(device)
         optimizer = build_optimizer(model, config)
 

@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from storage import Storage, StorageError, open_storage
 from storage.shards import ShardWriter, complete_shards, read_shard, shard_name, write_manifest
-from tasks.config import StageConfig
+from tasks.config import Device, StageConfig, resolve_device
 from tasks.images import BadImageError, decode_image, image_to_tensor, sample_image_bytes
 from tasks.kernel_shap import derive_seed, kernel_shap_explain
 from tasks.sources import (
@@ -107,7 +107,7 @@ class BuildConfig(StageConfig):
     label: LabelConfig = LabelConfig()
     num_shards: int = Field(4, ge=1)
     output_uri: str
-    device: str = "auto"
+    device: Device = "auto"
 
     @property
     def source_split(self) -> str:
@@ -309,13 +309,6 @@ def iter_units(
                 report.quarantine(f"{shard}:{sample.get('__key__')}", problem, stage="read")
                 continue
             yield sample
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @functools.lru_cache(maxsize=4)

@@ -31,6 +31,17 @@ DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 _registered = False
 
 
+class _DropMessage(logging.Filter):
+    """Drops log records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def register_model_configs() -> None:
     """Make the project's model configs (``tasks/model_configs/*.json``) known to open_clip.
 
@@ -76,7 +87,14 @@ def load_clip(model_name: str = DEFAULT_MODEL, pretrained: str | None = None) ->
     names = available_models()
     if model_name not in names:
         raise ValueError(f"unknown model {model_name!r}; available: {', '.join(names)}")
-    model = open_clip.create_model(model_name, pretrained=None)
+    # open_clip warns on the root logger that no weights were loaded: true, and expected here,
+    # since weights come from storage below (or a random init is asked for).
+    quiet = _DropMessage("No pretrained weights loaded")
+    logging.getLogger().addFilter(quiet)
+    try:
+        model = open_clip.create_model(model_name, pretrained=None)
+    finally:
+        logging.getLogger().removeFilter(quiet)
     if pretrained:
         from storage import open_storage
         from storage.checkpoints import load_state_dict

@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,14 +39,13 @@ import pyarrow as pa
 import torch
 from PIL import Image
 from pydantic import Field, field_validator, model_validator
-from torch import Tensor
+from torch import Tensor, nn
 
 from storage import Storage, open_storage
 from storage.shards import complete_shards, read_shard
-from tasks.config import StageConfig
+from tasks.config import Device, StageConfig, resolve_device
 from tasks.images import sample_to_tensor
 from tasks.kernel_shap import blur_baseline, derive_seed, kernel_shap_explain
-from tasks.labelling import resolve_device
 from tasks.metrics import accuracy, explanation_quality
 from tasks.model import SelfExplainingCLIP, model_fingerprint, zero_shot_head
 from tasks.vectors import ExplainabilityVector
@@ -160,7 +158,7 @@ class SweepConfig(StageConfig):
     max_images: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
     forward_batch_size: int = Field(1024, ge=1)
-    device: str = "auto"
+    device: Device = "auto"
     output_uri: str
     allow_different_base: bool = False
 
@@ -189,13 +187,6 @@ class SweepConfig(StageConfig):
         if len(set(value)) != len(value):
             raise ValueError(f"Kernel SHAP budgets repeat: {value}")
         return tuple(sorted(value))
-
-    @field_validator("device")
-    @classmethod
-    def _check_device(cls, value: str) -> str:
-        if value != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {value!r}")
-        return value
 
     @model_validator(mode="after")
     def _check_targets(self) -> SweepConfig:
@@ -598,32 +589,21 @@ def evaluate_sem(
         ``accuracy`` (fraction), ``images``, and every metric of :data:`QUALITY_METRICS` (NaN
         where not measurable: ``pointing`` without masks).
     """
-    was_training = sem.training
-    sem.eval()
-    device = sem.class_embeddings.device
-    classifier = sem.as_classifier().eval()
-    per_image: dict[str, list[Tensor]] = {}
-    correct = 0
-    for index in data.batches(batch_size):
-        images = data.float_images(index).to(device)
-        logits, maps = sem_label_maps(sem, images, data.labels[index])
-        correct += round(accuracy(logits, data.labels[index]) * len(images))
-        scores = _quality(
-            maps,
-            data,
-            index,
-            images,
-            classifier,
-            baseline.to(device),
-            topk=topk,
-            auc_output=auc_output,
-            auc_steps=auc_steps,
-            forward_batch_size=forward_batch_size,
-        )
-        for name, values in scores.items():
-            per_image.setdefault(name, []).append(values.cpu())
-    sem.train(was_training)
-    return _reduce(per_image, correct, len(data))
+
+    def explain(images: Tensor, labels: Tensor, index: Tensor, classifier: nn.Module):
+        return sem_label_maps(sem, images, labels)
+
+    return _evaluate(
+        sem,
+        data,
+        explain,
+        baseline=baseline,
+        topk=topk,
+        auc_output=auc_output,
+        auc_steps=auc_steps,
+        batch_size=batch_size,
+        forward_batch_size=forward_batch_size,
+    )
 
 
 @torch.no_grad()
@@ -663,6 +643,52 @@ def evaluate_kernel_shap(
     Returns:
         As :func:`evaluate_sem`; ``accuracy`` is the model's own.
     """
+    device = model.class_embeddings.device
+
+    def explain(images: Tensor, labels: Tensor, index: Tensor, classifier: nn.Module):
+        result = kernel_shap_explain(
+            classifier,
+            images,
+            labels.to(device),
+            grid=data.grid,
+            budget=budget,
+            baseline=_chunk_baseline(baseline.to(device), index),
+            output=output,
+            seed=[derive_seed(key, seed) for key in data.keys[index]],
+            batch_size=forward_batch_size,
+        )
+        return classifier(images), result.phi
+
+    return _evaluate(
+        model,
+        data,
+        explain,
+        baseline=baseline,
+        topk=topk,
+        auc_output=auc_output,
+        auc_steps=auc_steps,
+        batch_size=batch_size,
+        forward_batch_size=forward_batch_size,
+    )
+
+
+def _evaluate(
+    model: SelfExplainingCLIP,
+    data: EvalData,
+    explain: Callable[[Tensor, Tensor, Tensor, nn.Module], tuple[Tensor, Tensor]],
+    *,
+    baseline: Tensor,
+    topk: int,
+    auc_output: str,
+    auc_steps: int | None,
+    batch_size: int,
+    forward_batch_size: int,
+) -> dict[str, float]:
+    """Accuracy and quality over a split, in chunks, of the maps ``explain`` returns.
+
+    ``explain(images, labels, index, classifier) -> (logits, label-class maps)``; the maps are
+    scored by :func:`_quality` with the model's own classifier for insertion/deletion.
+    """
     was_training = model.training
     model.eval()
     device = model.class_embeddings.device
@@ -672,21 +698,10 @@ def evaluate_kernel_shap(
     for index in data.batches(batch_size):
         images = data.float_images(index).to(device)
         labels = data.labels[index]
-        correct += round(accuracy(classifier(images), labels) * len(images))
-        chunk_baseline = _chunk_baseline(baseline.to(device), index)
-        result = kernel_shap_explain(
-            classifier,
-            images,
-            labels.to(device),
-            grid=data.grid,
-            budget=budget,
-            baseline=chunk_baseline,
-            output=output,
-            seed=[derive_seed(key, seed) for key in data.keys[index]],
-            batch_size=forward_batch_size,
-        )
+        logits, maps = explain(images, labels, index, classifier)
+        correct += round(accuracy(logits, labels) * len(images))
         scores = _quality(
-            result.phi,
+            maps,
             data,
             index,
             images,
