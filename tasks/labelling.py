@@ -241,6 +241,12 @@ def list_input(config: BuildConfig) -> tuple[list[str], list[str]]:
     return units, read_class_names(storage)
 
 
+def _range_size(unit: str) -> int:
+    """Samples in a WebDataset unit: ``shard@start:stop``, or ``shard@count``."""
+    start, colon, stop = unit.rpartition("@")[2].partition(":")
+    return int(stop) - int(start) if colon else int(start)
+
+
 def _sample_ranges(units: Sequence[str], shard_index: int, num_shards: int) -> list[str]:
     """Sample ranges ``"{shard}@{start}:{stop}"`` of output shard ``shard_index``."""
     counts = [(unit.rsplit("@", 1)[0], int(unit.rsplit("@", 1)[1])) for unit in units]
@@ -470,15 +476,22 @@ def label_samples(
     image_size: int,
     baseline_mean: Sequence[float] | None,
     model_fingerprint: str,
+    images: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Kernel SHAP labels for a batch of decoded-able samples: X-dataset sample dicts.
 
     Each output sample keeps every input field (the original image bytes unchanged, ``cls``,
     a mask if any) and adds ``shap.npy`` (float32 ``[k, gh, gw]``, label class first, then the
     top predicted classes that differ) and ``json`` (the labelling metadata).
+
+    Args:
+        images: the samples' images already decoded (``[N, 3, S, S]`` in ``[0, 1]``); decoded
+            here when omitted.
     """
     device = next(model.parameters()).device
-    images = torch.stack([_image_tensor(s, image_size) for s in samples]).to(device)
+    if images is None:
+        images = torch.stack([_image_tensor(s, image_size) for s in samples])
+    images = images.to(device)
     labels = torch.tensor([int(s["cls"]) for s in samples], dtype=torch.long)
     classifier = model.as_classifier() if hasattr(model, "as_classifier") else model
     classifier.eval()
@@ -560,39 +573,53 @@ def label_shard(
             f"fingerprint {fingerprint}, but the plan of {plan.version} was made with "
             f"{plan.model_fingerprint}; plan the build again"
         )
-    samples = []
-    for sample in iter_units(config, units, report):
-        try:
-            _image_tensor(sample, config.image_size)
-        except BadImageError as exc:
-            report.quarantine(str(sample.get("__key__")), exc.reason, stage="label")
-            continue
-        label_id = sample.get("cls")
-        if not isinstance(label_id, int) or not 0 <= label_id < len(plan.class_names):
-            report.quarantine(
-                str(sample.get("__key__")),
-                f"label out of range: {label_id!r} not in [0, {len(plan.class_names)})",
-                stage="label",
-            )
-            continue
-        samples.append(sample)
+    if config.input_kind == "webdataset":
+        expected = sum(_range_size(unit) for unit in units)
+    else:
+        expected = len(units)
     written = 0
-    batch = config.label.images_per_batch
+    chunk: list[dict[str, Any]] = []
+    images: list[torch.Tensor] = []
+
+    def flush() -> None:
+        nonlocal written
+        for out in label_samples(
+            model,
+            chunk,
+            config.label,
+            image_size=config.image_size,
+            baseline_mean=plan.baseline_mean,
+            model_fingerprint=plan.model_fingerprint,
+            images=torch.stack(images),
+        ):
+            writer.write(out)
+            written += 1
+        chunk.clear()
+        images.clear()
+        if progress is not None:
+            progress(written, expected)
+
     with ShardWriter(dataset, shard) as writer:
-        for begin in range(0, len(samples), batch):
-            chunk = samples[begin : begin + batch]
-            for out in label_samples(
-                model,
-                chunk,
-                config.label,
-                image_size=config.image_size,
-                baseline_mean=plan.baseline_mean,
-                model_fingerprint=plan.model_fingerprint,
-            ):
-                writer.write(out)
-                written += 1
-            if progress is not None:
-                progress(written, len(samples))
+        # Streamed in batches: each image is decoded once, and a shard is never held whole.
+        for sample in iter_units(config, units, report):
+            label_id = sample.get("cls")
+            if not isinstance(label_id, int) or not 0 <= label_id < len(plan.class_names):
+                report.quarantine(
+                    str(sample.get("__key__")),
+                    f"label out of range: {label_id!r} not in [0, {len(plan.class_names)})",
+                    stage="label",
+                )
+                continue
+            try:
+                images.append(_image_tensor(sample, config.image_size))
+            except BadImageError as exc:
+                report.quarantine(str(sample.get("__key__")), exc.reason, stage="label")
+                continue
+            chunk.append(sample)
+            if len(chunk) == config.label.images_per_batch:
+                flush()
+        if chunk:
+            flush()
         dataset.write_json(f"reports/shards/{shard}.json", report.to_dict())
     seconds = time.perf_counter() - start
     logger.info(
