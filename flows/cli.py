@@ -171,12 +171,18 @@ def cmd_build(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker,
     )
     output = open_storage(config.output_uri)
+    before = _versions(output, config.name)
 
     def complete() -> int:
-        prefix = f"{config.name}-{config.split}-"
-        versions = {
-            k.split("/")[1] for k in output.list(f"{config.name}/") if "/_completions/" in k
+        # The version being built: a new folder, or an existing one planned from this config.
+        versions = _versions(output, config.name)
+        built = (versions - before) or {
+            v
+            for v in versions
+            if output.exists(f"{config.name}/{v}/config.json")
+            and output.read_json(f"{config.name}/{v}/config.json").get("config") == config.to_dict()
         }
+        prefix = f"{config.name}-{config.split}-"
         return max(
             (
                 sum(
@@ -184,7 +190,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                     for u in output.child(f"{config.name}/{v}").completed()
                     if u.startswith(prefix)
                 )
-                for v in versions
+                for v in built
             ),
             default=0,
         )
@@ -193,6 +199,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         summary = run_build(config, runner, overwrite=args.overwrite)
     _print_json(summary)
     return 1 if summary["missing"] else 0
+
+
+def _versions(output: Any, name: str) -> set[str]:
+    """Version folders (``v-...``) of a dataset name under an output root."""
+    return {key.split("/")[1] for key in output.list(f"{name}/") if key.count("/") >= 2}
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

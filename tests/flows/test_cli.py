@@ -1,0 +1,37 @@
+"""The ``explain-transfer`` command line runs the same flows, and refuses bad input clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from flows.cli import main
+
+
+def test_build_dataset_command_writes_the_shards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "build.json"
+    config.write_text(json.dumps({"synthetic_per_class": 1, "label": {"grid_h": 3, "grid_w": 3}}))
+    argv = ["build-dataset", "--config", str(config), "--name", "shapes-x", "--split", "val"]
+    argv += ["--input-kind", "synthetic", "--input", "shapes", "--budget", "30", "--shards", "2"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["missing"] == [] and summary["samples"] == summary["inputs"] == 5
+    shards = sorted(Path(summary["dataset_uri"]).glob("shapes-x-val-*.tar"))
+    samples = list(wds.WebDataset([str(s) for s in shards], shardshuffle=False))
+    assert len(shards) == 2 and len(samples) == 5
+    assert all("shap.npy" in s and "png" in s for s in samples)
+
+
+def test_bad_configuration_is_a_clear_error_and_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["build-dataset", "--name", "x", "--input-kind", "synthetic", "--input", "shapes"]
+    assert main([*argv, "--budget", "10", "--out", str(tmp_path)]) == 2
+    assert "budget 10 is not larger than the number of players 49" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
