@@ -152,8 +152,3 @@ def build_explanation_dataset(
     if summary["missing"]:
         logger.error("shards failed after %d retries: %s", SHARD_RETRIES, summary["missing"])
     return summary
-
-
-def run_build(config: BuildConfig, runner: RunnerConfig | None = None, overwrite: bool = False):
-    """Run :func:`build_explanation_dataset` with the shard tasks where ``runner`` says."""
-    return build_explanation_dataset(config=config, overwrite=overwrite, runner=runner)

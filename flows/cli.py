@@ -140,7 +140,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from flows.build_dataset import run_build
+    from flows.build_dataset import build_explanation_dataset
     from flows.runners import RunnerConfig
     from storage import open_storage
     from tasks.labelling import BuildConfig, LabelConfig
@@ -196,7 +196,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         )
 
     with _Poller(config.num_shards, f"labelling {config.name}", complete):
-        summary = run_build(config, runner, overwrite=args.overwrite)
+        summary = build_explanation_dataset(config, overwrite=args.overwrite, runner=runner)
     _print_json(summary)
     return 1 if summary["missing"] else 0
 

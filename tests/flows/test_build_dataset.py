@@ -77,10 +77,14 @@ def test_flow_builds_versioned_dataset_and_rerun_fills_only_missing(tmp_path: Pa
     (folder / "_completions" / "shapes-x-val-000001.tar.json").unlink()
     build_explanation_dataset(config)
     assert lost.read_bytes() == original
-    assert (folder / "shapes-x-val-000000.tar").stat().st_mtime_ns == before["shapes-x-val-000000.tar"]
+    assert (folder / "shapes-x-val-000000.tar").stat().st_mtime_ns == before[
+        "shapes-x-val-000000.tar"
+    ]
 
     # A changed labelling config makes a new version and leaves the old one alone.
-    changed = build_explanation_dataset(_config(str(tmp_path), label=LabelConfig(grid_h=3, grid_w=3, budget=30)))
+    changed = build_explanation_dataset(
+        _config(str(tmp_path), label=LabelConfig(grid_h=3, grid_w=3, budget=30))
+    )
     assert changed["version"] != summary["version"]
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.tar")}.keys() == before.keys()
 

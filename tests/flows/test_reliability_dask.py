@@ -61,11 +61,15 @@ def one_torch_thread() -> Iterator[None]:
 def test_thread_pool_and_dask_processes_build_identical_datasets(
     tmp_path: Path, one_torch_thread: None
 ) -> None:
-    from flows.build_dataset import run_build
+    from flows.build_dataset import build_explanation_dataset
 
-    threads = run_build(_config(str(tmp_path / "threads")), RunnerConfig(kind="thread"))
+    threads = build_explanation_dataset(
+        _config(str(tmp_path / "threads")), runner=RunnerConfig(kind="thread")
+    )
     # Two worker processes: each rebuilds the explained model and labels one shard.
-    dask = run_build(_config(str(tmp_path / "dask")), RunnerConfig(kind="dask", max_workers=2))
+    dask = build_explanation_dataset(
+        _config(str(tmp_path / "dask")), runner=RunnerConfig(kind="dask", max_workers=2)
+    )
 
     assert threads["missing"] == dask["missing"] == []
     assert threads["version"] == dask["version"]
