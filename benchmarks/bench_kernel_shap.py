@@ -1,6 +1,6 @@
 """Kernel SHAP labeller against shap.KernelExplainer and captum.attr.KernelShap.
 
-Same model (the tiny open_clip ViT behind :class:`tasks.kernel_shap.OpenCLIPClassifier`, random
+Same model (the tiny open_clip ViT behind :class:`tasks.algorithms.kernel_shap.OpenCLIPClassifier`, random
 init), same images, the same 7x7 cell players, baseline and class, 150 model evaluations per
 image for every method. Each method calls the model through :class:`TimedClassifier`, so the
 time spent inside the model is measured where it happens and the rest is the method's own
@@ -24,7 +24,8 @@ from captum.attr import KernelShap
 from torch import Tensor, nn
 
 import tasks
-from tasks.kernel_shap import OpenCLIPClassifier, kernel_shap
+from tasks.algorithms.kernel_shap import kernel_shap
+from tasks.model.vit import OpenCLIPClassifier
 
 GRID = (7, 7)
 

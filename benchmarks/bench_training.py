@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tasks.algorithms.kernel_shap import kernel_shap
+from tasks.data.images import sample_to_tensor
+from tasks.data.synthetic import SYNTHETIC_DOMAINS, make_split
 from tasks.finetune import FinetuneConfig, build_optimizer, explanation_loss
-from tasks.images import sample_to_tensor
-from tasks.kernel_shap import kernel_shap
 from tasks.model import DEFAULT_MODEL, SelfExplainingCLIP, load_clip, zero_shot_head
-from tasks.synthetic import SYNTHETIC_DOMAINS, make_split
 
 DOMAIN = "shapes"
 

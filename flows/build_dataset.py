@@ -12,7 +12,7 @@ from prefect.futures import as_completed
 
 from flows.artifacts import Progress, artifact_key, markdown_table, publish_markdown
 from flows.runners import RunnerConfig, make_task_runner
-from tasks.labelling import BuildConfig, BuildPlan, finalize_build, label_shard, plan_build
+from tasks.build_dataset import BuildConfig, BuildPlan, finalize_build, label_shard, plan_build
 
 #: Retries of a failed shard before it is reported as failed (the other shards go on).
 SHARD_RETRIES = 2

@@ -87,14 +87,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _sweep_table(sweep: dict[str, Any]) -> str:
     """The test-split rows of the sweep as a fixed-width table."""
-    import pyarrow.parquet as pq
+    from storage import open_file
 
-    from storage import open_storage
-
-    uri = sweep["table_uri"]
-    parent, _, name = uri.rpartition("/")
-    with open_storage(parent).open_read(name) as f:
-        rows = pq.read_table(f).to_pylist()
+    storage, key = open_file(sweep["table_uri"])
+    rows = storage.read_parquet(key).to_pylist()
     columns = [
         "target",
         "method",
@@ -143,7 +139,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from flows.build_dataset import build_explanation_dataset
     from flows.runners import RunnerConfig
     from storage import open_storage
-    from tasks.labelling import BuildConfig, LabelConfig
+    from tasks.build_dataset import BuildConfig, LabelConfig
 
     fields = _load_json(args.config)
     overrides = {

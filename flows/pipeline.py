@@ -22,13 +22,13 @@ from flows.runners import RunnerConfig
 from flows.sweep import transfer_sweep
 from flows.training import export_domain_flow, finetune_flow, pretrain_base_flow
 from flows.vector import compute_vector_flow
-from storage import open_storage
+from storage import layout, open_storage
+from tasks.build_dataset import BuildConfig, LabelConfig
 from tasks.config import Device, StageConfig
+from tasks.data.synthetic import SYNTHETIC_DOMAINS
 from tasks.finetune import FinetuneConfig
-from tasks.labelling import BuildConfig, LabelConfig
 from tasks.pretrain import PretrainConfig
 from tasks.sweep import SweepConfig, TargetSpec
-from tasks.synthetic import SYNTHETIC_DOMAINS
 
 
 def _lambda_grid(stop: float = 2.0, step: float = 0.25) -> tuple[float, ...]:
@@ -108,7 +108,7 @@ class PipelineConfig(StageConfig):
 
 
 def _data_uri(config: PipelineConfig, domain: str) -> str:
-    return open_storage(config.out_uri).url(f"data/{domain}")
+    return open_storage(config.out_uri).url(layout.data_key(domain))
 
 
 def _finetune_config(
@@ -152,7 +152,7 @@ def _build_config(
         checkpoint=checkpoint,
         label=label,
         num_shards=config.num_shards,
-        output_uri=open_storage(config.out_uri).url("xdata"),
+        output_uri=open_storage(config.out_uri).url(layout.XDATA_PREFIX),
         device=config.device,
     )
 
@@ -210,7 +210,7 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
         theta_x["uri"],
         theta_p["uri"],
         config.out_uri,
-        key=f"vectors/{config.source}-{theta_x['fingerprint'][:8]}-{theta_p['fingerprint'][:8]}.safetensors",
+        key=layout.vector_key(config.source, theta_x["fingerprint"], theta_p["fingerprint"]),
     )
 
     reference_label = config.label.model_copy(

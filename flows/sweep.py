@@ -17,7 +17,7 @@ from flows.artifacts import (
     publish_png,
     publish_table,
 )
-from storage import open_storage
+from storage import open_file
 from tasks.sweep import (
     PLOT_FILE,
     SweepConfig,
@@ -133,8 +133,8 @@ def summary_markdown(result: SweepResult) -> str:
 
 
 def _read_uri(uri: str) -> bytes:
-    parent, _, name = uri.rpartition("/")
-    return open_storage(parent).read_bytes(name)
+    storage, key = open_file(uri)
+    return storage.read_bytes(key)
 
 
 def publish_sweep(config: SweepConfig, result: SweepResult) -> None:

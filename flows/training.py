@@ -8,10 +8,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import Progress, artifact_key, markdown_table, publish_markdown, publish_table
-from storage import open_storage
+from storage import layout, open_file, open_storage
+from storage.checkpoints import load_sidecar
+from tasks.data.sources import export_synthetic_domain
 from tasks.finetune import FinetuneConfig, finetune
 from tasks.pretrain import PretrainConfig, pretrain_base
-from tasks.sources import export_synthetic_domain
 
 _console_progress = False
 
@@ -104,7 +105,7 @@ def pretrain_base_flow(config: PretrainConfig, out_uri: str) -> str:
         URI of the base model's ``model.safetensors``.
     """
     uri = pretrain_task(config, out_uri)
-    sidecar = open_storage(uri.rsplit("/", 1)[0]).read_json("model.json")
+    sidecar = load_sidecar(*open_file(uri))
     metrics = sidecar.get("metrics", {})
     publish_markdown(
         f"# Base model\n\n- weights: `{uri}`\n- fingerprint: `{sidecar.get('fingerprint')}`\n\n"
@@ -139,7 +140,7 @@ def finetune_task(config: FinetuneConfig, out_uri: str, out_key: str) -> dict[st
 
 def finetune_key(config: FinetuneConfig) -> str:
     """Where a fine-tuning run writes: one folder per (domain, mode, config)."""
-    return f"models/{config.domain}-{config.mode}-{config.resume_fingerprint()}"
+    return layout.finetune_key(config.domain, config.mode, config.resume_fingerprint())
 
 
 @flow(name="finetune", flow_run_name="finetune-{config.domain}-{config.mode}")

@@ -8,7 +8,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import artifact_key, publish_markdown
-from tasks.vector_stage import compute_vector
+from storage import layout
+from tasks.vector import compute_vector
 
 
 @task(name="compute-vector", task_run_name="vector-{key}", cache_policy=NO_CACHE)
@@ -29,7 +30,7 @@ def compute_vector_flow(
         out_uri: the output root.
         key: the vector's key (default ``vectors/{source_domain}.safetensors``).
     """
-    key = key or f"vectors/{source_domain}.safetensors"
+    key = key or f"{layout.VECTORS_PREFIX}/{source_domain}.safetensors"
     result = compute_vector_task(theta_x_uri, theta_p_uri, out_uri, key)
     if result["source_domain"] != source_domain:
         raise ValueError(f"models are from {result['source_domain']!r}, not {source_domain!r}")

@@ -117,6 +117,21 @@ def load_sidecar(storage: Storage, key: str) -> dict[str, Any]:
     return storage.read_json(sidecar_key(key))
 
 
+def checkpoint_fingerprint(uri: str) -> str:
+    """The content fingerprint of the checkpoint at ``uri``, read from its sidecar (no tensors).
+
+    A checkpoint without a sidecar (weights from elsewhere) is fingerprinted by its bytes.
+    """
+    from storage.uri import open_file
+
+    storage, key = open_file(uri)
+    if storage.exists(sidecar_key(key)):
+        fingerprint = load_sidecar(storage, key).get("state_fingerprint")
+        if fingerprint:
+            return str(fingerprint)
+    return hashlib.sha256(storage.read_bytes(key)).hexdigest()[:16]
+
+
 def state_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
     """A 16-hex-character sha256 over sorted keys, dtypes, shapes and tensor bytes.
 

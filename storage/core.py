@@ -1,9 +1,11 @@
-"""The :class:`Storage` interface, key validation and the :func:`open_storage` entry point.
+"""The :class:`Storage` interface, key validation and the completion contract.
 
 A :class:`Storage` is rooted at a URI (a local folder or an ``s3://bucket/prefix``) and addresses
 objects by relative, ``/``-separated keys. The backends (:mod:`storage.local`, :mod:`storage.s3`)
 implement the byte-level operations; JSON, Parquet and completion markers are built on top of
-them here, once, so both backends behave the same.
+them here, once, so both backends behave the same. The entry points that pick a backend from a
+URI live in :mod:`storage.uri`, so this module imports no backend (and no backend imports it
+back through them).
 """
 
 from __future__ import annotations
@@ -182,6 +184,33 @@ class Storage(abc.ABC):
         """
         return self.read_json(_completion_key(unit))
 
+    def is_done(self, unit: str, fingerprint: str, *outputs: str) -> bool:
+        """The one rule every stage uses to skip work: done with *these* inputs.
+
+        A unit counts as done only when its completion marker exists, records ``fingerprint``
+        (a hash of everything the unit's output depends on: config, input models, data), and
+        every key in ``outputs`` exists. A marker written for other inputs does not count, so a
+        stage never reuses an output computed from something else.
+
+        Args:
+            unit: the unit of work.
+            fingerprint: the fingerprint of the unit's inputs.
+            outputs: keys the unit must have produced.
+        """
+        if not self.is_complete(unit):
+            return False
+        if self.completion_info(unit).get("fingerprint") != fingerprint:
+            logger.info("%s in %s was made from other inputs: redoing it", unit, self.uri)
+            return False
+        return all(self.exists(key) for key in outputs)
+
+    def publish_done(self, unit: str, fingerprint: str, **info: Any) -> None:
+        """Mark ``unit`` done for the inputs ``fingerprint``: call it after its outputs exist.
+
+        The counterpart of :meth:`is_done`; ``info`` is stored beside the fingerprint.
+        """
+        self.mark_complete(unit, {**info, "fingerprint": fingerprint})
+
     def clear_complete(self, unit: str) -> None:
         """Remove the completion marker of ``unit`` (before redoing it)."""
         self.delete(_completion_key(unit))
@@ -198,73 +227,3 @@ class Storage(abc.ABC):
 
 def _completion_key(unit: str) -> str:
     return COMPLETIONS_PREFIX + normalise_key(unit) + ".json"
-
-
-def open_storage(
-    uri: str | PathLike[str],
-    *,
-    endpoint_url: str | None = None,
-    max_attempts: int | None = None,
-    connect_timeout: float | None = None,
-    read_timeout: float | None = None,
-    multipart_threshold: int | None = None,
-    client_kwargs: dict[str, Any] | None = None,
-) -> Storage:
-    """Open the storage rooted at ``uri``: the one entry point for every byte.
-
-    A plain path or ``file://`` URI gives a :class:`~storage.local.LocalStorage`; an
-    ``s3://bucket/prefix`` URI gives a :class:`~storage.s3.S3Storage` configured the standard AWS
-    way (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, environment credentials, ``~/.aws/config``).
-    The keyword options override that configuration for object stores and are ignored for local
-    folders, so stage code can pass them whatever the URI.
-
-    Args:
-        uri: the root URI.
-        endpoint_url: S3-compatible endpoint, instead of ``AWS_ENDPOINT_URL``/the AWS default.
-        max_attempts: total attempts per request (botocore "standard" retry mode).
-        connect_timeout: seconds to wait for a connection.
-        read_timeout: seconds to wait for data on an open connection.
-        multipart_threshold: object size in bytes from which uploads are multipart (8 MiB).
-        client_kwargs: extra keyword arguments for ``boto3.client("s3", ...)``.
-
-    Returns:
-        The storage.
-
-    Raises:
-        ValueError: the URI scheme is not supported, is a ``pipe:`` command, or the URI embeds
-            credentials.
-    """
-    text = str(uri)
-    if text.lstrip().lower().startswith("pipe:"):
-        # webdataset would run the rest of a pipe: URL as a shell command; storage never does.
-        raise ValueError(
-            f"refusing storage URI {text[:60]!r}: 'pipe:' URIs run shell commands; "
-            "use a path, file:// or s3://"
-        )
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        from storage.local import LocalStorage
-
-        return LocalStorage(text)
-    scheme = scheme.lower()
-    if scheme == "file":
-        from storage.local import LocalStorage
-
-        host, slash, path = rest.partition("/")
-        if host not in ("", "localhost"):
-            raise ValueError(f"file URI {text!r} names a remote host; use a local path")
-        return LocalStorage("/" + path if slash else "/")
-    if scheme == "s3":
-        # Imported here so that local-only runs never pay for importing boto3.
-        from storage.s3 import S3Storage
-
-        return S3Storage.from_uri(
-            text,
-            endpoint_url=endpoint_url,
-            max_attempts=max_attempts,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            multipart_threshold=multipart_threshold,
-            client_kwargs=client_kwargs,
-        )
-    raise ValueError(f"unsupported storage URI scheme {scheme!r} in {text!r}; use a path or s3://")

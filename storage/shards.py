@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import posixpath
-import re
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -24,10 +23,11 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from storage.core import Storage
 from storage.errors import ObjectNotFoundError, ShardReadError
+from storage.layout import MANIFEST_FILE, shards_of
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_KEY = "manifest.parquet"
+MANIFEST_KEY = MANIFEST_FILE
 MANIFEST_SCHEMA = pa.schema(
     [
         ("name", pa.string()),
@@ -36,19 +36,6 @@ MANIFEST_SCHEMA = pa.schema(
         ("sha256", pa.string()),
     ]
 )
-
-
-def shard_name(name: str, split: str, index: int) -> str:
-    """The file name of a shard: ``{name}-{split}-{index:06d}.tar``.
-
-    Args:
-        name: the dataset name, e.g. ``imagenet-x``.
-        split: the split, e.g. ``train``.
-        index: the shard index (zero-padded to six digits so names sort in order).
-    """
-    if index < 0:
-        raise ValueError(f"shard index must be >= 0, got {index}")
-    return f"{name}-{split}-{index:06d}.tar"
 
 
 class ShardWriter:
@@ -64,14 +51,23 @@ class ShardWriter:
         key: the shard's key, usually :func:`shard_name`.
         temp_dir: where the local tar is built (the system default when None); it must have
             room for one shard.
+        fingerprint: the inputs the shard was made from, recorded in its marker so that
+            :meth:`storage.Storage.is_done` can tell a shard of other inputs.
 
     Example:
         >>> with ShardWriter(storage, shard_name("dom", "train", 0)) as writer:
         ...     writer.write({"__key__": "000000", "png": png_bytes, "cls": 3})
     """
 
-    def __init__(self, storage: Storage, key: str, temp_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        key: str,
+        temp_dir: str | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
         self.storage = storage
+        self.fingerprint = fingerprint
         self.temp_dir = temp_dir
         self.key = key
         self.name = posixpath.basename(key)
@@ -114,9 +110,10 @@ class ShardWriter:
             self.bytes, self.sha256 = _size_and_sha256(self._temp_path)
             self.storage.clear_complete(self.name)
             self.storage.upload_file(self._temp_path, self.key)
-            self.storage.mark_complete(
-                self.name, {"samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
-            )
+            info = {"samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+            if self.fingerprint is not None:
+                info["fingerprint"] = self.fingerprint
+            self.storage.mark_complete(self.name, info)
             logger.info("published shard %s (%d samples)", self.storage.url(self.key), self.samples)
         finally:
             os.unlink(self._temp_path)
@@ -168,8 +165,7 @@ def complete_shards(storage: Storage, name: str, split: str) -> list[str]:
 
     These, and only these, are what a reader may use.
     """
-    pattern = re.compile(rf"{re.escape(name)}-{re.escape(split)}-\d{{6,}}\.tar")
-    return sorted(unit for unit in storage.completed() if pattern.fullmatch(unit))
+    return shards_of(storage.completed(), name, split)
 
 
 def write_manifest(storage: Storage, shard_keys: Iterable[str]) -> pa.Table:

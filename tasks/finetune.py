@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from storage.checkpoints import checkpoint_fingerprint
+from storage.fingerprints import fingerprint_of
 from tasks.config import Device, StageConfig, resolve_device
 from tasks.model import (
     DEFAULT_MODEL,
@@ -180,7 +182,7 @@ def load_training_data(
     """
     from storage import open_storage
     from storage.shards import complete_shards, read_shard
-    from tasks.images import sample_to_tensor
+    from tasks.data.images import sample_to_tensor
 
     data_storage = open_storage(uri)
     name = name or _dataset_name(data_storage, split)
@@ -250,7 +252,7 @@ def pearson_per_image(maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 def _class_names(config: FinetuneConfig) -> list[str]:
     if config.class_names is not None:
         return list(config.class_names)
-    from tasks.synthetic import SYNTHETIC_DOMAINS
+    from tasks.data.synthetic import SYNTHETIC_DOMAINS
 
     if config.domain not in SYNTHETIC_DOMAINS:
         raise ValueError(f"domain {config.domain!r} is not synthetic: set class_names")
@@ -337,9 +339,14 @@ class Finetuner:
         self.out = storage.child(self.out_key)
         self.progress = progress
 
+    def inputs_fingerprint(self) -> str:
+        """What the model depends on: the config and the content of the base weights."""
+        base = checkpoint_fingerprint(self.config.base) if self.config.base else None
+        return fingerprint_of(self.config.resume_fingerprint(), base)
+
     def is_complete(self) -> bool:
-        """Whether the final model and its completion marker exist."""
-        return self.out.is_complete(COMPLETION_UNIT) and self.out.exists(MODEL_FILE)
+        """Whether the final model exists, made from these inputs."""
+        return self.out.is_done(COMPLETION_UNIT, self.inputs_fingerprint(), MODEL_FILE)
 
     def result(self, skipped: bool) -> dict[str, Any]:
         """What :func:`finetune` returns for a complete run."""
@@ -557,7 +564,9 @@ class Finetuner:
                 "step": step,
             },
         )
-        self.out.mark_complete(COMPLETION_UNIT, {"fingerprint": fingerprint, "step": step})
+        self.out.publish_done(
+            COMPLETION_UNIT, self.inputs_fingerprint(), model_fingerprint=fingerprint, step=step
+        )
         logger.info("fine-tuned model %s written to %s", fingerprint, self.out.url(MODEL_FILE))
         return self.result(skipped=False)
 
@@ -584,39 +593,3 @@ def finetune(
         The summary of :meth:`Finetuner.run`.
     """
     return Finetuner(config, storage, out_key, progress).run()
-
-
-def load_finetuned(
-    storage_or_uri: Any,
-    key: str,
-    *,
-    class_names: Sequence[str] | None = None,
-    as_sem: bool = True,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a fine-tuned model and its sidecar.
-
-    Args:
-        storage_or_uri: a ``Storage`` or its URI.
-        key: the run directory or the model file (``.safetensors``).
-        class_names: the head's classes (None: from the run's config or synthetic domain).
-        as_sem: return a :class:`SelfExplainingCLIP`; False returns the open_clip model.
-
-    Returns:
-        ``(model, sidecar)``, the model in eval mode on CPU.
-    """
-    from storage import open_storage
-    from storage.checkpoints import load_sidecar, load_state_dict
-
-    storage = open_storage(storage_or_uri) if isinstance(storage_or_uri, str) else storage_or_uri
-    if not key.endswith(".safetensors"):
-        key = f"{key.rstrip('/')}/{MODEL_FILE}"
-    sidecar = load_sidecar(storage, key)
-    config = FinetuneConfig.model_validate(sidecar["config"])
-    clip_model = load_clip(config.model_name)
-    clip_model.load_state_dict(load_state_dict(storage, key), strict=True)
-    clip_model.eval()
-    if not as_sem:
-        return clip_model, sidecar
-    names = list(class_names) if class_names is not None else _class_names(config)
-    head = zero_shot_head(clip_model, names, config.templates, model_name=config.model_name)
-    return SelfExplainingCLIP(clip_model, head, grid=(config.grid, config.grid)).eval(), sidecar

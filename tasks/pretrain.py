@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from pydantic import Field
 
+from storage import layout
 from tasks.config import StageConfig
 from tasks.model import (
     DEFAULT_MODEL,
@@ -73,11 +74,11 @@ class PretrainConfig(StageConfig):
 
 def base_key(config: PretrainConfig) -> str:
     """Storage key of the base model for ``config``."""
-    return f"models/base-{config.fingerprint()}/{MODEL_FILE}"
+    return layout.base_model_key(config.fingerprint())
 
 
 def _domains(config: PretrainConfig) -> list[str]:
-    from tasks.synthetic import SYNTHETIC_DOMAINS
+    from tasks.data.synthetic import SYNTHETIC_DOMAINS
 
     domains = list(config.domains) if config.domains is not None else sorted(SYNTHETIC_DOMAINS)
     unknown = [name for name in domains if name not in SYNTHETIC_DOMAINS]
@@ -90,8 +91,8 @@ def _load_split(
     domains: Sequence[str], split: str, per_class: int, config: PretrainConfig
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{domain: (uint8 images [N, 3, s, s], domain-local labels [N])}`` of a split."""
-    from tasks.images import sample_to_tensor
-    from tasks.synthetic import make_split
+    from tasks.data.images import sample_to_tensor
+    from tasks.data.synthetic import make_split
 
     data = {}
     for domain in domains:
@@ -175,11 +176,11 @@ def pretrain_base(
         and the zero-shot accuracy per domain.
     """
     from storage.checkpoints import save_state_dict
-    from tasks.synthetic import SYNTHETIC_DOMAINS
+    from tasks.data.synthetic import SYNTHETIC_DOMAINS
 
     key = base_key(config)
     out = storage.child(key.rsplit("/", 1)[0])
-    if out.is_complete(COMPLETION_UNIT) and out.exists(MODEL_FILE):
+    if out.is_done(COMPLETION_UNIT, config.fingerprint(), MODEL_FILE):
         logger.info("base model %s already exists: reusing it", storage.url(key))
         return key
 
@@ -292,7 +293,7 @@ def pretrain_base(
             },
         },
     )
-    out.mark_complete(COMPLETION_UNIT, {"fingerprint": fingerprint})
+    out.publish_done(COMPLETION_UNIT, config.fingerprint(), model_fingerprint=fingerprint)
     logger.info(
         "base model %s written to %s in %.1f s; zero-shot accuracy %s",
         fingerprint,

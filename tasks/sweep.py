@@ -43,12 +43,12 @@ from torch import Tensor, nn
 
 from storage import Storage, open_storage
 from storage.shards import complete_shards, read_shard
+from tasks.algorithms.kernel_shap import blur_baseline, derive_seed, kernel_shap_explain
+from tasks.algorithms.metrics import accuracy, explanation_quality
+from tasks.algorithms.vectors import ExplainabilityVector
 from tasks.config import Device, StageConfig, resolve_device
-from tasks.images import sample_to_tensor
-from tasks.kernel_shap import blur_baseline, derive_seed, kernel_shap_explain
-from tasks.metrics import accuracy, explanation_quality
+from tasks.data.images import sample_to_tensor
 from tasks.model import SelfExplainingCLIP, model_fingerprint, zero_shot_head
-from tasks.vectors import ExplainabilityVector
 
 logger = logging.getLogger(__name__)
 
@@ -393,7 +393,7 @@ def _class_names(spec: TargetSpec, finetune_config: Any) -> list[str]:
         return list(spec.class_names)
     if finetune_config.class_names is not None:
         return list(finetune_config.class_names)
-    from tasks.synthetic import SYNTHETIC_DOMAINS
+    from tasks.data.synthetic import SYNTHETIC_DOMAINS
 
     domain = SYNTHETIC_DOMAINS.get(spec.domain) or SYNTHETIC_DOMAINS.get(finetune_config.domain)
     if domain is None:

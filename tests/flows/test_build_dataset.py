@@ -13,8 +13,8 @@ from prefect.artifacts import Artifact
 
 from flows.build_dataset import build_explanation_dataset
 from storage import open_storage
-from tasks.labelling import BuildConfig, LabelConfig
-from tasks.synthetic import split_length
+from tasks.build_dataset import BuildConfig, LabelConfig
+from tasks.data.synthetic import split_length
 
 
 def _config(output_uri: str, **changes) -> BuildConfig:

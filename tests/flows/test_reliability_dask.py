@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import tasks.labelling
+import tasks.build_dataset
 from flows.runners import RunnerConfig
 from storage import open_storage
 from storage.shards import complete_shards, read_manifest, read_shard
-from tasks.labelling import BuildConfig, LabelConfig
+from tasks.build_dataset import BuildConfig, LabelConfig
 
 
 def _config(output_uri: str) -> BuildConfig:
@@ -48,14 +48,14 @@ def one_torch_thread() -> Iterator[None]:
     """The intra-op thread count of a Dask worker, and a model cache built under it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    tasks.labelling._cached_model.cache_clear()
-    tasks.labelling._cached_fingerprint.cache_clear()
+    tasks.build_dataset._cached_model.cache_clear()
+    tasks.build_dataset._cached_fingerprint.cache_clear()
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        tasks.labelling._cached_model.cache_clear()
-        tasks.labelling._cached_fingerprint.cache_clear()
+        tasks.build_dataset._cached_model.cache_clear()
+        tasks.build_dataset._cached_fingerprint.cache_clear()
 
 
 def test_thread_pool_and_dask_processes_build_identical_datasets(

@@ -24,8 +24,8 @@ from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from storage import Storage
-from tasks.labelling import BuildConfig, LabelConfig
-from tasks.sources import iter_webdataset
+from tasks.build_dataset import BuildConfig, LabelConfig
+from tasks.data.sources import iter_webdataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")

@@ -13,14 +13,14 @@ import torch
 from pydantic import ValidationError
 from reliability_helpers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, build_config
 
+import tasks.build_dataset
 import tasks.finetune
-import tasks.labelling
 from storage import AccessDeniedError, BucketNotFoundError, ObjectNotFoundError, open_storage
+from tasks.algorithms.vectors import ExplainabilityVector
+from tasks.build_dataset import LabelConfig, plan_build
+from tasks.data.sources import export_synthetic_domain
 from tasks.finetune import FinetuneConfig, finetune
-from tasks.labelling import LabelConfig, plan_build
 from tasks.model import DEFAULT_MODEL, MODEL_CONFIG_DIR, load_clip
-from tasks.sources import export_synthetic_domain
-from tasks.vectors import ExplainabilityVector
 
 
 class _ComputeStarted(AssertionError):
@@ -34,7 +34,7 @@ def no_compute(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise _ComputeStarted("compute started before the configuration was checked")
 
-    monkeypatch.setattr(tasks.labelling, "explained_model_fingerprint", refuse)
+    monkeypatch.setattr(tasks.build_dataset, "explained_model_fingerprint", refuse)
     monkeypatch.setattr(tasks.finetune, "load_training_data", refuse)
 
 

@@ -19,8 +19,8 @@ from reliability_helpers import build_config, shap_of
 
 from storage import open_storage
 from storage.shards import ShardWriter, read_shard, shard_name
-from tasks.labelling import finalize_build, label_shard, plan_build
-from tasks.sources import (
+from tasks.build_dataset import finalize_build, label_shard, plan_build
+from tasks.data.sources import (
     QuarantineReport,
     export_to_shards,
     iter_image_folder,

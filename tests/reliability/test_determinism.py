@@ -8,18 +8,18 @@ import numpy as np
 import torch
 from reliability_helpers import build_config, dataset_samples, shap_of
 
-import tasks.labelling
+import tasks.build_dataset
 from storage import open_storage
 from storage.shards import read_manifest
-from tasks.labelling import BuildConfig, LabelConfig, finalize_build, label_shard, plan_build
+from tasks.build_dataset import BuildConfig, LabelConfig, finalize_build, label_shard, plan_build
 
 
 def _build(config: BuildConfig) -> tuple[str, list[str], dict[str, bytes]]:
     """Run a build from a cold model cache; return version, shard sha256s and labels by key."""
     # Each run rebuilds the explained model after drawing from the global RNG, as a fresh
     # worker process that did other work first would.
-    tasks.labelling._cached_model.cache_clear()
-    tasks.labelling._cached_fingerprint.cache_clear()
+    tasks.build_dataset._cached_model.cache_clear()
+    tasks.build_dataset._cached_fingerprint.cache_clear()
     torch.rand(1000)
     plan = plan_build(config)
     for index in reversed(range(config.num_shards)):  # order of shard work must not matter

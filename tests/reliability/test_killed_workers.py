@@ -11,9 +11,9 @@ from reliability_helpers import aws_env, build_config, dataset_samples, plan_fil
 from storage import open_storage
 from storage.checkpoints import load_sidecar
 from storage.shards import complete_shards, read_manifest
+from tasks.build_dataset import finalize_build, label_shard, plan_build
+from tasks.data.sources import export_synthetic_domain
 from tasks.finetune import FinetuneConfig, finetune
-from tasks.labelling import finalize_build, label_shard, plan_build
-from tasks.sources import export_synthetic_domain
 
 
 # Each target gets the kill point that matters most for it: mid-shard (a half-written local

@@ -19,7 +19,7 @@ from reliability_helpers import (
 
 from storage import EndpointUnreachableError, open_storage
 from storage.shards import ShardWriter, complete_shards, read_shard, shard_name
-from tasks.labelling import finalize_build, label_shard, plan_build
+from tasks.build_dataset import finalize_build, label_shard, plan_build
 
 RETRY_LOG = "Retry needed, retrying request"
 

@@ -22,8 +22,8 @@ from typing import Any
 
 from storage import open_storage
 from storage.core import Storage
+from tasks.build_dataset import BuildPlan, label_shard
 from tasks.finetune import FinetuneConfig, finetune
-from tasks.labelling import BuildPlan, label_shard
 
 
 def _die() -> None:

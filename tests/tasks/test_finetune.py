@@ -15,6 +15,7 @@ from PIL import Image
 from storage import open_storage
 from storage.checkpoints import load_sidecar, load_state_dict, save_state_dict
 from storage.shards import ShardWriter, shard_name
+from tasks.data.synthetic import make_split
 from tasks.finetune import (
     FinetuneConfig,
     epoch_order,
@@ -25,7 +26,6 @@ from tasks.finetune import (
 )
 from tasks.model import DEFAULT_MODEL, load_clip, model_fingerprint, register_model_configs
 from tasks.pretrain import PretrainConfig, pretrain_base
-from tasks.synthetic import make_split
 
 DOMAIN = "shapes"
 

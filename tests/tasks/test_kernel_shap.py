@@ -17,14 +17,16 @@ from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
 import tasks
-from tasks.kernel_shap import (
-    OpenCLIPClassifier,
+from tasks.algorithms.kernel_shap import (
     TokenMaskable,
     derive_seed,
     kernel_shap,
     kernel_shap_explain,
     sample_coalitions,
     solve_kernel_shap,
+)
+from tasks.model.vit import (
+    OpenCLIPClassifier,
     vit_embed_patches,
     vit_forward_from_patches,
     vit_forward_tokens,

@@ -10,7 +10,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
-from tasks.metrics import (
+from tasks.algorithms.metrics import (
     accuracy,
     average_ranks,
     cell_masks_to_pixels,

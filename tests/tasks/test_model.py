@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from storage import open_storage
 from storage.checkpoints import save_state_dict
-from tasks.kernel_shap import TokenMaskable, kernel_shap
+from tasks.algorithms.kernel_shap import TokenMaskable, kernel_shap
 from tasks.model import (
     DEFAULT_MODEL,
     SelfExplainingCLIP,

@@ -15,14 +15,14 @@ from PIL import Image
 
 from storage import open_storage
 from storage.shards import ShardWriter, complete_shards, read_manifest, shard_name
-from tasks.images import (
+from tasks.data.images import (
     BadImageError,
     decode_image,
     encode_png,
     image_to_tensor,
     sample_to_tensor,
 )
-from tasks.sources import (
+from tasks.data.sources import (
     QuarantineReport,
     export_synthetic_domain,
     export_to_shards,
@@ -37,7 +37,7 @@ from tasks.sources import (
     split_report_key,
     write_class_names,
 )
-from tasks.synthetic import SYNTHETIC_DOMAINS, make_split
+from tasks.data.synthetic import SYNTHETIC_DOMAINS, make_split
 
 
 def _noise(height: int = 24, width: int = 32, seed: int = 0) -> np.ndarray:

@@ -12,10 +12,12 @@ from pydantic import ValidationError
 from storage import open_storage
 from storage.checkpoints import save_state_dict
 from storage.shards import ShardWriter, shard_name
+from tasks.algorithms.metrics import accuracy
+from tasks.algorithms.vectors import ExplainabilityVector, VectorMeta
+from tasks.build_dataset import BuildConfig, LabelConfig, finalize_build, label_shard, plan_build
+from tasks.data.images import sample_to_tensor
+from tasks.data.synthetic import SYNTHETIC_DOMAINS, make_split
 from tasks.finetune import FinetuneConfig, finetune, load_finetuned
-from tasks.images import sample_to_tensor
-from tasks.labelling import BuildConfig, LabelConfig, finalize_build, label_shard, plan_build
-from tasks.metrics import accuracy
 from tasks.model import DEFAULT_MODEL, load_clip, model_fingerprint
 from tasks.sweep import (
     TABLE_SCHEMA,
@@ -32,8 +34,6 @@ from tasks.sweep import (
     target_fingerprint,
     validate_sweep,
 )
-from tasks.synthetic import SYNTHETIC_DOMAINS, make_split
-from tasks.vectors import ExplainabilityVector, VectorMeta
 
 DOMAINS = ("shapes", "scenes")
 REFERENCE_BUDGET = 120

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.synthetic import (
+from tasks.data.synthetic import (
     SYNTHETIC_DOMAINS,
     make_sample,
     make_split,

@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 
-from tasks.vectors import ExplainabilityVector, VectorMeta
+from tasks.algorithms.vectors import ExplainabilityVector, VectorMeta
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "tasks" / "model_configs"
 

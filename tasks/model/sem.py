@@ -1,4 +1,4 @@
-"""The self-explaining CLIP model (SEM) and the helpers that build it.
+"""The self-explaining CLIP model (SEM): logits and per-cell attributions in one pass.
 
 A :class:`SelfExplainingCLIP` wraps a vanilla open_clip CLIP model and a frozen zero-shot head
 (one text embedding per class). In one forward pass it returns the class logits and, for every
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import open_clip
 import torch
@@ -20,100 +19,12 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from tasks.kernel_shap import vit_embed_patches, vit_forward_from_patches, vit_forward_tokens
+from tasks.model.clip import register_model_configs
+from tasks.model.vit import vit_embed_patches, vit_forward_from_patches, vit_forward_tokens
 
 logger = logging.getLogger(__name__)
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-DEFAULT_MODEL = "tiny-vit-56"
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
-
-_registered = False
-
-
-class _DropMessage(logging.Filter):
-    """Drops log records whose message contains ``text``."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
-def register_model_configs() -> None:
-    """Make the project's model configs (``tasks/model_configs/*.json``) known to open_clip.
-
-    Idempotent: open_clip appends every added path to its search list, so this registers once.
-    """
-    global _registered
-    if not _registered:
-        open_clip.add_model_config(MODEL_CONFIG_DIR)
-        _registered = True
-
-
-def available_models() -> list[str]:
-    """Names of every architecture open_clip can build here (its own and the project's)."""
-    register_model_configs()
-    return open_clip.list_models()
-
-
-def _split_uri(uri: str) -> tuple[str, str]:
-    """Split a checkpoint URI into (parent URI, file name) for ``storage.open_storage``."""
-    parent, _, name = str(uri).rstrip("/").rpartition("/")
-    if not name:
-        raise ValueError(f"not a checkpoint URI: {uri!r}")
-    return parent or ".", name
-
-
-def load_clip(model_name: str = DEFAULT_MODEL, pretrained: str | None = None) -> nn.Module:
-    """Build an open_clip model and, optionally, load its weights from a storage URI.
-
-    No weights are ever fetched from a hub: ``pretrained`` is a local path, ``file://`` or
-    ``s3://`` URI of a safetensors file or of a ``torch.save`` state dict (``.pt``/``.bin``/
-    ``.pth``, loaded with ``weights_only=True``), read through :mod:`storage`.
-
-    Args:
-        model_name: an open_clip architecture name (``tasks/model_configs`` included).
-        pretrained: URI of the weights, or None for a random initialisation.
-
-    Returns:
-        The open_clip model in eval mode, on CPU.
-
-    Raises:
-        ValueError: the architecture is unknown (the message lists the known ones).
-    """
-    names = available_models()
-    if model_name not in names:
-        raise ValueError(f"unknown model {model_name!r}; available: {', '.join(names)}")
-    # open_clip warns on the root logger that no weights were loaded: true, and expected here,
-    # since weights come from storage below (or a random init is asked for).
-    quiet = _DropMessage("No pretrained weights loaded")
-    logging.getLogger().addFilter(quiet)
-    try:
-        model = open_clip.create_model(model_name, pretrained=None)
-    finally:
-        logging.getLogger().removeFilter(quiet)
-    if pretrained:
-        from storage import open_storage
-        from storage.checkpoints import load_state_dict
-
-        parent, key = _split_uri(pretrained)
-        # storage unwraps {"state_dict": ...} checkpoints and DataParallel's "module." prefix.
-        state = load_state_dict(open_storage(parent), key)
-        if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
-            state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
-        model.load_state_dict(state, strict=True)
-        logger.info("loaded %s weights from %s", model_name, pretrained)
-    return model.eval()
-
-
-def model_fingerprint(clip_model: nn.Module) -> str:
-    """Content fingerprint of an open_clip model's state dict (identifies a checkpoint)."""
-    from storage.checkpoints import state_fingerprint
-
-    return state_fingerprint(clip_model.state_dict())
 
 
 @torch.no_grad()
@@ -318,24 +229,3 @@ class SEMClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, C]`` of images in ``[0, 1]``."""
         return self.sem.predict(images)
-
-
-def build_sem(
-    model_name: str,
-    class_names: Sequence[str],
-    pretrained: str | None = None,
-    grid: tuple[int, int] = (7, 7),
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
-) -> SelfExplainingCLIP:
-    """Load a CLIP model and wrap it with the zero-shot head of ``class_names``.
-
-    Args:
-        model_name: open_clip architecture name.
-        class_names: the domain's classes in label order.
-        pretrained: URI of the weights (None: random initialisation).
-        grid: attribution grid.
-        templates: prompt templates of the head.
-    """
-    clip_model = load_clip(model_name, pretrained)
-    head = zero_shot_head(clip_model, class_names, templates, model_name=model_name)
-    return SelfExplainingCLIP(clip_model, head, grid=grid)

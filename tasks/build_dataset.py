@@ -34,10 +34,10 @@ from pydantic import Field, model_validator
 
 from storage import Storage, StorageError, open_storage
 from storage.shards import ShardWriter, complete_shards, read_shard, shard_name, write_manifest
+from tasks.algorithms.kernel_shap import derive_seed, kernel_shap_explain
 from tasks.config import Device, StageConfig, resolve_device
-from tasks.images import BadImageError, decode_image, image_to_tensor, sample_image_bytes
-from tasks.kernel_shap import derive_seed, kernel_shap_explain
-from tasks.sources import (
+from tasks.data.images import BadImageError, decode_image, image_to_tensor, sample_image_bytes
+from tasks.data.sources import (
     QuarantineReport,
     image_for_storage,
     key_problem,
@@ -45,6 +45,8 @@ from tasks.sources import (
     read_class_names,
     sanitise_key,
 )
+from tasks.model import model_fingerprint
+from tasks.model.loading import load_sem
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +209,7 @@ def list_input(config: BuildConfig) -> tuple[list[str], list[str]]:
         image folder the file keys, for WebDataset input the keys of the complete input shards.
     """
     if config.input_kind == "synthetic":
-        from tasks.synthetic import SYNTHETIC_DOMAINS, split_length
+        from tasks.data.synthetic import SYNTHETIC_DOMAINS, split_length
 
         if config.input_uri not in SYNTHETIC_DOMAINS:
             raise ValueError(
@@ -269,7 +271,7 @@ def iter_units(
     Bad images are quarantined in ``report`` (with the reason) and never yielded.
     """
     if config.input_kind == "synthetic":
-        from tasks.synthetic import make_sample
+        from tasks.data.synthetic import make_sample
 
         for unit in units:
             report.count("read")
@@ -325,17 +327,10 @@ def _cached_model(
     grid: tuple[int, int],
     device: str,
 ) -> torch.nn.Module:
-    from tasks.model import build_sem
-
-    if checkpoint is None:
-        # A random initialisation must not depend on what the process drew before: a shard
-        # worker (a retry, a Dask process) has to rebuild the very model the plan fingerprinted.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            sem = build_sem(model_name, list(class_names), pretrained=None, grid=grid)
-    else:
-        sem = build_sem(model_name, list(class_names), pretrained=checkpoint, grid=grid)
-    return sem.to(device).eval()
+    loaded = load_sem(
+        checkpoint, model_name=model_name, class_names=class_names, grid=grid, device=device
+    )
+    return loaded.sem
 
 
 @functools.lru_cache(maxsize=4)
@@ -346,8 +341,6 @@ def _cached_fingerprint(
     grid: tuple[int, int],
     device: str,
 ) -> str:
-    from tasks.model import model_fingerprint
-
     model = _cached_model(model_name, checkpoint, class_names, grid, device)
     return model_fingerprint(model.clip)
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tasks.images import encode_png
+from tasks.data.images import encode_png
 
 logger = logging.getLogger(__name__)
 

@@ -5,23 +5,26 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from storage import open_storage
-from storage.checkpoints import load_sidecar, load_state_dict
-from tasks.vectors import ExplainabilityVector
+from storage import open_file, open_storage
+from storage.checkpoints import (
+    checkpoint_fingerprint,
+    load_sidecar,
+    load_state_dict,
+    sidecar_key,
+)
+from storage.fingerprints import fingerprint_of
+from tasks.algorithms.vectors import ExplainabilityVector
 
 logger = logging.getLogger(__name__)
-
-
-def _split(uri: str) -> tuple[str, str]:
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    return parent or ".", name
 
 
 def compute_vector(theta_x_uri: str, theta_p_uri: str, out_uri: str, key: str) -> dict[str, Any]:
     """tau_X = theta_X - theta_P of two fine-tuned models, written as safetensors + sidecar.
 
     Both models must come from the same pretrained start (their sidecars' base fingerprints)
-    and the same source domain; the vector is skipped when ``key`` already exists.
+    and the same source domain. The vector is skipped only when ``key`` holds a vector computed
+    from these two models (the completion contract, :meth:`storage.Storage.is_done`); a vector
+    at ``key`` from other models is recomputed and replaced.
 
     Args:
         theta_x_uri: URI of the X-mode model's ``model.safetensors``.
@@ -36,17 +39,15 @@ def compute_vector(theta_x_uri: str, theta_p_uri: str, out_uri: str, key: str) -
         ValueError: the two models have different bases, domains or architectures.
     """
     out = open_storage(out_uri)
-    if out.exists(key) and out.exists(key.rsplit(".", 1)[0] + ".json"):
+    uris = {"X": theta_x_uri, "P": theta_p_uri}
+    sides = {mode: load_sidecar(*open_file(uri)) for mode, uri in uris.items()}
+    inputs = fingerprint_of({mode: checkpoint_fingerprint(uri) for mode, uri in uris.items()})
+    unit = key
+    if out.is_done(unit, inputs, key, sidecar_key(key)):
         vector = ExplainabilityVector.load(out, key)
-        logger.info("vector %s exists: reused", out.url(key))
+        logger.info("vector %s exists for these models: reused", out.url(key))
         return _summary(out.url(key), vector, skipped=True)
-    sides = {}
-    states = {}
-    for mode, uri in (("X", theta_x_uri), ("P", theta_p_uri)):
-        parent, name = _split(uri)
-        storage = open_storage(parent)
-        sides[mode] = load_sidecar(storage, name)
-        states[mode] = load_state_dict(storage, name)
+    states = {mode: load_state_dict(*open_file(uri)) for mode, uri in uris.items()}
     x, p = sides["X"], sides["P"]
     if x["base_fingerprint"] != p["base_fingerprint"]:
         raise ValueError(
@@ -69,6 +70,7 @@ def compute_vector(theta_x_uri: str, theta_p_uri: str, out_uri: str, key: str) -
         architecture=x["config"]["model_name"],
     )
     vector.save(out, key)
+    out.publish_done(unit, inputs)
     logger.info("vector of %s written to %s (norm %.4f)", x["domain"], out.url(key), vector.norm())
     return _summary(out.url(key), vector, skipped=False)
 

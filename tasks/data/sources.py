@@ -32,9 +32,9 @@ from typing import Any
 
 from PIL import Image
 
-from storage import Storage, StorageError, open_storage
+from storage import Storage, StorageError, open_file, open_storage
 from storage.shards import ShardWriter, complete_shards, read_shard, shard_name, write_manifest
-from tasks.images import (
+from tasks.data.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_FIELDS,
     BadImageError,
@@ -278,8 +278,8 @@ def image_folder_classes(
 
 def _read_class_names_file(uri: str | PathLike[str], wnids: Sequence[str]) -> list[str]:
     text = str(uri)
-    parent, _, name = text.rstrip("/").rpartition("/")
-    raw = open_storage(parent or ".").read_bytes(name).decode("utf-8-sig")
+    storage, key = open_file(text)
+    raw = storage.read_bytes(key).decode("utf-8-sig")
     mapping: dict[str, str] = {}
     if raw.lstrip().startswith(("{", "[")):
         data = json.loads(raw)
@@ -710,7 +710,7 @@ def export_synthetic_domain(
 
     Args:
         storage: the dataset folder.
-        domain: a key of :data:`tasks.synthetic.SYNTHETIC_DOMAINS`.
+        domain: a key of :data:`tasks.data.synthetic.SYNTHETIC_DOMAINS`.
         splits: splits to export.
         seed: generation seed.
         per_class: samples per class, one number or one per split (defaults per split if None).
@@ -720,7 +720,7 @@ def export_synthetic_domain(
     Returns:
         The shard keys of each split.
     """
-    from tasks.synthetic import SYNTHETIC_DOMAINS, make_split
+    from tasks.data.synthetic import SYNTHETIC_DOMAINS, make_split
 
     spec = SYNTHETIC_DOMAINS[domain]
     folder = _as_storage(storage)
