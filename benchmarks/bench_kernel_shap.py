@@ -166,7 +166,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
 
-    open_clip.add_model_config(Path(tasks.__file__).parent / "model_configs")
+    open_clip.add_model_config(Path(tasks.__file__).parent / "model" / "model_configs")
     torch.manual_seed(0)
     clip = open_clip.create_model("tiny-vit-56").eval()
     with torch.no_grad():

@@ -69,7 +69,7 @@ def _print_json(value: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.pipeline import PipelineConfig, explain_transfer_pipeline
-    from flows.training import enable_console_progress
+    from flows.progress import enable_console_progress
 
     out = str(Path(args.out).resolve())
     make = PipelineConfig.miniature if args.miniature else PipelineConfig
@@ -119,7 +119,7 @@ def _sweep_table(sweep: dict[str, Any]) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from flows.training import export_domain_flow
+    from flows.export import export_domain_flow
 
     per_class = {"train": args.train, "val": args.val, "test": args.test}
     _print_json(export_domain_flow(args.domain, args.out, per_class, args.image_size, args.seed))
@@ -127,7 +127,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from flows.training import enable_console_progress, pretrain_base_flow
+    from flows.pretrain import pretrain_base_flow
+    from flows.progress import enable_console_progress
     from tasks.pretrain import PretrainConfig
 
     enable_console_progress()
@@ -138,8 +139,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from flows.build_dataset import build_explanation_dataset
     from flows.runners import RunnerConfig
-    from storage import open_storage
-    from tasks.build_dataset import BuildConfig, LabelConfig
+    from tasks.build_dataset import BuildConfig, BuildProgress, LabelConfig
 
     fields = _load_json(args.config)
     overrides = {
@@ -166,44 +166,16 @@ def cmd_build(args: argparse.Namespace) -> int:
         address=args.dask_address,
         gpus_per_worker=args.gpus_per_worker,
     )
-    output = open_storage(config.output_uri)
-    before = _versions(output, config.name)
-
-    def complete() -> int:
-        # The version being built: a new folder, or an existing one planned from this config.
-        versions = _versions(output, config.name)
-        built = (versions - before) or {
-            v
-            for v in versions
-            if output.exists(f"{config.name}/{v}/config.json")
-            and output.read_json(f"{config.name}/{v}/config.json").get("config") == config.to_dict()
-        }
-        prefix = f"{config.name}-{config.split}-"
-        return max(
-            (
-                sum(
-                    1
-                    for u in output.child(f"{config.name}/{v}").completed()
-                    if u.startswith(prefix)
-                )
-                for v in built
-            ),
-            default=0,
-        )
-
-    with _Poller(config.num_shards, f"labelling {config.name}", complete):
+    progress = BuildProgress(config)
+    with _Poller(config.num_shards, f"labelling {config.name}", progress.complete_shards):
         summary = build_explanation_dataset(config, overwrite=args.overwrite, runner=runner)
     _print_json(summary)
     return 1 if summary["missing"] else 0
 
 
-def _versions(output: Any, name: str) -> set[str]:
-    """Version folders (``v-...``) of a dataset name under an output root."""
-    return {key.split("/")[1] for key in output.list(f"{name}/") if key.count("/") >= 2}
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from flows.training import enable_console_progress, finetune_flow
+    from flows.finetune import finetune_flow
+    from flows.progress import enable_console_progress
     from tasks.finetune import FinetuneConfig
 
     fields = _load_json(args.config)

@@ -18,9 +18,11 @@ from pydantic import Field, field_validator
 
 from flows.artifacts import artifact_key, publish_markdown
 from flows.build_dataset import build_explanation_dataset
+from flows.export import export_domain_flow
+from flows.finetune import finetune_flow
+from flows.pretrain import pretrain_base_flow
 from flows.runners import RunnerConfig
 from flows.sweep import transfer_sweep
-from flows.training import export_domain_flow, finetune_flow, pretrain_base_flow
 from flows.vector import compute_vector_flow
 from storage import layout, open_storage
 from tasks.build_dataset import BuildConfig, LabelConfig

@@ -100,8 +100,7 @@ def finetune_key(domain: str, mode: str, fingerprint: str) -> str:
 def vector_key(source: str, theta_x_fingerprint: str, theta_p_fingerprint: str) -> str:
     """An explainability vector, named by its source and the two models it came from."""
     return (
-        f"{VECTORS_PREFIX}/{source}-{theta_x_fingerprint[:8]}-{theta_p_fingerprint[:8]}"
-        ".safetensors"
+        f"{VECTORS_PREFIX}/{source}-{theta_x_fingerprint[:8]}-{theta_p_fingerprint[:8]}.safetensors"
     )
 
 

@@ -32,18 +32,18 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from storage import Storage, StorageError, open_storage
-from storage.shards import ShardWriter, complete_shards, read_shard, shard_name, write_manifest
+from storage import Storage, layout, open_storage
+from storage.layout import shard_name, shard_report_key, split_report_key
+from storage.shards import ShardWriter, complete_shards, read_shard, write_manifest
 from tasks.algorithms.kernel_shap import derive_seed, kernel_shap_explain
 from tasks.config import Device, StageConfig, resolve_device
 from tasks.data.images import BadImageError, decode_image, image_to_tensor, sample_image_bytes
-from tasks.data.sources import (
-    QuarantineReport,
-    image_for_storage,
-    key_problem,
+from tasks.data.quarantine import QuarantineReport
+from tasks.data.readers import (
     list_image_folder,
     read_class_names,
-    sanitise_key,
+    read_image_file,
+    read_shard_samples,
 )
 from tasks.model import model_fingerprint
 from tasks.model.loading import load_sem
@@ -225,7 +225,11 @@ def list_input(config: BuildConfig) -> tuple[list[str], list[str]]:
         listing = list_image_folder(storage, class_names_file=config.class_names_file)
         if not listing.files:
             raise ValueError(f"no image files under {storage.uri}")
-        return [f"{class_id}:{key}" for key, class_id in listing.files], list(listing.class_names)
+        units = [
+            f"{class_id}:{key}:{path}"
+            for (path, class_id), key in zip(listing.files, listing.keys, strict=True)
+        ]
+        return units, list(listing.class_names)
     name = config.input_name
     if name is None:
         raise ValueError("webdataset input needs input_name (the dataset name of the shards)")
@@ -268,7 +272,8 @@ def iter_units(
 ) -> Iterator[dict[str, Any]]:
     """Yield the input samples of some units of the listing, in listing order.
 
-    Bad images are quarantined in ``report`` (with the reason) and never yielded.
+    Reads through the readers of :mod:`tasks.data.readers` (the same as every other stage); bad
+    images are quarantined in ``report`` (with the reason) and never yielded.
     """
     if config.input_kind == "synthetic":
         from tasks.data.synthetic import make_sample
@@ -286,37 +291,22 @@ def iter_units(
     storage = _input_storage(config)
     if config.input_kind == "imagefolder":
         for unit in units:
-            class_id, path = unit.split(":", 1)
-            report.count("read")
-            key = sanitise_key(path)
-            try:
-                data = storage.read_bytes(path)
-                field_name, payload = image_for_storage(data, key, report=report)
-            except BadImageError as exc:
-                report.quarantine(path, exc.reason, stage="read")
-                continue
-            except (StorageError, OSError) as exc:
-                # StorageError covers a symlink that leads outside the input root.
-                report.quarantine(path, f"unreadable: {exc}", stage="read")
-                continue
-            yield {"__key__": key, field_name: payload, "cls": int(class_id)}
+            class_id, key, path = unit.split(":", 2)
+            sample = read_image_file(storage, path, key, int(class_id), report)
+            if sample is not None:
+                yield sample
         return
     for unit in units:
         shard, _, span = unit.rpartition("@")
         start, _, stop = span.partition(":")
-        try:
-            samples = list(read_shard(storage, shard))
-        except Exception as exc:  # a damaged input shard is reported, the others go on
-            report.count("bad_shards")
-            report.quarantine(shard, f"bad shard: {exc}", stage="read")
-            continue
-        for sample in samples[int(start) : int(stop)] if stop else samples:
-            report.count("read")
-            problem = key_problem(sample.get("__key__"))
-            if problem is not None:
-                report.quarantine(f"{shard}:{sample.get('__key__')}", problem, stage="read")
-                continue
-            yield sample
+        yield from read_shard_samples(
+            storage,
+            shard,
+            report,
+            start=int(start) if stop else 0,
+            stop=int(stop) if stop else None,
+            validate=False,
+        )
 
 
 @functools.lru_cache(maxsize=4)
@@ -410,7 +400,7 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         config.num_shards,
         mean,
     )
-    dataset = output.child(f"{config.name}/{version}")
+    dataset = output.child(layout.xdata_version_key(config.name, version))
     plan = BuildPlan(
         config=config,
         version=version,
@@ -420,9 +410,9 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         model_fingerprint=fingerprint,
         baseline_mean=mean,
     )
-    if not dataset.exists("config.json"):
+    if not dataset.exists(layout.DATASET_CONFIG_FILE):
         dataset.write_json(
-            "config.json",
+            layout.DATASET_CONFIG_FILE,
             {
                 "config": config.to_dict(),
                 "version": version,
@@ -550,7 +540,7 @@ def label_shard(
     config = plan.config
     dataset = open_storage(plan.dataset_uri)
     shard = plan.shard_key(shard_index)
-    if dataset.is_complete(shard) and not overwrite:
+    if not overwrite and dataset.is_done(shard, plan.version, shard):
         logger.info("shard %s already complete; skipped", shard)
         return ShardOutcome(shard=shard, skipped=True, **_marker_counts(dataset, shard))
     start = time.perf_counter()
@@ -592,7 +582,7 @@ def label_shard(
         if progress is not None:
             progress(written, expected)
 
-    with ShardWriter(dataset, shard) as writer:
+    with ShardWriter(dataset, shard, fingerprint=plan.version) as writer:
         # Streamed in batches: each image is decoded once, and a shard is never held whole.
         for sample in iter_units(config, units, report):
             label_id = sample.get("cls")
@@ -613,7 +603,7 @@ def label_shard(
                 flush()
         if chunk:
             flush()
-        dataset.write_json(f"reports/shards/{shard}.json", report.to_dict())
+        dataset.write_json(shard_report_key(shard), report.to_dict())
     seconds = time.perf_counter() - start
     logger.info(
         "shard %s: %d samples labelled, %d quarantined, %.1f images/s",
@@ -645,15 +635,15 @@ def finalize_build(plan: BuildPlan) -> dict[str, Any]:
     """
     dataset = open_storage(plan.dataset_uri)
     expected = [plan.shard_key(i) for i in range(plan.config.num_shards)]
-    complete = [s for s in expected if dataset.is_complete(s)]
+    complete = [s for s in expected if dataset.is_done(s, plan.version, s)]
     missing = [s for s in expected if s not in complete]
     table = write_manifest(dataset, complete)
     report = QuarantineReport()
     for shard in complete:
-        key = f"reports/shards/{shard}.json"
+        key = shard_report_key(shard)
         if dataset.exists(key):
             report.merge(QuarantineReport.from_dict(dataset.read_json(key)))
-    dataset.write_json(f"reports/{plan.config.name}-{plan.config.split}.json", report.to_dict())
+    dataset.write_json(split_report_key(plan.config.name, plan.config.split), report.to_dict())
     samples = int(sum(table.column("samples").to_pylist())) if table.num_rows else 0
     summary = {
         "dataset_uri": plan.dataset_uri,
@@ -666,3 +656,47 @@ def finalize_build(plan: BuildPlan) -> dict[str, Any]:
     }
     logger.info("explanation dataset %s: %s", plan.version, summary)
     return summary
+
+
+class BuildProgress:
+    """How many shards of a build are complete, for a progress bar beside the running build.
+
+    The version being built is a version folder that appeared after this object was made, or
+    an existing one planned from the same config (a rerun that fills missing shards).
+
+    Args:
+        config: the build being watched.
+    """
+
+    def __init__(self, config: BuildConfig) -> None:
+        self.config = config
+        self.output = open_storage(config.output_uri)
+        self.before = self._versions()
+
+    def _versions(self) -> set[str]:
+        keys = self.output.list(f"{self.config.name}/")
+        return {version for key in keys if (version := layout.version_of(key))}
+
+    def _planned_from_this_config(self, version: str) -> bool:
+        key = f"{layout.xdata_version_key(self.config.name, version)}/{layout.DATASET_CONFIG_FILE}"
+        return self.output.exists(key) and (
+            self.output.read_json(key).get("config") == self.config.to_dict()
+        )
+
+    def complete_shards(self) -> int:
+        """Complete shards of the build's split in the version being built."""
+        versions = self._versions()
+        built = (versions - self.before) or {
+            v for v in versions if self._planned_from_this_config(v)
+        }
+        counts = [
+            len(
+                layout.shards_of(
+                    self.output.child(layout.xdata_version_key(self.config.name, v)).completed(),
+                    self.config.name,
+                    self.config.split,
+                )
+            )
+            for v in built
+        ]
+        return max(counts, default=0)

@@ -2,6 +2,7 @@
 
 - :mod:`tasks.data.synthetic`: the built-in domains, rendered deterministically from a seed.
 - :mod:`tasks.data.images`: decoding with limits, conversion to RGB, tensors.
-- :mod:`tasks.data.sources`: ImageFolder and WebDataset readers (every stage reads through
-  them), class names, export to shards with a quarantine report.
+- :mod:`tasks.data.readers`: ImageFolder and WebDataset readers; every stage reads through them.
+- :mod:`tasks.data.export`: samples to WebDataset shards, with reports.
+- :mod:`tasks.data.quarantine`: what a reader or an export skipped, converted and counted.
 """

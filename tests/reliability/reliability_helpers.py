@@ -25,7 +25,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from storage import Storage
 from tasks.build_dataset import BuildConfig, LabelConfig
-from tasks.data.sources import iter_webdataset
+from tasks.data.readers import iter_webdataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")

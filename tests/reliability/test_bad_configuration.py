@@ -18,7 +18,7 @@ import tasks.finetune
 from storage import AccessDeniedError, BucketNotFoundError, ObjectNotFoundError, open_storage
 from tasks.algorithms.vectors import ExplainabilityVector
 from tasks.build_dataset import LabelConfig, plan_build
-from tasks.data.sources import export_synthetic_domain
+from tasks.data.export import export_synthetic_domain
 from tasks.finetune import FinetuneConfig, finetune
 from tasks.model import DEFAULT_MODEL, MODEL_CONFIG_DIR, load_clip
 

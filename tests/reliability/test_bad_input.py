@@ -18,15 +18,12 @@ from PIL import Image
 from reliability_helpers import build_config, shap_of
 
 from storage import open_storage
-from storage.shards import ShardWriter, read_shard, shard_name
+from storage.layout import shard_name, split_report_key
+from storage.shards import ShardWriter, read_shard
 from tasks.build_dataset import finalize_build, label_shard, plan_build
-from tasks.data.sources import (
-    QuarantineReport,
-    export_to_shards,
-    iter_image_folder,
-    split_report_key,
-    write_class_names,
-)
+from tasks.data.export import export_to_shards, write_class_names
+from tasks.data.quarantine import QuarantineReport
+from tasks.data.readers import iter_image_folder
 
 
 def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:

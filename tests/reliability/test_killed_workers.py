@@ -12,7 +12,7 @@ from storage import open_storage
 from storage.checkpoints import load_sidecar
 from storage.shards import complete_shards, read_manifest
 from tasks.build_dataset import finalize_build, label_shard, plan_build
-from tasks.data.sources import export_synthetic_domain
+from tasks.data.export import export_synthetic_domain
 from tasks.finetune import FinetuneConfig, finetune
 
 

@@ -18,7 +18,8 @@ from reliability_helpers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, build_config, 
 from storage import ObjectNotFoundError, PathOutsideRootError, open_storage
 from storage.checkpoints import load_state_dict, save_state_dict
 from tasks.build_dataset import finalize_build, label_shard, plan_build
-from tasks.data.sources import export_synthetic_domain, iter_webdataset
+from tasks.data.export import export_synthetic_domain
+from tasks.data.readers import iter_webdataset
 from tasks.finetune import FinetuneConfig, finetune
 from tasks.model import DEFAULT_MODEL, load_clip
 

@@ -18,7 +18,8 @@ from reliability_helpers import (
 )
 
 from storage import EndpointUnreachableError, open_storage
-from storage.shards import ShardWriter, complete_shards, read_shard, shard_name
+from storage.layout import shard_name
+from storage.shards import ShardWriter, complete_shards, read_shard
 from tasks.build_dataset import finalize_build, label_shard, plan_build
 
 RETRY_LOG = "Retry needed, retrying request"

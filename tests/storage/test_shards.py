@@ -13,14 +13,8 @@ import webdataset
 from PIL import Image
 
 from storage import ObjectNotFoundError, ShardReadError, open_storage
-from storage.shards import (
-    ShardWriter,
-    complete_shards,
-    read_manifest,
-    read_shard,
-    shard_name,
-    write_manifest,
-)
+from storage.layout import shard_name
+from storage.shards import ShardWriter, complete_shards, read_manifest, read_shard, write_manifest
 
 
 def _png(seed: int) -> bytes:

@@ -14,17 +14,23 @@ from PIL import Image
 
 from storage import open_storage
 from storage.checkpoints import load_sidecar, load_state_dict, save_state_dict
-from storage.shards import ShardWriter, shard_name
+from storage.layout import shard_name
+from storage.shards import ShardWriter
 from tasks.data.synthetic import make_split
 from tasks.finetune import (
     FinetuneConfig,
     epoch_order,
     finetune,
-    load_finetuned,
     load_training_data,
     pearson_per_image,
 )
-from tasks.model import DEFAULT_MODEL, load_clip, model_fingerprint, register_model_configs
+from tasks.model import (
+    DEFAULT_MODEL,
+    load_clip,
+    load_sem,
+    model_fingerprint,
+    register_model_configs,
+)
 from tasks.pretrain import PretrainConfig, pretrain_base
 
 DOMAIN = "shapes"
@@ -108,8 +114,10 @@ def test_one_epoch_in_both_modes_writes_vanilla_open_clip_checkpoints(data, tmp_
     assert not torch.equal(states["P"]["visual.proj"], states["X"]["visual.proj"])
     again = finetune(_config(data, "X"), storage, "ft-X")
     assert again["skipped"] and again["fingerprint"] == results["X"]["fingerprint"]
-    model, sidecar = load_finetuned(storage, "ft-X")
-    assert model_fingerprint(model.clip) == sidecar["fingerprint"] == results["X"]["fingerprint"]
+    loaded = load_sem(storage.url("ft-X"))
+    assert loaded.uri == storage.url("ft-X/model.safetensors")
+    fingerprint = model_fingerprint(loaded.sem.clip)
+    assert fingerprint == loaded.sidecar["fingerprint"] == results["X"]["fingerprint"]
 
 
 def test_x_mode_without_shap_targets_is_refused_before_training(data, tmp_path) -> None:
@@ -162,7 +170,7 @@ def test_x_mode_attributions_agree_with_targets_better_than_p_mode(data, tmp_pat
         # Both on the X-dataset: the same images, only the loss differs.
         config = _config(data, mode, data=data["x"], epochs=2, val_data=None)
         result = finetune(config, storage, f"ft-{mode}")
-        model, _ = load_finetuned(storage, result["key"])
+        model = load_sem(storage.url(result["key"])).sem
         with torch.no_grad():
             _, maps = model(train.images.float() / 255.0)
         label_maps = maps[torch.arange(len(train)), train.labels]

@@ -119,7 +119,7 @@ def _exact_shapley(model, image, base, cls, grid) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    open_clip.add_model_config(Path(tasks.__file__).parent / "model_configs")
+    open_clip.add_model_config(Path(tasks.__file__).parent / "model" / "model_configs")
     torch.manual_seed(0)
     model = open_clip.create_model("tiny-vit-56").eval()
     classifier = OpenCLIPClassifier(model, torch.randn(5, model.visual.output_dim)).eval()

@@ -14,7 +14,9 @@ import webdataset
 from PIL import Image
 
 from storage import open_storage
-from storage.shards import ShardWriter, complete_shards, read_manifest, shard_name
+from storage.layout import shard_name, shard_report_key, split_report_key
+from storage.shards import ShardWriter, complete_shards, read_manifest
+from tasks.data.export import export_synthetic_domain, export_to_shards, write_class_names
 from tasks.data.images import (
     BadImageError,
     decode_image,
@@ -22,10 +24,8 @@ from tasks.data.images import (
     image_to_tensor,
     sample_to_tensor,
 )
-from tasks.data.sources import (
-    QuarantineReport,
-    export_synthetic_domain,
-    export_to_shards,
+from tasks.data.quarantine import QuarantineReport
+from tasks.data.readers import (
     image_folder_classes,
     image_for_storage,
     iter_image_folder,
@@ -33,9 +33,6 @@ from tasks.data.sources import (
     key_problem,
     read_class_names,
     sanitise_key,
-    shard_report_key,
-    split_report_key,
-    write_class_names,
 )
 from tasks.data.synthetic import SYNTHETIC_DOMAINS, make_split
 

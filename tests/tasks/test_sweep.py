@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from storage import open_storage
 from storage.checkpoints import save_state_dict
-from storage.shards import ShardWriter, shard_name
+from storage.layout import shard_name
+from storage.shards import ShardWriter
 from tasks.algorithms.metrics import accuracy
 from tasks.algorithms.vectors import ExplainabilityVector, VectorMeta
 from tasks.build_dataset import BuildConfig, LabelConfig, finalize_build, label_shard, plan_build

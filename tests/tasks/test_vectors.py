@@ -12,7 +12,7 @@ import torch
 
 from tasks.algorithms.vectors import ExplainabilityVector, VectorMeta
 
-MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "tasks" / "model_configs"
+MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "tasks" / "model" / "model_configs"
 
 
 def _tiny_state(seed: int) -> dict[str, torch.Tensor]:
@@ -218,3 +218,48 @@ def test_default_fingerprints_are_the_checkpoint_fingerprints(states):
     assert tau.meta.theta_x_fingerprint == state_fingerprint(states["x"])
     assert tau.meta.theta_p_fingerprint == state_fingerprint(states["p"])
     assert tau.meta.theta_x_fingerprint != tau.meta.theta_p_fingerprint
+
+
+def _save_finetuned(storage, key: str, state, mode: str) -> str:
+    """A fine-tuned checkpoint as the fine-tuning stage writes it (weights and sidecar)."""
+    from storage.checkpoints import save_state_dict, state_fingerprint
+
+    save_state_dict(
+        storage,
+        key,
+        state,
+        metadata={
+            "kind": "finetuned",
+            "domain": "src",
+            "mode": mode,
+            "model_name": "tiny-vit-56",
+            "fingerprint": state_fingerprint(state),
+            "base_fingerprint": "base0",
+            "config": {"model_name": "tiny-vit-56", "domain": "src"},
+        },
+    )
+    return storage.url(key)
+
+
+def test_a_vector_recomputed_from_other_models_into_the_same_key_is_recomputed(states, tmp_path):
+    """Regression: the vector stage reused any existing vector at its key, whatever its models."""
+    from storage import open_storage
+    from storage.checkpoints import state_fingerprint
+    from tasks.vector import compute_vector
+
+    models = open_storage(str(tmp_path / "models"))
+    theta_p = _save_finetuned(models, "p/model.safetensors", states["p"], "P")
+    theta_x = _save_finetuned(models, "x/model.safetensors", states["x"], "X")
+    out = str(tmp_path / "out")
+    first = compute_vector(theta_x, theta_p, out, "vectors/src.safetensors")
+    assert not first["skipped"]
+    assert compute_vector(theta_x, theta_p, out, "vectors/src.safetensors")["skipped"]
+
+    # theta_X retrained: new weights at the same URI, the vector goes to the same key.
+    _save_finetuned(models, "x/model.safetensors", states["t"], "X")
+    second = compute_vector(theta_x, theta_p, out, "vectors/src.safetensors")
+    assert not second["skipped"]
+    assert second["norm"] != pytest.approx(first["norm"])
+    stored = ExplainabilityVector.load(open_storage(out), "vectors/src.safetensors")
+    assert stored.meta.theta_x_fingerprint == state_fingerprint(states["t"])
+    assert torch.equal(stored.apply_to(states["p"], 1.0)["visual.proj"], states["t"]["visual.proj"])
