@@ -1,5 +1,8 @@
 """Fine-tuning the self-explaining CLIP model: prediction only (P) or with explanations (X).
 
+(About 600 lines: the data, loss, resumable loop and checkpointing of one training run; they
+share the run state and are kept together until streaming data moves data loading out.)
+
 Both modes start from the same base checkpoint, see the same samples in the same order (sorted
 by ``__key__``, then a permutation drawn from ``(seed, epoch)``) and run the same forward pass;
 they differ only in the loss. theta_X - theta_P is then the explainability vector.

@@ -1,5 +1,8 @@
 """Batched Kernel SHAP over a grid of image cells (stage 1 of the pipeline, DESIGN.md).
 
+(Over 500 lines: sampling, the constrained solve and the batched masking engine are one
+algorithm whose parts share the coalition layout; they are tested together against shap.)
+
 The players are the cells of a ``gh x gw`` grid over the image. A coalition keeps its cells and
 replaces the others by a baseline; its value is the explained model's logit (or probability) of a
 class. Coalitions are drawn exactly as ``shap.KernelExplainer`` draws them (whole subset sizes

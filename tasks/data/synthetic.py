@@ -1,5 +1,8 @@
 """Synthetic image-classification domains with ground-truth evidence masks.
 
+(About 600 lines: one renderer per domain sharing one canvas; splitting the renderers apart would
+scatter the one idea, how a domain draws its evidence.)
+
 Five small domains stand in for real source and target datasets so that the whole pipeline
 (fine-tuning, Kernel SHAP labelling, vectors, the transfer sweep) runs on a CPU in minutes and
 explanation quality can be checked against known evidence regions (pointing game).

@@ -48,14 +48,12 @@ def one_torch_thread() -> Iterator[None]:
     """The intra-op thread count of a Dask worker, and a model cache built under it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    tasks.build_dataset._cached_model.cache_clear()
-    tasks.build_dataset._cached_fingerprint.cache_clear()
+    tasks.build_dataset.clear_model_cache()
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        tasks.build_dataset._cached_model.cache_clear()
-        tasks.build_dataset._cached_fingerprint.cache_clear()
+        tasks.build_dataset.clear_model_cache()
 
 
 def test_thread_pool_and_dask_processes_build_identical_datasets(

@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 from reliability_helpers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, build_config
 
-import tasks.build_dataset
+import tasks.build_dataset.stage
 import tasks.finetune
 from storage import AccessDeniedError, BucketNotFoundError, ObjectNotFoundError, open_storage
 from tasks.algorithms.vectors import ExplainabilityVector
@@ -34,7 +34,7 @@ def no_compute(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise _ComputeStarted("compute started before the configuration was checked")
 
-    monkeypatch.setattr(tasks.build_dataset, "explained_model_fingerprint", refuse)
+    monkeypatch.setattr(tasks.build_dataset.stage, "explained_model_fingerprint", refuse)
     monkeypatch.setattr(tasks.finetune, "load_training_data", refuse)
 
 

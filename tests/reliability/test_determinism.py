@@ -18,8 +18,7 @@ def _build(config: BuildConfig) -> tuple[str, list[str], dict[str, bytes]]:
     """Run a build from a cold model cache; return version, shard sha256s and labels by key."""
     # Each run rebuilds the explained model after drawing from the global RNG, as a fresh
     # worker process that did other work first would.
-    tasks.build_dataset._cached_model.cache_clear()
-    tasks.build_dataset._cached_fingerprint.cache_clear()
+    tasks.build_dataset.clear_model_cache()
     torch.rand(1000)
     plan = plan_build(config)
     for index in reversed(range(config.num_shards)):  # order of shard work must not matter

@@ -34,11 +34,15 @@ def test_outage_is_retried_or_fails_clearly_and_a_rerun_loses_nothing(
     server = faulty_s3.server
 
     def outage(seconds: float | None):
-        """A progress hook that takes the endpoint down after the first batch."""
+        """A progress hook that takes the endpoint down once every image is labelled.
+
+        The next request is then the shard's upload, whatever the machine's load (an outage
+        started after the first batch could end before a slow labeller touched storage again).
+        """
         state = {"fired": False}
 
         def hook(done: int, total: int) -> None:
-            if not state["fired"]:
+            if done == total and not state["fired"]:
                 state["fired"] = True
                 server.stop()
                 if seconds is not None:

@@ -24,96 +24,33 @@ import hashlib
 import io
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 
 from storage import Storage, layout, open_storage
 from storage.layout import shard_name, shard_report_key, split_report_key
-from storage.shards import ShardWriter, complete_shards, read_shard, write_manifest
+from storage.shards import ShardWriter, write_manifest
 from tasks.algorithms.kernel_shap import derive_seed, kernel_shap_explain
-from tasks.config import Device, StageConfig, resolve_device
-from tasks.data.images import BadImageError, decode_image, image_to_tensor, sample_image_bytes
-from tasks.data.quarantine import QuarantineReport
-from tasks.data.readers import (
-    list_image_folder,
-    read_class_names,
-    read_image_file,
-    read_shard_samples,
+from tasks.build_dataset.config import BuildConfig, LabelConfig
+from tasks.build_dataset.inputs import (
+    _dataset_mean,
+    _image_tensor,
+    _range_size,
+    _sample_ranges,
+    iter_units,
+    list_input,
 )
+from tasks.config import resolve_device
+from tasks.data.images import BadImageError
+from tasks.data.quarantine import QuarantineReport
 from tasks.model import model_fingerprint
 from tasks.model.loading import load_sem
 
 logger = logging.getLogger(__name__)
-
-InputKind = Literal["synthetic", "imagefolder", "webdataset"]
-
-#: How many input images are read to estimate the dataset-mean baseline.
-MEAN_SAMPLE_SIZE = 256
-
-
-class LabelConfig(StageConfig):
-    """How Kernel SHAP labels are computed (DESIGN.md, "Kernel SHAP labelling")."""
-
-    grid_h: int = Field(7, ge=1, le=64)
-    grid_w: int = Field(7, ge=1, le=64)
-    budget: int = Field(
-        150, ge=2, description="model evaluations per image, empty and full included"
-    )
-    baseline: Literal["mean", "zero", "blur"] = "mean"
-    output: Literal["logit", "prob"] = "logit"
-    top_k: int = Field(1, ge=0, le=10, description="predicted classes explained beside the label")
-    seed: int = 0
-    images_per_batch: int = Field(32, ge=1)
-    forward_batch_size: int = Field(2048, ge=1, description="forward rows per model call")
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return (self.grid_h, self.grid_w)
-
-    @model_validator(mode="after")
-    def _budget_covers_players(self) -> LabelConfig:
-        players = self.grid_h * self.grid_w
-        if players < 2:
-            raise ValueError(f"grid {self.grid} has fewer than 2 cells")
-        if self.budget <= players:
-            raise ValueError(
-                f"budget {self.budget} is not larger than the number of players {players} "
-                f"(grid {self.grid_h}x{self.grid_w}): Kernel SHAP needs at least players + 1 "
-                "model evaluations per image"
-            )
-        return self
-
-
-class BuildConfig(StageConfig):
-    """One explanation-dataset build: input, explained model, labelling, layout, output."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.]*(?:-[A-Za-z0-9_.]+)*$")
-    split: str = Field("train", pattern=r"^[A-Za-z0-9_]+$")
-    input_kind: InputKind = "synthetic"
-    input_uri: str = Field(description="synthetic: a domain name; otherwise a folder URI")
-    input_name: str | None = Field(None, description="webdataset: dataset name of the shards")
-    input_split: str | None = Field(None, description="input split (default: split)")
-    class_names_file: str | None = None
-    synthetic_seed: int = 0
-    synthetic_per_class: int | None = Field(None, ge=1)
-    image_size: int = Field(56, ge=16, le=1024)
-    model_name: str = "tiny-vit-56"
-    checkpoint: str | None = Field(
-        None, description="URI of the explained model's weights (theta_P, or the base model)"
-    )
-    label: LabelConfig = LabelConfig()
-    num_shards: int = Field(4, ge=1)
-    output_uri: str
-    device: Device = "auto"
-
-    @property
-    def source_split(self) -> str:
-        return self.input_split or self.split
 
 
 @dataclass
@@ -197,118 +134,6 @@ class ShardOutcome:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
 
-def _input_storage(config: BuildConfig) -> Storage:
-    return open_storage(config.input_uri)
-
-
-def list_input(config: BuildConfig) -> tuple[list[str], list[str]]:
-    """The sorted input listing and the class names of a build.
-
-    Returns:
-        ``(units, class_names)``: for a synthetic domain the units are sample indices, for an
-        image folder the file keys, for WebDataset input the keys of the complete input shards.
-    """
-    if config.input_kind == "synthetic":
-        from tasks.data.synthetic import SYNTHETIC_DOMAINS, split_length
-
-        if config.input_uri not in SYNTHETIC_DOMAINS:
-            raise ValueError(
-                f"unknown synthetic domain {config.input_uri!r}; "
-                f"available: {', '.join(sorted(SYNTHETIC_DOMAINS))}"
-            )
-        total = split_length(config.input_uri, config.source_split, config.synthetic_per_class)
-        return [f"{i:08d}" for i in range(total)], list(
-            SYNTHETIC_DOMAINS[config.input_uri].class_names
-        )
-    storage = _input_storage(config)
-    if config.input_kind == "imagefolder":
-        listing = list_image_folder(storage, class_names_file=config.class_names_file)
-        if not listing.files:
-            raise ValueError(f"no image files under {storage.uri}")
-        units = [
-            f"{class_id}:{key}:{path}"
-            for (path, class_id), key in zip(listing.files, listing.keys, strict=True)
-        ]
-        return units, list(listing.class_names)
-    name = config.input_name
-    if name is None:
-        raise ValueError("webdataset input needs input_name (the dataset name of the shards)")
-    shards = complete_shards(storage, name, config.source_split)
-    if not shards:
-        raise ValueError(
-            f"no complete shards {name}-{config.source_split}-*.tar under {storage.uri}"
-        )
-    units = []
-    for shard in shards:
-        samples = storage.completion_info(shard).get("samples")
-        if not isinstance(samples, int):
-            samples = sum(1 for _ in read_shard(storage, shard))
-        units.append(f"{shard}@{samples}")
-    return units, read_class_names(storage)
-
-
-def _range_size(unit: str) -> int:
-    """Samples in a WebDataset unit: ``shard@start:stop``, or ``shard@count``."""
-    start, colon, stop = unit.rpartition("@")[2].partition(":")
-    return int(stop) - int(start) if colon else int(start)
-
-
-def _sample_ranges(units: Sequence[str], shard_index: int, num_shards: int) -> list[str]:
-    """Sample ranges ``"{shard}@{start}:{stop}"`` of output shard ``shard_index``."""
-    counts = [(unit.rsplit("@", 1)[0], int(unit.rsplit("@", 1)[1])) for unit in units]
-    total = sum(count for _, count in counts)
-    low, high = shard_index * total // num_shards, (shard_index + 1) * total // num_shards
-    ranges, offset = [], 0
-    for shard, count in counts:
-        start, stop = max(low - offset, 0), min(high - offset, count)
-        if start < stop:
-            ranges.append(f"{shard}@{start}:{stop}")
-        offset += count
-    return ranges
-
-
-def iter_units(
-    config: BuildConfig, units: Sequence[str], report: QuarantineReport
-) -> Iterator[dict[str, Any]]:
-    """Yield the input samples of some units of the listing, in listing order.
-
-    Reads through the readers of :mod:`tasks.data.readers` (the same as every other stage); bad
-    images are quarantined in ``report`` (with the reason) and never yielded.
-    """
-    if config.input_kind == "synthetic":
-        from tasks.data.synthetic import make_sample
-
-        for unit in units:
-            report.count("read")
-            yield make_sample(
-                config.input_uri,
-                config.source_split,
-                int(unit),
-                seed=config.synthetic_seed,
-                image_size=config.image_size,
-            )
-        return
-    storage = _input_storage(config)
-    if config.input_kind == "imagefolder":
-        for unit in units:
-            class_id, key, path = unit.split(":", 2)
-            sample = read_image_file(storage, path, key, int(class_id), report)
-            if sample is not None:
-                yield sample
-        return
-    for unit in units:
-        shard, _, span = unit.rpartition("@")
-        start, _, stop = span.partition(":")
-        yield from read_shard_samples(
-            storage,
-            shard,
-            report,
-            start=int(start) if stop else 0,
-            stop=int(stop) if stop else None,
-            validate=False,
-        )
-
-
 @functools.lru_cache(maxsize=4)
 def _cached_model(
     model_name: str,
@@ -335,6 +160,12 @@ def _cached_fingerprint(
     return model_fingerprint(model.clip)
 
 
+def clear_model_cache() -> None:
+    """Forget the explained models cached in this process (e.g. after changing torch threads)."""
+    _cached_model.cache_clear()
+    _cached_fingerprint.cache_clear()
+
+
 def load_explained_model(config: BuildConfig, class_names: Sequence[str]) -> torch.nn.Module:
     """The explained model: a self-explaining CLIP whose ``predict`` is explained.
 
@@ -350,29 +181,6 @@ def explained_model_fingerprint(config: BuildConfig, class_names: Sequence[str])
     device = str(resolve_device(config.device))
     key = (config.model_name, config.checkpoint, tuple(class_names), config.label.grid, device)
     return _cached_fingerprint(*key)
-
-
-def _image_tensor(sample: dict[str, Any], size: int) -> torch.Tensor:
-    _, data = sample_image_bytes(sample)
-    return image_to_tensor(decode_image(data), size)
-
-
-def _dataset_mean(config: BuildConfig, units: Sequence[str]) -> list[float]:
-    """Per-channel mean of the first images of the listing (deterministic)."""
-    report = QuarantineReport()
-    total = torch.zeros(3, dtype=torch.float64)
-    count = 0
-    for sample in iter_units(config, units[:MEAN_SAMPLE_SIZE], report):
-        try:
-            total += _image_tensor(sample, config.image_size).double().mean(dim=(1, 2))
-        except BadImageError:
-            continue
-        count += 1
-        if count >= MEAN_SAMPLE_SIZE:
-            break
-    if count == 0:
-        raise ValueError("no readable image at the start of the input to estimate its mean")
-    return [round(float(v), 6) for v in total / count]
 
 
 def plan_build(config: BuildConfig) -> BuildPlan:

@@ -1,0 +1,71 @@
+"""The configuration of an explanation-dataset build: what to label and how."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from tasks.config import Device, StageConfig
+
+InputKind = Literal["synthetic", "imagefolder", "webdataset"]
+
+
+class LabelConfig(StageConfig):
+    """How Kernel SHAP labels are computed (DESIGN.md, "Kernel SHAP labelling")."""
+
+    grid_h: int = Field(7, ge=1, le=64)
+    grid_w: int = Field(7, ge=1, le=64)
+    budget: int = Field(
+        150, ge=2, description="model evaluations per image, empty and full included"
+    )
+    baseline: Literal["mean", "zero", "blur"] = "mean"
+    output: Literal["logit", "prob"] = "logit"
+    top_k: int = Field(1, ge=0, le=10, description="predicted classes explained beside the label")
+    seed: int = 0
+    images_per_batch: int = Field(32, ge=1)
+    forward_batch_size: int = Field(2048, ge=1, description="forward rows per model call")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.grid_h, self.grid_w)
+
+    @model_validator(mode="after")
+    def _budget_covers_players(self) -> LabelConfig:
+        players = self.grid_h * self.grid_w
+        if players < 2:
+            raise ValueError(f"grid {self.grid} has fewer than 2 cells")
+        if self.budget <= players:
+            raise ValueError(
+                f"budget {self.budget} is not larger than the number of players {players} "
+                f"(grid {self.grid_h}x{self.grid_w}): Kernel SHAP needs at least players + 1 "
+                "model evaluations per image"
+            )
+        return self
+
+
+class BuildConfig(StageConfig):
+    """One explanation-dataset build: input, explained model, labelling, layout, output."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.]*(?:-[A-Za-z0-9_.]+)*$")
+    split: str = Field("train", pattern=r"^[A-Za-z0-9_]+$")
+    input_kind: InputKind = "synthetic"
+    input_uri: str = Field(description="synthetic: a domain name; otherwise a folder URI")
+    input_name: str | None = Field(None, description="webdataset: dataset name of the shards")
+    input_split: str | None = Field(None, description="input split (default: split)")
+    class_names_file: str | None = None
+    synthetic_seed: int = 0
+    synthetic_per_class: int | None = Field(None, ge=1)
+    image_size: int = Field(56, ge=16, le=1024)
+    model_name: str = "tiny-vit-56"
+    checkpoint: str | None = Field(
+        None, description="URI of the explained model's weights (theta_P, or the base model)"
+    )
+    label: LabelConfig = LabelConfig()
+    num_shards: int = Field(4, ge=1)
+    output_uri: str
+    device: Device = "auto"
+
+    @property
+    def source_split(self) -> str:
+        return self.input_split or self.split

@@ -1,0 +1,161 @@
+"""The input of a build: its sorted listing, split into output shards, read through the readers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from storage import Storage, open_storage
+from storage.shards import complete_shards, read_shard
+from tasks.build_dataset.config import BuildConfig
+from tasks.data.images import BadImageError, decode_image, image_to_tensor, sample_image_bytes
+from tasks.data.quarantine import QuarantineReport
+from tasks.data.readers import (
+    list_image_folder,
+    read_class_names,
+    read_image_file,
+    read_shard_samples,
+)
+
+logger = logging.getLogger(__name__)
+
+#: How many input images are read to estimate the dataset-mean baseline.
+MEAN_SAMPLE_SIZE = 256
+
+
+def _input_storage(config: BuildConfig) -> Storage:
+    return open_storage(config.input_uri)
+
+
+def list_input(config: BuildConfig) -> tuple[list[str], list[str]]:
+    """The sorted input listing and the class names of a build.
+
+    Returns:
+        ``(units, class_names)``: for a synthetic domain the units are sample indices, for an
+        image folder the file keys, for WebDataset input the keys of the complete input shards.
+    """
+    if config.input_kind == "synthetic":
+        from tasks.data.synthetic import SYNTHETIC_DOMAINS, split_length
+
+        if config.input_uri not in SYNTHETIC_DOMAINS:
+            raise ValueError(
+                f"unknown synthetic domain {config.input_uri!r}; "
+                f"available: {', '.join(sorted(SYNTHETIC_DOMAINS))}"
+            )
+        total = split_length(config.input_uri, config.source_split, config.synthetic_per_class)
+        return [f"{i:08d}" for i in range(total)], list(
+            SYNTHETIC_DOMAINS[config.input_uri].class_names
+        )
+    storage = _input_storage(config)
+    if config.input_kind == "imagefolder":
+        listing = list_image_folder(storage, class_names_file=config.class_names_file)
+        if not listing.files:
+            raise ValueError(f"no image files under {storage.uri}")
+        units = [
+            f"{class_id}:{key}:{path}"
+            for (path, class_id), key in zip(listing.files, listing.keys, strict=True)
+        ]
+        return units, list(listing.class_names)
+    name = config.input_name
+    if name is None:
+        raise ValueError("webdataset input needs input_name (the dataset name of the shards)")
+    shards = complete_shards(storage, name, config.source_split)
+    if not shards:
+        raise ValueError(
+            f"no complete shards {name}-{config.source_split}-*.tar under {storage.uri}"
+        )
+    units = []
+    for shard in shards:
+        samples = storage.completion_info(shard).get("samples")
+        if not isinstance(samples, int):
+            samples = sum(1 for _ in read_shard(storage, shard))
+        units.append(f"{shard}@{samples}")
+    return units, read_class_names(storage)
+
+
+def _range_size(unit: str) -> int:
+    """Samples in a WebDataset unit: ``shard@start:stop``, or ``shard@count``."""
+    start, colon, stop = unit.rpartition("@")[2].partition(":")
+    return int(stop) - int(start) if colon else int(start)
+
+
+def _sample_ranges(units: Sequence[str], shard_index: int, num_shards: int) -> list[str]:
+    """Sample ranges ``"{shard}@{start}:{stop}"`` of output shard ``shard_index``."""
+    counts = [(unit.rsplit("@", 1)[0], int(unit.rsplit("@", 1)[1])) for unit in units]
+    total = sum(count for _, count in counts)
+    low, high = shard_index * total // num_shards, (shard_index + 1) * total // num_shards
+    ranges, offset = [], 0
+    for shard, count in counts:
+        start, stop = max(low - offset, 0), min(high - offset, count)
+        if start < stop:
+            ranges.append(f"{shard}@{start}:{stop}")
+        offset += count
+    return ranges
+
+
+def iter_units(
+    config: BuildConfig, units: Sequence[str], report: QuarantineReport
+) -> Iterator[dict[str, Any]]:
+    """Yield the input samples of some units of the listing, in listing order.
+
+    Reads through the readers of :mod:`tasks.data.readers` (the same as every other stage); bad
+    images are quarantined in ``report`` (with the reason) and never yielded.
+    """
+    if config.input_kind == "synthetic":
+        from tasks.data.synthetic import make_sample
+
+        for unit in units:
+            report.count("read")
+            yield make_sample(
+                config.input_uri,
+                config.source_split,
+                int(unit),
+                seed=config.synthetic_seed,
+                image_size=config.image_size,
+            )
+        return
+    storage = _input_storage(config)
+    if config.input_kind == "imagefolder":
+        for unit in units:
+            class_id, key, path = unit.split(":", 2)
+            sample = read_image_file(storage, path, key, int(class_id), report)
+            if sample is not None:
+                yield sample
+        return
+    for unit in units:
+        shard, _, span = unit.rpartition("@")
+        start, _, stop = span.partition(":")
+        yield from read_shard_samples(
+            storage,
+            shard,
+            report,
+            start=int(start) if stop else 0,
+            stop=int(stop) if stop else None,
+            validate=False,
+        )
+
+
+def _image_tensor(sample: dict[str, Any], size: int) -> torch.Tensor:
+    _, data = sample_image_bytes(sample)
+    return image_to_tensor(decode_image(data), size)
+
+
+def _dataset_mean(config: BuildConfig, units: Sequence[str]) -> list[float]:
+    """Per-channel mean of the first images of the listing (deterministic)."""
+    report = QuarantineReport()
+    total = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for sample in iter_units(config, units[:MEAN_SAMPLE_SIZE], report):
+        try:
+            total += _image_tensor(sample, config.image_size).double().mean(dim=(1, 2))
+        except BadImageError:
+            continue
+        count += 1
+        if count >= MEAN_SAMPLE_SIZE:
+            break
+    if count == 0:
+        raise ValueError("no readable image at the start of the input to estimate its mean")
+    return [round(float(v), 6) for v in total / count]
