@@ -17,18 +17,21 @@ from tasks.algorithms.vectors import ExplainabilityVector, VectorMeta
 from tasks.build_dataset import BuildConfig, LabelConfig, finalize_build, label_shard, plan_build
 from tasks.data.images import sample_to_tensor
 from tasks.data.synthetic import SYNTHETIC_DOMAINS, make_split
-from tasks.finetune import FinetuneConfig, finetune, load_finetuned
-from tasks.model import DEFAULT_MODEL, load_clip, model_fingerprint
+from tasks.finetune import FinetuneConfig, finetune
+from tasks.model import DEFAULT_MODEL, load_clip, load_sem, model_fingerprint
 from tasks.sweep import (
     TABLE_SCHEMA,
     SweepConfig,
+    SweepResult,
     TargetSpec,
+    assemble_sweep,
     baseline_tensor,
     evaluate_kernel_shap,
     evaluate_sem,
     load_reference,
+    load_sweep,
     load_target,
-    run_sweep,
+    load_vector,
     select_lambda,
     sweep_target,
     target_fingerprint,
@@ -129,6 +132,21 @@ def sweep_config(world: dict, **changes) -> SweepConfig:
     return SweepConfig(**fields)
 
 
+def run_sweep(config: SweepConfig, *, overwrite: bool = False) -> SweepResult:
+    """The stage steps in the order ``flows.sweep.transfer_sweep`` runs them, without Prefect:
+    a done sweep is read back; else validate, every target, assemble."""
+    stored = None if overwrite else load_sweep(config)
+    if stored is not None:
+        return stored
+    validate_sweep(config)
+    vector = load_vector(config.vector)
+    outcomes = [
+        sweep_target(config, spec.domain, vector=vector, overwrite=overwrite)
+        for spec in config.targets
+    ]
+    return assemble_sweep(config, outcomes)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return build_world(tmp_path_factory.mktemp("sweep-world"))
@@ -153,7 +171,7 @@ def _same_rows(a: list[dict], b: list[dict]) -> bool:
 def _accuracy_of_theta_t(world: dict, domain: str, split: str) -> float:
     """theta_T's accuracy computed without the sweep: loader, synthetic images, one pass."""
     spec = next(t for t in world["targets"] if t.domain == domain)
-    sem, _ = load_finetuned(spec.model.rpartition("/")[0], "model.safetensors")
+    sem = load_sem(spec.model).sem
     samples = list(make_split(domain, split, per_class=2))
     images = torch.stack([sample_to_tensor(s, 56) for s in samples])
     labels = torch.tensor([s["cls"] for s in samples])
