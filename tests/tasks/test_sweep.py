@@ -324,6 +324,34 @@ def test_stored_rows_are_tied_to_the_vectors_content_not_only_its_uri(world, tmp
     assert target_fingerprint(config, "shapes") != before
 
 
+def test_a_target_is_skipped_only_while_its_vector_is_unchanged(world, tmp_path) -> None:
+    store = open_storage(str(tmp_path))
+    world["vector_object"].save(store, "tau.safetensors")
+    config = sweep_config(
+        world,
+        name="redo",
+        vector=store.url("tau.safetensors"),
+        targets=world["targets"][:1],
+        kernel_shap_budgets=(25,),
+        max_images=2,
+        heatmap_images=0,
+    )
+    first = sweep_target(config, "shapes")
+    again = sweep_target(config, "shapes")
+    assert not first.skipped and again.skipped and _same_rows(again.rows, first.rows)
+
+    # Rewritten in place under the same URI: the stored rows no longer hold, they are redone.
+    (2.0 * world["vector_object"]).save(store, "tau.safetensors")
+    redone = sweep_target(config, "shapes")
+    assert not redone.skipped
+
+    def at(rows: list[dict], coef: float) -> list[dict]:
+        return [r for r in rows if r["method"] == "sem" and r["lambda"] == coef]
+
+    assert _same_rows(at(redone.rows, 0.0), at(first.rows, 0.0))
+    assert not _same_rows(at(redone.rows, 1.0), at(first.rows, 1.0))
+
+
 def test_a_vector_from_another_base_or_with_other_shapes_is_refused(world, tmp_path) -> None:
     vector = world["vector_object"]
     store = open_storage(str(tmp_path))
