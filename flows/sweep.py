@@ -17,15 +17,13 @@ from flows.artifacts import (
     publish_png,
     publish_table,
 )
-from storage import open_file
 from tasks.sweep import (
-    PLOT_FILE,
     SweepConfig,
     SweepResult,
     TargetOutcome,
     assemble_sweep,
     load_sweep,
-    sweep_storage,
+    read_output,
     sweep_target,
     validate_sweep,
 )
@@ -132,11 +130,6 @@ def summary_markdown(result: SweepResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _read_uri(uri: str) -> bytes:
-    storage, key = open_file(uri)
-    return storage.read_bytes(key)
-
-
 def publish_sweep(config: SweepConfig, result: SweepResult) -> None:
     """The sweep's table, summary, plot and heatmaps as Prefect artifacts."""
     name = config.name
@@ -145,13 +138,13 @@ def publish_sweep(config: SweepConfig, result: SweepResult) -> None:
         summary_markdown(result), artifact_key("sweep", name, "summary"), f"transfer sweep {name}"
     )
     publish_png(
-        sweep_storage(config).read_bytes(PLOT_FILE),
+        read_output(result.uris["plot"]),
         artifact_key("sweep", name, "plot"),
         f"transfer sweep {name}: quality and accuracy against lambda and inferences",
     )
     for target, uri in result.uris.get("heatmaps", {}).items():
         publish_png(
-            _read_uri(uri),
+            read_output(uri),
             artifact_key("sweep", name, "heatmaps", target),
             f"{target}: SEM label-class maps at lambda 0 and the chosen lambda (test images)",
         )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.plots import heatmap_overlay, plot_sweep
+from tasks.sweep.plots import heatmap_overlay, plot_sweep
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -18,18 +18,21 @@ from tasks.algorithms.vectors import ExplainabilityVector, VectorMeta
 from tasks.build_dataset import BuildConfig, LabelConfig, finalize_build, label_shard, plan_build
 from tasks.data.images import sample_to_tensor
 from tasks.data.synthetic import SYNTHETIC_DOMAINS, make_split
-from tasks.finetune import FinetuneConfig, finetune, load_finetuned
-from tasks.model import DEFAULT_MODEL, load_clip, model_fingerprint
+from tasks.finetune import FinetuneConfig, finetune
+from tasks.model import DEFAULT_MODEL, load_clip, load_sem, model_fingerprint
 from tasks.sweep import (
     TABLE_SCHEMA,
     SweepConfig,
+    SweepResult,
     TargetSpec,
+    assemble_sweep,
     baseline_tensor,
     evaluate_kernel_shap,
     evaluate_sem,
     load_reference,
+    load_sweep,
     load_target,
-    run_sweep,
+    load_vector,
     select_lambda,
     sweep_target,
     target_fingerprint,
@@ -130,6 +133,21 @@ def sweep_config(world: dict, **changes) -> SweepConfig:
     return SweepConfig(**fields)
 
 
+def run_sweep(config: SweepConfig, *, overwrite: bool = False) -> SweepResult:
+    """The stage steps in the order ``flows.sweep.transfer_sweep`` runs them, without Prefect:
+    a done sweep is read back; else validate, every target, assemble."""
+    stored = None if overwrite else load_sweep(config)
+    if stored is not None:
+        return stored
+    validate_sweep(config)
+    vector = load_vector(config.vector)
+    outcomes = [
+        sweep_target(config, spec.domain, vector=vector, overwrite=overwrite)
+        for spec in config.targets
+    ]
+    return assemble_sweep(config, outcomes)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return build_world(tmp_path_factory.mktemp("sweep-world"))
@@ -154,7 +172,7 @@ def _same_rows(a: list[dict], b: list[dict]) -> bool:
 def _accuracy_of_theta_t(world: dict, domain: str, split: str) -> float:
     """theta_T's accuracy computed without the sweep: loader, synthetic images, one pass."""
     spec = next(t for t in world["targets"] if t.domain == domain)
-    sem, _ = load_finetuned(spec.model.rpartition("/")[0], "model.safetensors")
+    sem = load_sem(spec.model).sem
     samples = list(make_split(domain, split, per_class=2))
     images = torch.stack([sample_to_tensor(s, 56) for s in samples])
     labels = torch.tensor([s["cls"] for s in samples])
@@ -305,6 +323,34 @@ def test_stored_rows_are_tied_to_the_vectors_content_not_only_its_uri(world, tmp
     assert target_fingerprint(config, "shapes") == before
     (2.0 * world["vector_object"]).save(store, "tau.safetensors")
     assert target_fingerprint(config, "shapes") != before
+
+
+def test_a_target_is_skipped_only_while_its_vector_is_unchanged(world, tmp_path) -> None:
+    store = open_storage(str(tmp_path))
+    world["vector_object"].save(store, "tau.safetensors")
+    config = sweep_config(
+        world,
+        name="redo",
+        vector=store.url("tau.safetensors"),
+        targets=world["targets"][:1],
+        kernel_shap_budgets=(25,),
+        max_images=2,
+        heatmap_images=0,
+    )
+    first = sweep_target(config, "shapes")
+    again = sweep_target(config, "shapes")
+    assert not first.skipped and again.skipped and _same_rows(again.rows, first.rows)
+
+    # Rewritten in place under the same URI: the stored rows no longer hold, they are redone.
+    (2.0 * world["vector_object"]).save(store, "tau.safetensors")
+    redone = sweep_target(config, "shapes")
+    assert not redone.skipped
+
+    def at(rows: list[dict], coef: float) -> list[dict]:
+        return [r for r in rows if r["method"] == "sem" and r["lambda"] == coef]
+
+    assert _same_rows(at(redone.rows, 0.0), at(first.rows, 0.0))
+    assert not _same_rows(at(redone.rows, 1.0), at(first.rows, 1.0))
 
 
 def test_a_vector_from_another_base_or_with_other_shapes_is_refused(world, tmp_path) -> None:

@@ -1,0 +1,374 @@
+"""The evaluation engine: accuracy and attribution quality of SEM and Kernel SHAP maps.
+
+:func:`evaluate_sem` scores the SEM's single-pass label-class maps (one inference per image),
+:func:`evaluate_kernel_shap` scores Kernel SHAP maps of theta_T at a budget of inferences, both
+against the target's reference with the same metrics. :func:`evaluate_target` runs every
+evaluation of one target, lambda by lambda and budget by budget, into the sweep's table rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tasks.algorithms.kernel_shap import blur_baseline, derive_seed, kernel_shap_explain
+from tasks.algorithms.metrics import accuracy, explanation_quality
+from tasks.algorithms.vectors import ExplainabilityVector
+from tasks.model import SelfExplainingCLIP
+from tasks.sweep.config import QUALITY_METRICS, SweepConfig, TargetSpec
+from tasks.sweep.inputs import EvalData, TargetModel
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+
+
+def baseline_tensor(
+    images: Tensor, name: str, mean: Sequence[float], grid: tuple[int, int]
+) -> Tensor:
+    """What a removed cell shows, in ``[0, 1]`` image space, for Kernel SHAP and insertion AUC.
+
+    Args:
+        images: ``[N, 3, H, W]`` images in ``[0, 1]``.
+        name: ``"mean"`` (``mean`` per channel), ``"zero"`` or ``"blur"`` (sigma = half a cell,
+            the labeller's blur).
+        mean: per-channel dataset mean; when empty the images' own mean is used.
+        grid: the cell grid.
+
+    Returns:
+        ``[3, H, W]`` (shared by every image) or ``[N, 3, H, W]`` (blur).
+    """
+    channels, height, width = images.shape[1:]
+    if name == "mean":
+        values = torch.tensor(list(mean), dtype=images.dtype, device=images.device)
+        if values.numel() == 0:
+            logger.warning("no stored dataset mean: using the mean of the evaluated images")
+            values = images.mean(dim=(0, 2, 3))
+        return values.view(channels, 1, 1).expand(channels, height, width)
+    if name == "zero":
+        return images.new_zeros(channels, height, width)
+    if name == "blur":
+        return blur_baseline(images, grid)
+    raise ValueError(f"unknown baseline {name!r}")
+
+
+def _chunk_baseline(baseline: Tensor, index: slice) -> Tensor:
+    return baseline[index] if baseline.dim() == 4 else baseline
+
+
+def _reduce(per_image: Mapping[str, list[Tensor]], correct: int, total: int) -> dict[str, float]:
+    scores = {"accuracy": correct / total if total else math.nan, "images": total}
+    for name in QUALITY_METRICS:
+        values = per_image.get(name)
+        scores[name] = float(torch.cat(values).double().nanmean()) if values else math.nan
+    return scores
+
+
+def _quality(
+    maps: Tensor,
+    data: EvalData,
+    index: slice,
+    images: Tensor,
+    model_fn: Callable[[Tensor], Tensor],
+    baseline: Tensor,
+    *,
+    topk: int,
+    auc_output: str,
+    auc_steps: int | None,
+    forward_batch_size: int,
+) -> dict[str, Tensor]:
+    device = images.device
+    return explanation_quality(
+        maps.to(device),
+        reference=data.reference[index].to(device),
+        k=topk,
+        model_fn=model_fn,
+        images=images,
+        classes=data.labels[index].to(device),
+        baseline=_chunk_baseline(baseline, index),
+        steps=auc_steps,
+        output=auc_output,
+        batch_size=forward_batch_size,
+        masks=None if data.masks is None else data.masks[index].to(device),
+        reduce=False,
+    )
+
+
+@torch.no_grad()
+def sem_label_maps(
+    sem: SelfExplainingCLIP, images: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One SEM pass: ``(logits [N, C], label-class attribution maps [N, gh, gw])``."""
+    device = sem.class_embeddings.device
+    logits, maps = sem(images.to(device))
+    label_maps = maps[torch.arange(len(labels), device=device), labels.to(device)]
+    return logits, label_maps
+
+
+@torch.no_grad()
+def evaluate_sem(
+    sem: SelfExplainingCLIP,
+    data: EvalData,
+    *,
+    baseline: Tensor,
+    topk: int = 5,
+    auc_output: str = "prob",
+    auc_steps: int | None = None,
+    batch_size: int = 64,
+    forward_batch_size: int = 1024,
+) -> dict[str, float]:
+    """Accuracy and quality of the SEM's single-pass label-class attributions on one split.
+
+    Agreement (Pearson, Spearman, top-k overlap) is measured against the reference's label-class
+    Kernel SHAP maps, insertion/deletion AUC with the SEM's own classifier (the edited model),
+    the pointing game against the object masks when the split has them.
+
+    Args:
+        sem: the model, in its current (possibly edited) weights.
+        data: the split and its reference.
+        baseline: from :func:`baseline_tensor` over the split's images.
+        topk: cells of the top-k overlap.
+        auc_output: ``"prob"`` or ``"logit"`` curves.
+        auc_steps: insertion/deletion steps (None: one cell per step).
+        batch_size: images per chunk.
+        forward_batch_size: masked inputs per model call.
+
+    Returns:
+        ``accuracy`` (fraction), ``images``, and every metric of :data:`QUALITY_METRICS` (NaN
+        where not measurable: ``pointing`` without masks).
+    """
+
+    def explain(images: Tensor, labels: Tensor, index: Tensor, classifier: nn.Module):
+        return sem_label_maps(sem, images, labels)
+
+    return _evaluate(
+        sem,
+        data,
+        explain,
+        baseline=baseline,
+        topk=topk,
+        auc_output=auc_output,
+        auc_steps=auc_steps,
+        batch_size=batch_size,
+        forward_batch_size=forward_batch_size,
+    )
+
+
+@torch.no_grad()
+def evaluate_kernel_shap(
+    model: SelfExplainingCLIP,
+    data: EvalData,
+    budget: int,
+    *,
+    baseline: Tensor,
+    output: str = "logit",
+    seed: int = 1,
+    topk: int = 5,
+    auc_output: str = "prob",
+    auc_steps: int | None = None,
+    batch_size: int = 64,
+    forward_batch_size: int = 1024,
+) -> dict[str, float]:
+    """Quality of Kernel SHAP explanations of ``model`` (theta_T) at ``budget`` inferences.
+
+    The same metrics as :func:`evaluate_sem`, the attributions being Kernel SHAP's for the label
+    class. Each image's coalitions are seeded from its key and ``seed``; pass a seed other than
+    the reference's, or the baseline would reproduce the reference instead of estimating it.
+
+    Args:
+        model: theta_T as a SEM (its classifier is explained).
+        data: the split and its reference.
+        budget: model evaluations per image, empty and full coalitions included.
+        baseline: from :func:`baseline_tensor` over the split's images.
+        output: ``"logit"`` or ``"prob"`` value function.
+        seed: global seed of the coalitions.
+        topk: cells of the top-k overlap.
+        auc_output: ``"prob"`` or ``"logit"`` curves.
+        auc_steps: insertion/deletion steps.
+        batch_size: images per chunk.
+        forward_batch_size: masked inputs per model call.
+
+    Returns:
+        As :func:`evaluate_sem`; ``accuracy`` is the model's own.
+    """
+    device = model.class_embeddings.device
+
+    def explain(images: Tensor, labels: Tensor, index: Tensor, classifier: nn.Module):
+        result = kernel_shap_explain(
+            classifier,
+            images,
+            labels.to(device),
+            grid=data.grid,
+            budget=budget,
+            baseline=_chunk_baseline(baseline.to(device), index),
+            output=output,
+            seed=[derive_seed(key, seed) for key in data.keys[index]],
+            batch_size=forward_batch_size,
+        )
+        return classifier(images), result.phi
+
+    return _evaluate(
+        model,
+        data,
+        explain,
+        baseline=baseline,
+        topk=topk,
+        auc_output=auc_output,
+        auc_steps=auc_steps,
+        batch_size=batch_size,
+        forward_batch_size=forward_batch_size,
+    )
+
+
+def _evaluate(
+    model: SelfExplainingCLIP,
+    data: EvalData,
+    explain: Callable[[Tensor, Tensor, Tensor, nn.Module], tuple[Tensor, Tensor]],
+    *,
+    baseline: Tensor,
+    topk: int,
+    auc_output: str,
+    auc_steps: int | None,
+    batch_size: int,
+    forward_batch_size: int,
+) -> dict[str, float]:
+    """Accuracy and quality over a split, in chunks, of the maps ``explain`` returns.
+
+    ``explain(images, labels, index, classifier) -> (logits, label-class maps)``; the maps are
+    scored by :func:`_quality` with the model's own classifier for insertion/deletion.
+    """
+    was_training = model.training
+    model.eval()
+    device = model.class_embeddings.device
+    classifier = model.as_classifier().eval()
+    per_image: dict[str, list[Tensor]] = {}
+    correct = 0
+    for index in data.batches(batch_size):
+        images = data.float_images(index).to(device)
+        labels = data.labels[index]
+        logits, maps = explain(images, labels, index, classifier)
+        correct += round(accuracy(logits, labels) * len(images))
+        scores = _quality(
+            maps,
+            data,
+            index,
+            images,
+            classifier,
+            baseline.to(device),
+            topk=topk,
+            auc_output=auc_output,
+            auc_steps=auc_steps,
+            forward_batch_size=forward_batch_size,
+        )
+        for name, values in scores.items():
+            per_image.setdefault(name, []).append(values.cpu())
+    model.train(was_training)
+    return _reduce(per_image, correct, len(data))
+
+
+def table_row(
+    spec: TargetSpec, method: str, coef: float, inferences: int, split: str, scores: Mapping
+) -> dict[str, Any]:
+    """One row of the sweep table (``chosen`` False until lambda is selected)."""
+    row = {
+        "target": spec.domain,
+        "related": spec.related,
+        "method": method,
+        "lambda": coef,
+        "inferences": inferences,
+        "split": split,
+        "images": int(scores["images"]),
+        "accuracy": float(scores["accuracy"]),
+        "chosen": False,
+    }
+    row.update({name: float(scores[name]) for name in QUALITY_METRICS})
+    return row
+
+
+def evaluate_target(
+    config: SweepConfig,
+    spec: TargetSpec,
+    model: TargetModel,
+    vector: ExplainabilityVector,
+    data: Mapping[str, EvalData],
+    *,
+    heatmap_images: int = 0,
+    progress: ProgressCallback | None = None,
+) -> tuple[list[dict[str, Any]], dict[float, Tensor]]:
+    """Every evaluation of one target: Kernel SHAP of theta_T per budget, the SEM per lambda.
+
+    Args:
+        config: the sweep.
+        spec: the target.
+        model: theta_T (its weights are edited in place, lambda by lambda).
+        vector: the explainability vector tau.
+        data: ``{"val": ..., "test": ...}``, checked against ``model``.
+        heatmap_images: the first test images whose SEM maps are kept at every lambda.
+        progress: called as ``progress(done, config.evaluations_per_target)`` after each one.
+
+    Returns:
+        ``(rows, maps)``: the table rows (none chosen yet) and lambda -> ``[n, gh, gw]`` label-
+        class maps of the first ``heatmap_images`` test images (CPU).
+    """
+    target, total, done = spec.domain, config.evaluations_per_target, 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    device = model.sem.class_embeddings.device
+    baselines = {
+        split: baseline_tensor(
+            d.images.float().div(255.0).to(device), config.baseline, d.baseline_mean, d.grid
+        )
+        for split, d in data.items()
+    }
+    common = dict(
+        topk=config.topk,
+        auc_output=config.auc_output,
+        auc_steps=config.auc_steps,
+        batch_size=config.batch_size,
+        forward_batch_size=config.forward_batch_size,
+    )
+    rows: list[dict[str, Any]] = []
+    model.load_lambda(vector, 0.0, allow_different_base=config.allow_different_base)
+    for split in config.kernel_shap_splits:
+        d = data[split]
+        for budget in config.kernel_shap_budgets:
+            scores = evaluate_kernel_shap(
+                model.sem,
+                d,
+                budget,
+                baseline=baselines[split],
+                output=config.output,
+                # Never the reference's own coalitions: those would agree with it perfectly.
+                seed=d.label_seed + 1 + config.seed,
+                **common,
+            )
+            rows.append(table_row(spec, "kernel_shap", math.nan, budget, split, scores))
+            logger.info("%s %s Kernel SHAP %d: %s", target, split, budget, scores)
+            advance()
+
+    heat_index = slice(0, heatmap_images)
+    heat_maps: dict[float, Tensor] = {}
+    for coef in config.lambdas:
+        model.load_lambda(vector, coef, allow_different_base=config.allow_different_base)
+        for split in ("val", "test"):
+            scores = evaluate_sem(model.sem, data[split], baseline=baselines[split], **common)
+            rows.append(table_row(spec, "sem", coef, 1, split, scores))
+            logger.info("%s %s lambda %g: %s", target, split, coef, scores)
+            advance()
+        if heatmap_images:
+            test = data["test"]
+            _, maps = sem_label_maps(
+                model.sem, test.float_images(heat_index), test.labels[heat_index]
+            )
+            heat_maps[coef] = maps.cpu()
+    return rows, heat_maps
