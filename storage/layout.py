@@ -33,6 +33,9 @@ MODEL_FILE = "model.safetensors"
 DATASET_CONFIG_FILE = "config.json"
 CLASS_NAMES_FILE = "classes.json"
 MANIFEST_FILE = "manifest.parquet"
+SWEEP_RESULTS_FILE = "results.parquet"
+SWEEP_SUMMARY_FILE = "summary.json"
+SWEEP_PLOT_FILE = "sweep.png"
 
 # One shard-name rule for writers and readers: six or more digits (webdataset's ShardWriter pads
 # to six; a dataset of a million shards still parses).

@@ -17,15 +17,15 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from storage import open_file
+from storage import layout, open_file
 from tasks.sweep.config import QUALITY_METRICS, TABLE_SCHEMA, SweepConfig, sweep_storage
 from tasks.sweep.inputs import EvalData, inputs_fingerprint
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.parquet"
-PLOT_FILE = "sweep.png"
-SUMMARY_FILE = "summary.json"
+RESULTS_FILE = layout.SWEEP_RESULTS_FILE
+PLOT_FILE = layout.SWEEP_PLOT_FILE
+SUMMARY_FILE = layout.SWEEP_SUMMARY_FILE
 RESULTS_UNIT = "results"
 
 
