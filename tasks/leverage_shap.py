@@ -109,16 +109,23 @@ def sample_leverage_coalitions(
     masks: list[np.ndarray] = []
     weights: list[np.ndarray] = []
     strata: list[np.ndarray] = []
+    sampled = [(size, int(count)) for size, cap, count in zip(sizes, caps, counts, strict=True)]
+    sampled = [
+        (size, count) for (size, count), cap in zip(sampled, caps, strict=True) if count < cap
+    ]
+    drawn = _draw_subsets(np.repeat([s for s, _ in sampled], [c for _, c in sampled]), m, generator)
+    offset = 0
     for size, cap, count in zip(sizes, caps, counts, strict=True):
         if count == 0:
             continue
         middle = 2 * size == m
         if count >= cap:
             combos = itertools_combinations(m, size, first_fixed=middle)
+            block = np.zeros((len(combos), m), dtype=bool)
+            np.put_along_axis(block, combos, True, axis=1)
         else:
-            combos = _draw_subsets(m, size, int(count), middle, generator)
-        block = np.zeros((len(combos), m), dtype=bool)
-        np.put_along_axis(block, combos, True, axis=1)
+            block = drawn[offset : offset + count]
+            offset += count
         # mass of one size over the rows of that size drawn (the middle size: both of a pair)
         mass = (m - 1) / (size * (m - size)) / total_mass
         weight = mass / (2 * len(block)) if middle else mass / len(block)
@@ -149,26 +156,32 @@ def itertools_combinations(m: int, size: int, *, first_fixed: bool = False) -> n
     return np.array(list(combos), dtype=np.int64).reshape(-1, size)
 
 
-def _draw_subsets(
-    m: int, size: int, count: int, middle: bool, generator: torch.Generator
-) -> np.ndarray:
-    """``[count, size]`` distinct uniform subsets (distinct pairs for the middle size)."""
-    chosen: list[np.ndarray] = []
+def _draw_subsets(sizes: np.ndarray, m: int, generator: torch.Generator) -> np.ndarray:
+    """``[len(sizes), m]`` bool: uniform subsets of the given sizes, distinct within a size.
+
+    A subset of the middle size ``m / 2`` is distinct from the other subsets and their
+    complements, and is given as the member of its pair that holds player 0.
+    """
+    out = np.zeros((len(sizes), m), dtype=bool)
+    todo = np.arange(len(sizes))
     seen: set[bytes] = set()
-    while len(chosen) < count:
-        need = count - len(chosen)
-        order = torch.rand(2 * need + 4, m, generator=generator).argsort(dim=1)[:, :size]
-        for row in np.sort(order.numpy(), axis=1):
-            mask = np.zeros(m, dtype=bool)
-            mask[row] = True
-            key = (mask if not (middle and not mask[0]) else ~mask).tobytes()
+    while len(todo):
+        # one vectorised draw for every subset still missing; repeats (rare) are drawn again
+        order = torch.rand(len(todo), m, generator=generator).argsort(dim=1).numpy()
+        masks = np.zeros((len(todo), m), dtype=bool)
+        np.put_along_axis(masks, order, np.arange(m)[None, :] < sizes[todo, None], axis=1)
+        middle = 2 * sizes[todo] == m
+        masks[middle] = np.where(masks[middle, :1], masks[middle], ~masks[middle])
+        again = []
+        for row, mask, key in zip(todo, masks, np.packbits(masks, axis=1), strict=True):
+            key = key.tobytes()
             if key in seen:
+                again.append(row)
                 continue
             seen.add(key)
-            chosen.append(row)
-            if len(chosen) == count:
-                break
-    return np.stack(chosen)
+            out[row] = mask
+        todo = np.asarray(again, dtype=np.int64)
+    return out
 
 
 def _pair_rows(masks: Tensor, weights: Tensor, values: Tensor, v_empty: Tensor, delta: Tensor):
@@ -267,7 +280,13 @@ def solve_leverage_shap(
     population = 1.0 / (2.0 * sum(1.0 / s for s in range(1, players)))
     eigenvalues, vectors = torch.linalg.eigh(gram)
     alpha = _shrinkage_weights(a, w, d, eigenvalues, vectors, shrinkage)
-    phi = base + _shrunk_solve(gram, rhs, alpha, population)
+    # G_hat, P_proj and J share eigenvectors on the span of G_hat, where r lies; on G_hat's null
+    # space (1 and, under-determined, more) the solution is 0, so one eigh serves every class.
+    tiny = torch.finfo(torch.float64).eps
+    live = (eigenvalues > 1e-9 * eigenvalues[:, -1:].clamp_min(tiny)).unsqueeze(-1)
+    shrunk = (1 - alpha.unsqueeze(1)) * eigenvalues.unsqueeze(-1) + alpha.unsqueeze(1) * population
+    factor = torch.where(live, 1.0 / shrunk.clamp_min(tiny), torch.zeros_like(shrunk))
+    phi = base + vectors @ (factor * (vectors.transpose(1, 2) @ rhs))
     if not bootstrap:
         return phi, None, alpha
     if strata is None or generators is None:
