@@ -138,6 +138,16 @@ def shard_report_key(shard: str) -> str:
     return f"{REPORTS_PREFIX}shards/{posixpath.basename(shard).removesuffix('.tar')}.json"
 
 
+def shard_error_report_key(shard: str) -> str:
+    """The estimated label errors of one X-dataset shard (when the build estimates them)."""
+    return f"{REPORTS_PREFIX}errors/{posixpath.basename(shard).removesuffix('.tar')}.json"
+
+
+def split_error_report_key(name: str, split: str) -> str:
+    """The summary of a build's estimated label errors: ``reports/{name}-{split}-label-error.json``."""
+    return f"{REPORTS_PREFIX}{name}-{split}-label-error.json"
+
+
 def split_report_key(name: str, split: str) -> str:
     """The quarantine report of a whole export or build: ``reports/{name}-{split}.json``."""
     return f"{REPORTS_PREFIX}{name}-{split}.json"

@@ -5,10 +5,14 @@ algorithm whose parts share the coalition layout; they are tested together again
 
 The players are the cells of a ``gh x gw`` grid over the image. A coalition keeps its cells and
 replaces the others by a baseline; its value is the explained model's logit (or probability) of a
-class. Coalitions are drawn exactly as ``shap.KernelExplainer`` draws them (whole subset sizes
-enumerated while the budget covers them, the rest sampled from the Shapley kernel in
-complementary pairs) and the attributions solve the same weighted least squares with the
-efficiency constraint, so on the same coalitions the result equals shap's.
+class. By default (``sampler="leverage"``) coalitions follow Leverage SHAP (sizes uniform,
+stratified complementary pairs without replacement, exact reweighting) and the attributions
+solve the projected regression shrunk towards its known population Gram matrix, which stays
+stable near ``2P`` evaluations (tasks/algorithms/leverage_shap.py). With ``sampler="kernel"`` coalitions are
+drawn exactly as ``shap.KernelExplainer`` draws them (whole subset sizes enumerated while the
+budget covers them, the rest sampled from the Shapley kernel in complementary pairs) and the
+attributions solve the same weighted least squares with the efficiency constraint, so on the
+same coalitions the result equals shap's.
 
 What differs from shap is the execution: the coalitions of every image of a batch go through the
 model together in large forward batches on the model's device, and all regressions are solved at
@@ -36,11 +40,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tasks.algorithms.leverage_shap import (
+    BOOTSTRAP_REPLICATES,
+    sample_leverage_coalitions,
+    solve_leverage_shap,
+)
+
 log = logging.getLogger(__name__)
 
 BASELINES = ("mean", "zero", "blur")
 OUTPUTS = ("logit", "prob")
 MASKINGS = ("auto", "pixel", "token")
+#: ``"leverage"``: Leverage SHAP with the shrunk solve (tasks/algorithms/leverage_shap.py), the default;
+#: ``"kernel"``: shap.KernelExplainer's sampling and solve, identical to shap.
+SAMPLERS = ("leverage", "kernel")
 DEFAULT_BATCH_ROWS = 1024
 # eigenvalues of the normal equations below this fraction of the largest count as zero
 RCOND = 1e-10
@@ -83,6 +96,8 @@ class KernelShapResult:
         baseline: name of the baseline (``"tensor"`` for a given tensor).
         output: ``"logit"`` or ``"prob"``.
         masking: ``"pixel"`` or ``"token"``: how coalitions were applied.
+        sampler: ``"leverage"`` or ``"kernel"``.
+        phi_err: bootstrap standard error of ``phi`` (same shape), when it was asked for.
     """
 
     phi: Tensor
@@ -96,6 +111,15 @@ class KernelShapResult:
     baseline: str
     output: str
     masking: str
+    sampler: str = "kernel"
+    phi_err: Tensor | None = None
+
+    def relative_error(self) -> Tensor | None:
+        """``[N, k]`` (or ``[N]``): estimated ``||phi - exact|| / ||phi||`` per image and class."""
+        if self.phi_err is None:
+            return None
+        err = self.phi_err.flatten(-2).norm(dim=-1)
+        return err / self.phi.flatten(-2).norm(dim=-1).clamp_min(1e-12)
 
     def image_metadata(self, index: int) -> dict[str, Any]:
         """JSON-able labelling metadata of one image (the ``json`` field of an X-dataset)."""
@@ -110,6 +134,7 @@ class KernelShapResult:
             "grid": list(self.grid),
             "baseline": self.baseline,
             "output": self.output,
+            "sampler": self.sampler,
         }
 
 
@@ -400,6 +425,8 @@ def kernel_shap_explain(
     seed: int | Sequence[int] | Tensor = 0,
     batch_size: int | None = None,
     masking: str = "auto",
+    sampler: str = "leverage",
+    error_estimate: bool = False,
 ) -> KernelShapResult:
     """Kernel SHAP attributions of grid cells for a batch of images, with v(empty) and v(full).
 
@@ -424,6 +451,12 @@ def kernel_shap_explain(
         batch_size: forward rows per model call (masked inputs of several images mixed);
             default 1024.
         masking: ``"auto"`` (token space when possible), ``"pixel"`` or ``"token"``.
+        sampler: ``"leverage"`` (default): coalition sizes uniform, stratified complementary
+            pairs without replacement, exact reweighting, and a solve shrunk towards the known
+            population Gram matrix (tasks/algorithms/leverage_shap.py); exact when the budget covers all
+            coalitions. ``"kernel"``: shap.KernelExplainer's scheme and solve, for comparisons.
+        error_estimate: also estimate each attribution's standard error by a stratified
+            bootstrap over the coalition pairs (no extra model evaluation; ``"leverage"`` only).
 
     Returns:
         A :class:`KernelShapResult`.
@@ -443,6 +476,10 @@ def kernel_shap_explain(
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if masking not in MASKINGS:
         raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if error_estimate and sampler != "leverage":
+        raise ValueError("error_estimate needs the leverage sampler (its pairs are bootstrapped)")
     if isinstance(model, nn.Module) and model.training:
         log.warning("explaining a model in training mode (dropout etc. make values random)")
     batch_size = int(batch_size or DEFAULT_BATCH_ROWS)
@@ -454,9 +491,17 @@ def kernel_shap_explain(
     base, baseline_name, shared_base = _baseline_images(images, baseline, grid)
 
     coalitions = []
+    strata = []
     for image_seed in seeds:
         generator = torch.Generator().manual_seed(image_seed)
-        coalitions.append(sample_coalitions(players, budget - 2, generator))
+        if sampler == "kernel":
+            coalitions.append(sample_coalitions(players, budget - 2, generator))
+        else:
+            image_masks, image_weights, image_strata = sample_leverage_coalitions(
+                players, budget - 2, generator
+            )
+            coalitions.append((image_masks, image_weights))
+            strata.append(image_strata)
     counts = [len(c[0]) for c in coalitions]
 
     # rows per image: empty, full, then its sampled coalitions
@@ -532,10 +577,31 @@ def kernel_shap_explain(
         sampled[i, :count] = values[offset + 2 : offset + 2 + count]
         offset += count + 2
 
-    phi = solve_kernel_shap(masks, weights, sampled, v_empty, v_full)
+    phi_err = None
+    if sampler == "kernel":
+        phi = solve_kernel_shap(masks, weights, sampled, v_empty, v_full)
+    else:
+        pair_strata = torch.full((n, longest // 2), -1, dtype=torch.long)
+        for i, image_strata in enumerate(strata):
+            pair_strata[i, : len(image_strata)] = image_strata
+        phi, phi_err, _ = solve_leverage_shap(
+            masks,
+            weights,
+            sampled,
+            v_empty,
+            v_full,
+            strata=pair_strata,
+            bootstrap=BOOTSTRAP_REPLICATES if error_estimate else 0,
+            # the bootstrap's own stream, so the estimate is as reproducible as the labels
+            generators=[torch.Generator().manual_seed(s ^ 0x5EED) for s in seeds],
+        )
     phi = phi.transpose(1, 2).reshape(n, k, *grid).float()
+    if phi_err is not None:
+        phi_err = phi_err.transpose(1, 2).reshape(n, k, *grid).float()
     single = classes.dim() == 1
     log.debug("explained %d images with %d forward rows", n, len(row_masks))
+    if single and phi_err is not None:
+        phi_err = phi_err[:, 0]
     return KernelShapResult(
         phi=phi[:, 0] if single else phi,
         v_empty=v_empty[:, 0] if single else v_empty,
@@ -548,6 +614,8 @@ def kernel_shap_explain(
         baseline=baseline_name,
         output=output,
         masking="pixel" if token_cells is None else "token",
+        sampler=sampler,
+        phi_err=phi_err,
     )
 
 
@@ -563,6 +631,7 @@ def kernel_shap(
     seed: int | Sequence[int] | Tensor = 0,
     batch_size: int | None = None,
     masking: str = "auto",
+    sampler: str = "leverage",
 ) -> Tensor:
     """Kernel SHAP attributions of grid cells (see :func:`kernel_shap_explain`).
 
@@ -580,4 +649,5 @@ def kernel_shap(
         seed=seed,
         batch_size=batch_size,
         masking=masking,
+        sampler=sampler,
     ).phi

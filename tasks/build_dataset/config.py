@@ -22,6 +22,16 @@ class LabelConfig(StageConfig):
     baseline: Literal["mean", "zero", "blur"] = "mean"
     output: Literal["logit", "prob"] = "logit"
     top_k: int = Field(1, ge=0, le=10, description="predicted classes explained beside the label")
+    sampler: Literal["leverage", "kernel"] = Field(
+        "leverage",
+        description="leverage: Leverage SHAP with a shrunk solve (default, most accurate per "
+        "evaluation); kernel: shap.KernelExplainer's scheme",
+    )
+    error_estimate: bool = Field(
+        False,
+        description="store a bootstrap standard error per attribution (shap_err.npy); costs no "
+        "model evaluation",
+    )
     seed: int = 0
     images_per_batch: int = Field(32, ge=1)
     forward_batch_size: int = Field(2048, ge=1, description="forward rows per model call")
@@ -32,6 +42,8 @@ class LabelConfig(StageConfig):
 
     @model_validator(mode="after")
     def _budget_covers_players(self) -> LabelConfig:
+        if self.error_estimate and self.sampler != "leverage":
+            raise ValueError("error_estimate needs sampler='leverage'")
         players = self.grid_h * self.grid_w
         if players < 2:
             raise ValueError(f"grid {self.grid} has fewer than 2 cells")

@@ -273,7 +273,10 @@ def label_samples(
 
     Each output sample keeps every input field (the original image bytes unchanged, ``cls``,
     a mask if any) and adds ``shap.npy`` (float32 ``[k, gh, gw]``, label class first, then the
-    top predicted classes that differ) and ``json`` (the labelling metadata).
+    top predicted classes that differ) and ``json`` (the labelling metadata). With
+    ``label.error_estimate`` it also adds ``shap_err.npy`` (the bootstrap standard error of each
+    attribution, same shape) and ``relative_error`` per class in ``json``
+    (``||err|| / ||phi||``).
 
     Args:
         images: the samples' images already decoded (``[N, 3, S, S]`` in ``[0, 1]``); decoded
@@ -302,7 +305,10 @@ def label_samples(
         output=label.output,
         seed=[derive_seed(str(s["__key__"]), label.seed) for s in samples],
         batch_size=label.forward_batch_size,
+        sampler=label.sampler,
+        error_estimate=label.error_estimate,
     )
+    relative_error = result.relative_error()
     labelled = []
     for i, sample in enumerate(samples):
         meta = result.image_metadata(i)
@@ -317,13 +323,20 @@ def label_samples(
             baseline_mean=list(baseline_mean or []),
             model=model_fingerprint,
         )
-        buffer = io.BytesIO()
-        np.save(buffer, phi)
-        out = {k: v for k, v in sample.items() if k not in ("shap.npy", "json")}
-        out["shap.npy"] = buffer.getvalue()
+        out = {k: v for k, v in sample.items() if k not in ("shap.npy", "shap_err.npy", "json")}
+        out["shap.npy"] = _npy_bytes(phi)
+        if result.phi_err is not None and relative_error is not None:
+            out["shap_err.npy"] = _npy_bytes(result.phi_err[i][keep].numpy().astype(np.float32))
+            meta["relative_error"] = [float(relative_error[i][j]) for j in keep]
         out["json"] = meta
         labelled.append(out)
     return labelled
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def label_shard(
@@ -371,6 +384,7 @@ def label_shard(
     written = 0
     chunk: list[dict[str, Any]] = []
     images: list[torch.Tensor] = []
+    errors: list[float] = []
 
     def flush() -> None:
         nonlocal written
@@ -385,6 +399,8 @@ def label_shard(
         ):
             writer.write(out)
             written += 1
+            if "relative_error" in out["json"]:
+                errors.append(out["json"]["relative_error"][0])
         chunk.clear()
         images.clear()
         if progress is not None:
@@ -412,6 +428,8 @@ def label_shard(
         if chunk:
             flush()
         dataset.write_json(shard_report_key(shard), report.to_dict())
+        if errors:  # the label class's estimated relative error of every sample
+            dataset.write_json(layout.shard_error_report_key(shard), {"relative_error": errors})
     seconds = time.perf_counter() - start
     logger.info(
         "shard %s: %d samples labelled, %d quarantined, %.1f images/s",
@@ -439,7 +457,10 @@ def finalize_build(plan: BuildPlan) -> dict[str, Any]:
 
     Returns:
         ``{"dataset_uri", "version", "complete", "missing", "samples", "quarantined"}``;
-        ``missing`` lists the shards without a completion marker (failed ones).
+        ``missing`` lists the shards without a completion marker (failed ones). With
+        ``error_estimate`` labels, ``label_error`` summarises the label class's estimated
+        relative error over the samples (``images``, ``mean``, ``median``, ``p90``; also written
+        to ``reports/{name}-{split}-label-error.json``).
     """
     dataset = open_storage(plan.dataset_uri)
     expected = [plan.shard_key(i) for i in range(plan.config.num_shards)]
@@ -462,6 +483,24 @@ def finalize_build(plan: BuildPlan) -> dict[str, Any]:
         "inputs": len(plan.units),
         "quarantined": report.num_quarantined(),
     }
+    errors = [
+        value
+        for shard in complete
+        if dataset.exists(layout.shard_error_report_key(shard))
+        for value in dataset.read_json(layout.shard_error_report_key(shard))["relative_error"]
+    ]
+    if errors:
+        values = np.asarray(errors)
+        summary["label_error"] = {
+            "images": len(values),
+            "mean": float(values.mean()),
+            "median": float(np.median(values)),
+            "p90": float(np.quantile(values, 0.9)),
+        }
+        dataset.write_json(
+            layout.split_error_report_key(plan.config.name, plan.config.split),
+            summary["label_error"],
+        )
     logger.info("explanation dataset %s: %s", plan.version, summary)
     return summary
 

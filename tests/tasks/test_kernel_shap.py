@@ -18,6 +18,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 import tasks
 from tasks.algorithms.kernel_shap import (
+    SAMPLERS,
     TokenMaskable,
     derive_seed,
     kernel_shap,
@@ -25,6 +26,7 @@ from tasks.algorithms.kernel_shap import (
     sample_coalitions,
     solve_kernel_shap,
 )
+from tasks.algorithms.leverage_shap import sample_leverage_coalitions, solve_leverage_shap
 from tasks.model.vit import (
     OpenCLIPClassifier,
     vit_embed_patches,
@@ -228,7 +230,9 @@ def test_agrees_with_shap_kernel_explainer_at_high_budget():
     images = torch.rand(3, 3, 14, 14)
     classes = torch.tensor([0, 1, 2])
     base = torch.full((1, 3, 14, 14), 0.5)
-    ours = kernel_shap(model, images, classes, budget=2002, baseline=base[0], seed=[1, 2, 3])
+    ours = kernel_shap(
+        model, images, classes, budget=2002, baseline=base[0], seed=[1, 2, 3], sampler="kernel"
+    )
     pearsons = []
     for i in range(3):
         reference = _shap_reference(model, images[i], base, int(classes[i]), nsamples=2000)
@@ -427,3 +431,157 @@ def test_small_budget_keeps_efficiency_and_validates_inputs():
         kernel_shap(model, images, classes, output="softmax")
     with pytest.raises(ValueError):
         kernel_shap(model, images, classes[:1])
+
+
+def _polynomial_game(players: int, seed: int):
+    """A game of random linear, pairwise and triple terms and its exact Shapley values.
+
+    An interaction term over the set T with weight w gives each member w / |T|.
+    """
+    rng = np.random.default_rng(seed)
+    terms = [((i,), rng.normal()) for i in range(players)]
+    for order in range(2, min(players, 3) + 1):
+        terms += [
+            (tuple(rng.choice(players, order, replace=False)), rng.normal()) for _ in range(players)
+        ]
+    exact = np.zeros(players)
+    for members, weight in terms:
+        exact[list(members)] += weight / len(members)
+
+    def value(masks: torch.Tensor) -> torch.Tensor:
+        z = masks.double()
+        out = torch.zeros(len(z), dtype=torch.float64)
+        for members, weight in terms:
+            out += weight * z[:, list(members)].prod(dim=1)
+        return out
+
+    return value, torch.from_numpy(exact)
+
+
+def _solve_game(value, players: int, budget: int, seed: int, sampler: str, bootstrap: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    v_empty = value(torch.zeros(1, players, dtype=torch.bool)).view(1, 1)
+    v_full = value(torch.ones(1, players, dtype=torch.bool)).view(1, 1)
+    if sampler == "kernel":
+        masks, weights = sample_coalitions(players, budget - 2, generator)
+        values = value(masks)[None, :, None]
+        return solve_kernel_shap(masks[None], weights[None], values, v_empty, v_full)[0, :, 0]
+    masks, weights, strata = sample_leverage_coalitions(players, budget - 2, generator)
+    phi, err, _ = solve_leverage_shap(
+        masks[None],
+        weights[None],
+        value(masks)[None, :, None],
+        v_empty,
+        v_full,
+        strata=strata[None],
+        bootstrap=bootstrap,
+        generators=[torch.Generator().manual_seed(seed + 1)],
+    )
+    return (phi[0, :, 0], err[0, :, 0]) if bootstrap else phi[0, :, 0]
+
+
+@pytest.mark.parametrize("players", [2, 3, 4, 7, 8])
+def test_leverage_is_exact_when_the_budget_covers_every_coalition(players):
+    value, exact = _polynomial_game(players, seed=players)
+    masks, _, strata = sample_leverage_coalitions(players, 2**players, torch.Generator())
+    assert len(masks) == 2**players - 2  # every coalition once, empty and full aside
+    assert len({m.numpy().tobytes() for m in masks}) == len(masks)
+    assert (strata == -1).all()  # all enumerated: nothing left to bootstrap
+    phi = _solve_game(value, players, 2**players, seed=0, sampler="leverage")
+    torch.testing.assert_close(phi, exact, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("budget", [2, 3, 10, 50, 100, 151])
+def test_leverage_keeps_efficiency_exactly_at_any_budget(budget):
+    value, exact = _polynomial_game(49, seed=1)
+    phi = _solve_game(value, 49, budget, seed=2, sampler="leverage")
+    assert float(phi.sum()) == pytest.approx(float(exact.sum()), abs=1e-9)
+
+
+def test_leverage_is_exact_on_additive_games_once_the_pairs_span_the_players():
+    # With complementary pairs, budget 2P + 2 gives P pair rows for P - 1 unknowns: an additive
+    # game is fitted exactly (no leave-one-out residual, so no shrinkage) whenever those rows
+    # have full rank, which random pairs at exactly 2P + 2 sometimes miss; a little above it
+    # they practically always have it.
+    players = 12
+    weights = torch.randn(players, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def value(masks: torch.Tensor) -> torch.Tensor:
+        return masks.double() @ weights
+
+    exact_at_minimum = 0
+    for seed in range(6):
+        phi = _solve_game(value, players, 2 * players + 2, seed=seed, sampler="leverage")
+        exact_at_minimum += bool(torch.allclose(phi, weights, rtol=0, atol=1e-8))
+        for budget in (40, 100):
+            phi = _solve_game(value, players, budget, seed=seed, sampler="leverage")
+            torch.testing.assert_close(phi, weights, rtol=0, atol=1e-8)
+    assert exact_at_minimum >= 3
+
+
+def test_leverage_error_decreases_with_budget_through_the_2p_trap():
+    players = 49
+    games = [_polynomial_game(players, seed=s) for s in range(4)]
+
+    def mean_error(budget: int, sampler: str) -> float:
+        errors = [
+            float(
+                (_solve_game(value, players, budget, seed, sampler) - exact).norm() / exact.norm()
+            )
+            for value, exact in games
+            for seed in range(3)
+        ]
+        return float(np.mean(errors))
+
+    budgets = (50, 100, 150, 300)
+    leverage = [mean_error(b, "leverage") for b in budgets]
+    assert all(b < a for a, b in zip(leverage, leverage[1:], strict=False)), leverage
+    # shap's scheme at 2P + 2 = 100 is worse than at 50 (the trap); the default is not
+    kernel_100, kernel_150 = mean_error(100, "kernel"), mean_error(150, "kernel")
+    assert leverage[1] < 0.5 * kernel_100
+    assert leverage[2] < 0.9 * kernel_150
+
+
+def test_bootstrap_error_estimate_tracks_the_real_error():
+    value, exact = _polynomial_game(49, seed=7)
+    ratios = []
+    for seed in range(6):
+        phi, err = _solve_game(value, 49, 200, seed=seed, sampler="leverage", bootstrap=32)
+        ratios.append(float(err.norm() / (phi - exact).norm()))
+    assert 0.5 < float(np.mean(ratios)) < 2.0, ratios
+
+
+def test_samplers_and_error_estimate_through_the_labeller():
+    model = _net(14)
+    torch.manual_seed(9)
+    images = torch.rand(3, 3, 14, 14)
+    classes = torch.tensor([[0, 1], [2, 0], [1, 1]])
+    kwargs = {"budget": 120, "baseline": "zero", "seed": [1, 2, 3]}
+    assert SAMPLERS[0] == "leverage"
+    default = kernel_shap_explain(model, images, classes, error_estimate=True, **kwargs)
+    assert default.sampler == "leverage" and default.phi_err.shape == default.phi.shape
+    assert (default.phi_err >= 0).all() and default.relative_error().shape == (3, 2)
+    # the estimate is free: same evaluations, same attributions as without it
+    plain = kernel_shap_explain(model, images, classes, **kwargs)
+    assert plain.phi_err is None and torch.equal(plain.phi, default.phi)
+    assert default.evaluations.tolist() == [120] * 3
+    # "kernel" is shap's scheme, bit for bit what its sampler and solver give
+    kernel = kernel_shap_explain(model, images, classes, sampler="kernel", **kwargs)
+    assert kernel.image_metadata(0)["sampler"] == "kernel"
+    masks, weights = sample_coalitions(49, 118, torch.Generator().manual_seed(2))
+    cells = _cell_pixels((7, 7), 14)
+    with torch.no_grad():
+        rows = model(_masked(images[1], torch.zeros(1, 3, 14, 14), masks, cells)).double()
+        ends = model(torch.stack([torch.zeros(3, 14, 14), images[1]])).double()
+    direct = solve_kernel_shap(
+        masks[None],
+        weights[None],
+        rows[None][:, :, classes[1]],
+        ends[:1, classes[1]],
+        ends[1:, classes[1]],
+    )[0].T.reshape(2, 7, 7)
+    torch.testing.assert_close(kernel.phi[1], direct.float(), rtol=0, atol=2e-5)
+    with pytest.raises(ValueError):
+        kernel_shap_explain(model, images, classes, sampler="kernel", error_estimate=True)
+    with pytest.raises(ValueError):
+        kernel_shap_explain(model, images, classes, sampler="uniform")

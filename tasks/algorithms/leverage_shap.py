@@ -1,0 +1,315 @@
+"""Leverage-score coalition sampling and a shrinkage solve for Kernel SHAP (the default labeller).
+
+Kernel SHAP's regression (coalition rows ``z - |S|/P`` after projecting out the efficiency
+constraint, Shapley-kernel weights) has a remarkable population Gram matrix: every coalition size
+contributes the same amount, ``P_proj / (2 H_{P-1})`` in total, where ``P_proj = I - 11^T / P``
+and ``H`` is the harmonic number. Musco & Witter (ICLR 2025, "Provably accurate Shapley value
+estimation via leverage score sampling") show that the rows' leverage scores are therefore
+proportional to ``1 / C(P, |S|)``: sampling coalition *sizes* uniformly, instead of from the
+Shapley kernel, is the provably good design. This module implements it with three refinements:
+
+- *Stratified, without replacement, in complementary pairs.* Every size pair ``{s, P - s}`` is a
+  stratum; the pairs of the budget are split equally between sizes (randomised rounding), a
+  stratum that the budget covers is enumerated whole, and within a stratum distinct pairs are
+  drawn uniformly. Each row then carries the exact Horvitz-Thompson weight ``mass(s) / k_s``
+  (the stratum's kernel mass over its sampled count), so the sampled Gram matrix and right-hand
+  side are unbiased for the population ones, and when every stratum is enumerated they *are*
+  the population ones: the result is the exact Shapley value.
+- *A solve that cannot blow up near ``2P`` evaluations.* With complementary pairs a budget ``b``
+  gives ``(b - 2) / 2`` independent rows for ``P - 1`` unknowns; near square the least-squares
+  system is ill-conditioned and its error explodes. Because the population Gram matrix is known,
+  the sampled one is shrunk towards it, ``(1 - a) G_hat + a G``: the solve is always well
+  posed, and a fully enumerated design stays exact for any ``a``. The weight ``a`` comes from the
+  data: ``SHRINKAGE`` times the leave-one-pair-out (PRESS) fraction of unexplained target
+  variance (relative to ``PRESS_SCALE``, capped at 1), so a game the regression fits exactly (an additive model, with enough pairs) gets
+  ``a = 0`` and is solved exactly, and a near-square or under-determined design (PRESS
+  undefined) gets the full ``SHRINKAGE``.
+- *An error estimate for free.* The stratified bootstrap over the sampled pairs (enumerated
+  strata held fixed, strata with a single pair pooled) re-solves with the same evaluations, giving a per-cell standard error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: Largest weight of the known population Gram matrix in the shrunk solve (chosen on the
+#: benchmark's 49-player games; benchmarks/bench_shapley_accuracy.py).
+SHRINKAGE = 0.03
+#: PRESS fraction of unexplained variance at which the shrinkage is full.
+PRESS_SCALE = 0.05
+#: Bootstrap replicates of the error estimate.
+BOOTSTRAP_REPLICATES = 32
+
+
+def _strata(num_players: int) -> tuple[list[int], list[int], list[float]]:
+    """Sizes ``s <= P / 2`` of the strata, their number of pairs, and their share of the budget."""
+    m = num_players
+    sizes = list(range(1, m // 2 + 1))
+    # a stratum s < P/2 holds the sizes s and P - s; the middle size P/2 pairs with itself
+    pairs = [math.comb(m, s) // (2 if 2 * s == m else 1) for s in sizes]
+    shares = [1.0 if 2 * s == m else 2.0 for s in sizes]
+    return sizes, pairs, shares
+
+
+def _allocate(num_pairs: int, caps: list[int], shares: list[float], generator: torch.Generator):
+    """Pairs per stratum: equal per size, capped at the stratum, randomised integer rounding."""
+    caps_a = np.asarray(caps, dtype=np.float64)
+    shares_a = np.asarray(shares, dtype=np.float64)
+    alloc = np.zeros(len(caps))
+    free = np.ones(len(caps), dtype=bool)
+    left = float(min(num_pairs, caps_a.sum()))
+    while left > 1e-9 and free.any():
+        step = left * shares_a * free / (shares_a * free).sum()
+        full = free & (alloc + step >= caps_a - 1e-9)
+        if full.any():  # water-filling: a covered stratum is enumerated, its excess moves on
+            left -= float((caps_a - alloc)[full].sum())
+            alloc[full] = caps_a[full]
+            free &= ~full
+        else:
+            alloc += step
+            left = 0.0
+    counts = np.floor(alloc + 1e-9).astype(np.int64)
+    fraction = np.clip(alloc - counts, 0.0, None)
+    extra = int(round(fraction.sum()))
+    if extra > 0:  # systematic sampling keeps each stratum's expected count exact
+        start = float(torch.rand(1, generator=generator, dtype=torch.float64))
+        points = start + np.arange(extra)
+        picks = np.searchsorted(np.cumsum(fraction), points, side="right")
+        np.add.at(counts, np.minimum(picks, len(counts) - 1), 1)
+    return np.minimum(counts, caps_a.astype(np.int64))
+
+
+def sample_leverage_coalitions(
+    num_players: int, num_samples: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Leverage SHAP coalitions: sizes uniform, complementary pairs, without replacement.
+
+    Args:
+        num_players: ``P`` >= 2.
+        num_samples: coalitions wanted, empty and full excluded; rounded down to pairs and
+            capped at ``2 ** P - 2``.
+        generator: CPU generator; the coalitions depend on it only.
+
+    Returns:
+        ``(masks bool [K, P], weights float64 [K], strata long [K // 2])``: rows ``2j`` and
+        ``2j + 1`` are complements; ``weights`` are the Shapley-kernel weights (normalised to a
+        total mass of 1 over all coalitions) divided by the inclusion probabilities; ``strata``
+        is the stratum (smaller size) of each pair, or -1 where its stratum was enumerated.
+    """
+    m = num_players
+    if m < 2:
+        raise ValueError("Kernel SHAP needs at least 2 players")
+    sizes, caps, shares = _strata(m)
+    counts = _allocate(max(num_samples, 0) // 2, caps, shares, generator)
+    total_mass = 2.0 * (m - 1) / m * sum(1.0 / s for s in range(1, m))
+    masks: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    strata: list[np.ndarray] = []
+    sampled = [(size, int(count)) for size, cap, count in zip(sizes, caps, counts, strict=True)]
+    sampled = [
+        (size, count) for (size, count), cap in zip(sampled, caps, strict=True) if count < cap
+    ]
+    drawn = _draw_subsets(np.repeat([s for s, _ in sampled], [c for _, c in sampled]), m, generator)
+    offset = 0
+    for size, cap, count in zip(sizes, caps, counts, strict=True):
+        if count == 0:
+            continue
+        middle = 2 * size == m
+        if count >= cap:
+            combos = itertools_combinations(m, size, first_fixed=middle)
+            block = np.zeros((len(combos), m), dtype=bool)
+            np.put_along_axis(block, combos, True, axis=1)
+        else:
+            block = drawn[offset : offset + count]
+            offset += count
+        # mass of one size over the rows of that size drawn (the middle size: both of a pair)
+        mass = (m - 1) / (size * (m - size)) / total_mass
+        weight = mass / (2 * len(block)) if middle else mass / len(block)
+        masks.append(np.stack([block, ~block], axis=1).reshape(-1, m))
+        weights.append(np.full(2 * len(block), weight))
+        strata.append(np.full(len(block), -1 if count >= cap else size, dtype=np.int64))
+    if not masks:
+        return (
+            torch.zeros(0, m, dtype=torch.bool),
+            torch.zeros(0, dtype=torch.float64),
+            torch.zeros(0, dtype=torch.long),
+        )
+    return (
+        torch.from_numpy(np.concatenate(masks)),
+        torch.from_numpy(np.concatenate(weights)),
+        torch.from_numpy(np.concatenate(strata)),
+    )
+
+
+def itertools_combinations(m: int, size: int, *, first_fixed: bool = False) -> np.ndarray:
+    """``[C, size]`` all ``size``-subsets of ``range(m)`` (those holding 0 when ``first_fixed``:
+    one per complementary pair of the middle size)."""
+    import itertools
+
+    combos = itertools.combinations(range(m), size)
+    if first_fixed:
+        combos = (c for c in combos if c[0] == 0)
+    return np.array(list(combos), dtype=np.int64).reshape(-1, size)
+
+
+def _draw_subsets(sizes: np.ndarray, m: int, generator: torch.Generator) -> np.ndarray:
+    """``[len(sizes), m]`` bool: uniform subsets of the given sizes, distinct within a size.
+
+    A subset of the middle size ``m / 2`` is distinct from the other subsets and their
+    complements, and is given as the member of its pair that holds player 0.
+    """
+    out = np.zeros((len(sizes), m), dtype=bool)
+    todo = np.arange(len(sizes))
+    seen: set[bytes] = set()
+    while len(todo):
+        # one vectorised draw for every subset still missing; repeats (rare) are drawn again
+        order = torch.rand(len(todo), m, generator=generator).argsort(dim=1).numpy()
+        masks = np.zeros((len(todo), m), dtype=bool)
+        np.put_along_axis(masks, order, np.arange(m)[None, :] < sizes[todo, None], axis=1)
+        middle = 2 * sizes[todo] == m
+        masks[middle] = np.where(masks[middle, :1], masks[middle], ~masks[middle])
+        again = []
+        for row, mask, key in zip(todo, masks, np.packbits(masks, axis=1), strict=True):
+            key = key.tobytes()
+            if key in seen:
+                again.append(row)
+                continue
+            seen.add(key)
+            out[row] = mask
+        todo = np.asarray(again, dtype=np.int64)
+    return out
+
+
+def _pair_rows(masks: Tensor, weights: Tensor, values: Tensor, v_empty: Tensor, delta: Tensor):
+    """Pair-level regression rows: ``a [N, J, P]``, weights ``w [N, J]``, targets ``d [N, J, k]``."""
+    players = masks.shape[-1]
+    z = masks.to(torch.float64)
+    size = z.sum(dim=-1, keepdim=True)
+    a = z - size / players
+    b = values.to(torch.float64) - v_empty.unsqueeze(1) - size / players * delta.unsqueeze(1)
+    n, rows = z.shape[:2]
+    a = a.view(n, rows // 2, 2, players)[:, :, 0]
+    b = b.view(n, rows // 2, 2, -1)
+    w = weights.to(torch.float64).view(n, rows // 2, 2).sum(dim=-1)
+    # the complement's row is -a, so a pair is one row whose target is half the difference
+    return a, w, (b[:, :, 0] - b[:, :, 1]) / 2
+
+
+def _shrinkage_weights(
+    a: Tensor, w: Tensor, d: Tensor, eigenvalues: Tensor, vectors: Tensor, scale: float
+) -> Tensor:
+    """``[N, k]`` shrinkage weights ``scale * min(1, PRESS / TSS / PRESS_SCALE)`` per class."""
+    tiny = torch.finfo(torch.float64).eps
+    keep = eigenvalues > 1e-9 * eigenvalues[:, -1:].clamp_min(tiny)
+    inverse = torch.where(keep, 1.0 / eigenvalues.clamp_min(tiny), torch.zeros_like(eigenvalues))
+    proj = a @ vectors  # [N, J, P]
+    leverage = w * (proj.square() * inverse.unsqueeze(1)).sum(dim=-1)  # [N, J]
+    rhs = vectors.transpose(1, 2) @ ((w.unsqueeze(-1) * a).transpose(1, 2) @ d)
+    fit = proj @ (inverse.unsqueeze(-1) * rhs)
+    residual = d - fit
+    # A pair that only its own fit explains (leverage 1) has no leave-one-out residual; it is
+    # left out. With none left (a square or under-determined design) the shrinkage is full.
+    valid = (leverage < 1 - 1e-6) & (w > 0)
+    loo = residual / (1 - leverage.clamp_max(1 - 1e-6)).unsqueeze(-1)
+    vw = (w * valid).unsqueeze(-1)
+    press = (vw * loo.square()).sum(dim=1)
+    total = (vw * d.square()).sum(dim=1)
+    fraction = (press / total.clamp_min(tiny) / PRESS_SCALE).clamp(0.0, 1.0)
+    fraction = torch.where(total > tiny, fraction, torch.zeros_like(fraction))
+    fraction = torch.where(valid.any(dim=1, keepdim=True), fraction, torch.ones_like(fraction))
+    return scale * fraction
+
+
+def _shrunk_solve(gram: Tensor, rhs: Tensor, alpha: Tensor, population: float) -> Tensor:
+    """``u [.., P, k]`` from ``((1 - a) G_hat + a * population * P_proj + J) u = r`` per class."""
+    players = gram.shape[-1]
+    eye = torch.eye(players, dtype=torch.float64)
+    ones = torch.full((players, players), 1.0 / players, dtype=torch.float64)
+    proj = eye - ones
+    a = alpha.unsqueeze(-1).unsqueeze(-1)  # [.., k, 1, 1]
+    system = (1 - a) * gram.unsqueeze(-3) + a * population * proj + ones
+    return torch.linalg.solve(system, rhs.transpose(-1, -2).unsqueeze(-1))[..., 0].transpose(-1, -2)
+
+
+def solve_leverage_shap(
+    masks: Tensor,
+    weights: Tensor,
+    values: Tensor,
+    v_empty: Tensor,
+    v_full: Tensor,
+    *,
+    strata: Tensor | None = None,
+    bootstrap: int = 0,
+    generators: list[torch.Generator] | None = None,
+    shrinkage: float = SHRINKAGE,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Shapley values from paired, reweighted coalitions by the shrunk projected regression.
+
+    Args:
+        masks: ``[N, K, P]`` coalitions, rows ``2j`` and ``2j + 1`` complementary (padding pairs
+            have weight 0).
+        weights: ``[N, K]`` inclusion-reweighted kernel weights (total population mass 1).
+        values: ``[N, K, k]`` coalition values.
+        v_empty: ``[N, k]`` value of the empty coalition.
+        v_full: ``[N, k]`` value of the full coalition.
+        strata: ``[N, K // 2]`` stratum of each pair (-1: enumerated or padding), needed for
+            the bootstrap.
+        bootstrap: replicates of the stratified pair bootstrap (0: no error estimate).
+        generators: one CPU generator per image for the bootstrap.
+        shrinkage: largest weight of the population Gram matrix.
+
+    Returns:
+        ``(phi [N, P, k], phi_err [N, P, k] or None, alpha [N, k])`` in float64: the
+        attributions (efficiency holds exactly), their bootstrap standard errors, and the
+        shrinkage weight each class got.
+    """
+    players = masks.shape[-1]
+    v_empty = v_empty.to(torch.float64)
+    delta = v_full.to(torch.float64) - v_empty
+    base = (delta / players).unsqueeze(1).expand(-1, players, -1)
+    if masks.shape[1] == 0:
+        return base.clone(), (torch.zeros_like(base) if bootstrap else None), delta * 0
+    a, w, d = _pair_rows(masks, weights, values, v_empty, delta)
+    wa = w.unsqueeze(-1) * a
+    gram = wa.transpose(1, 2) @ a
+    rhs = wa.transpose(1, 2) @ d
+    population = 1.0 / (2.0 * sum(1.0 / s for s in range(1, players)))
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    alpha = _shrinkage_weights(a, w, d, eigenvalues, vectors, shrinkage)
+    # G_hat, P_proj and J share eigenvectors on the span of G_hat, where r lies; on G_hat's null
+    # space (1 and, under-determined, more) the solution is 0, so one eigh serves every class.
+    tiny = torch.finfo(torch.float64).eps
+    live = (eigenvalues > 1e-9 * eigenvalues[:, -1:].clamp_min(tiny)).unsqueeze(-1)
+    shrunk = (1 - alpha.unsqueeze(1)) * eigenvalues.unsqueeze(-1) + alpha.unsqueeze(1) * population
+    factor = torch.where(live, 1.0 / shrunk.clamp_min(tiny), torch.zeros_like(shrunk))
+    phi = base + vectors @ (factor * (vectors.transpose(1, 2) @ rhs))
+    if not bootstrap:
+        return phi, None, alpha
+    if strata is None or generators is None:
+        raise ValueError("the bootstrap needs the pairs' strata and one generator per image")
+    counts = torch.ones(len(masks), bootstrap, a.shape[1], dtype=torch.float64)
+    for i, generator in enumerate(generators):
+        image_strata = strata[i]
+        sampled = image_strata[image_strata >= 0]
+        groups, sizes = torch.unique(sampled, return_counts=True)
+        # a stratum with a single pair has no spread of its own: those are pooled together
+        singles = groups[sizes == 1]
+        members_of = [torch.nonzero(image_strata == g).flatten() for g in groups[sizes > 1]]
+        if len(singles):
+            members_of.append(torch.nonzero(torch.isin(image_strata, singles)).flatten())
+        for members in members_of:
+            draws = torch.randint(len(members), (bootstrap, len(members)), generator=generator)
+            resampled = torch.zeros(bootstrap, len(members), dtype=torch.float64)
+            resampled.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+            counts[i][:, members] = resampled
+    cw = counts * w.unsqueeze(1)  # [N, B, J]
+    gram_b = torch.einsum("nbj,njp,njq->nbpq", cw, a, a)
+    rhs_b = torch.einsum("nbj,njp,njk->nbpk", cw, a, d)
+    phi_b = base.unsqueeze(1) + _shrunk_solve(
+        gram_b, rhs_b, alpha.unsqueeze(1).expand(-1, bootstrap, -1), population
+    )
+    return phi, phi_b.std(dim=1), alpha
