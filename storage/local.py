@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -71,6 +72,7 @@ class LocalStorage(Storage):
         """The whole file as bytes."""
         path = self._path(key)
         with _not_found_as(path):
+            _check_regular(path)
             return path.read_bytes()
 
     def write_bytes(self, key: str, data: bytes) -> None:
@@ -87,6 +89,7 @@ class LocalStorage(Storage):
         """The file opened for binary reading."""
         path = self._path(key)
         with _not_found_as(path):
+            _check_regular(path)
             return open(path, "rb")
 
     def upload_file(self, local_path: str | PathLike[str], key: str) -> None:
@@ -124,22 +127,38 @@ class LocalStorage(Storage):
         yield path
 
     def list(self, prefix: str = "") -> list[str]:
-        """Sorted keys of the files whose key starts with ``prefix`` (string prefix, as S3)."""
+        """Sorted keys of the files whose key starts with ``prefix`` (string prefix, as S3).
+
+        Only regular files (and symlinks, checked when read) are objects: a FIFO, socket or
+        device would block or fail the first read, so it is left out and counted in a warning.
+        """
         prefix = check_prefix(prefix)
         # Only the folder part of the prefix needs walking; the rest is a string filter.
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = self.root / folder if folder else self.root
         if not start.is_dir():
             return []
-        keys = []
+        keys, special = [], []
         for dirpath, _dirnames, filenames in os.walk(start):
             relative_dir = os.path.relpath(dirpath, self.root)
             for name in filenames:
                 if _is_partial(name):
                     continue
                 key = name if relative_dir == "." else f"{relative_dir}/{name}".replace(os.sep, "/")
-                if key.startswith(prefix):
-                    keys.append(key)
+                if not key.startswith(prefix):
+                    continue
+                if _is_special(os.path.join(dirpath, name)):
+                    special.append(key)
+                    continue
+                keys.append(key)
+        if special:
+            logger.warning(
+                "skipped %d entries under %s that are not regular files (FIFO, socket or "
+                "device), e.g. %r",
+                len(special),
+                start,
+                special[0],
+            )
         return sorted(keys)
 
     def delete(self, key: str) -> None:
@@ -176,6 +195,21 @@ def _publish(path: Path, write: Callable[[BinaryIO], None]) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _is_special(path: str) -> bool:
+    """Whether ``path`` is a FIFO, socket or device (following symlinks; a dangling one is not)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _check_regular(path: Path) -> None:
+    # Opening a FIFO blocks until a writer appears; refuse before open().
+    if _is_special(str(path)):
+        raise StorageError(f"{path} is not a regular file (FIFO, socket or device)")
 
 
 @contextmanager

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -19,7 +20,7 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 import webdataset
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from storage.core import Storage
 from storage.errors import ObjectNotFoundError, ShardReadError
@@ -123,8 +124,13 @@ class ShardWriter:
 def read_shard(storage: Storage, key: str) -> Iterator[dict[str, Any]]:
     """Stream the samples of one shard.
 
-    Fields are raw bytes as stored, except ``cls``, decoded to ``int``. When the shard has a
-    completion marker the bytes read are checked against its size and sha256.
+    Fields are raw bytes as stored, except ``cls``, decoded to ``int``. A member that is not a
+    regular file (a symlink, a hard link, a device) contributes no field; its field name is
+    listed in the sample's ``__skipped__``. The tar is read strictly: a member header that is
+    cut short, damaged or missing before the end-of-archive block raises, where Python's
+    ``tarfile`` (and so plain webdataset) would end the archive there without a word and lose
+    every sample after it. When the shard has a completion marker, the bytes read are checked
+    against its size and sha256 and the samples read against its sample count.
 
     Args:
         storage: the dataset folder.
@@ -140,11 +146,12 @@ def read_shard(storage: Storage, key: str) -> Iterator[dict[str, Any]]:
     url = storage.url(key)
     name = posixpath.basename(key)
     expected = storage.completion_info(name) if storage.is_complete(name) else None
+    samples = 0
     with storage.open_read(key) as stream:
         reader = _HashingReader(stream)
-        source = {"url": url, "stream": reader}
         try:
-            for sample in group_by_keys(tar_file_expander([source])):
+            for sample in group_by_keys(_tar_members(reader, url)):
+                samples += 1
                 yield _decode(sample)
             reader.drain()
         except (tarfile.TarError, EOFError, ValueError) as exc:
@@ -157,6 +164,11 @@ def read_shard(storage: Storage, key: str) -> Iterator[dict[str, Any]]:
                 f"shard {url} does not match its completion marker: read {reader.size} bytes "
                 f"(sha256 {reader.sha256()[:12]}), marker says {expected.get('bytes')} bytes "
                 f"(sha256 {str(expected.get('sha256'))[:12]})"
+            )
+        if isinstance(expected.get("samples"), int) and samples != expected["samples"]:
+            raise ShardReadError(
+                f"shard {url} holds {samples} samples, its completion marker says "
+                f"{expected['samples']}"
             )
 
 
@@ -201,8 +213,55 @@ def read_manifest(storage: Storage) -> pa.Table:
     return storage.read_parquet(MANIFEST_KEY)
 
 
+# webdataset's own rule for members that are archive metadata, not sample fields.
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """A header reader that tells a damaged or missing header from the end of the archive.
+
+    ``tarfile`` ends iteration silently when a header after the first one is cut short,
+    missing (the data stops at a member boundary) or fails its checksum: a truncated shard then
+    reads as a shorter, valid one. Only an all-zero block is the end of an archive here.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        offset = tarfile_.offset
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.HeaderError as exc:
+            raise tarfile.ReadError(
+                f"member header at byte {offset} is missing, cut short or damaged ({exc})"
+            ) from None
+
+
+def _tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+    """``{"fname", "data", "__url__"}`` per member, as webdataset's tar iterator yields them.
+
+    ``data`` is ``None`` for a member that is not a regular file; directories are left out.
+    """
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
+        for info in tar:
+            if info.isdir() or _META_MEMBER.match(info.name):
+                continue
+            handle = tar.extractfile(info) if info.isreg() else None
+            data = handle.read() if handle is not None else None
+            yield {"fname": info.name, "data": data, "__url__": url}
+            tar.members = []
+
+
 def _decode(sample: dict[str, Any]) -> dict[str, Any]:
-    decoded = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+    decoded = {
+        k: v
+        for k, v in sample.items()
+        if (not k.startswith("__") or k == "__key__") and v is not None
+    }
+    skipped = [k for k, v in sample.items() if v is None]
+    if skipped:
+        decoded["__skipped__"] = skipped
     if "cls" in decoded:
         decoded["cls"] = int(decoded["cls"].decode("utf-8").strip())
     return decoded

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from tasks.data.readers import (
     read_class_names,
     read_image_file,
     read_shard_samples,
+    webdataset_key_renames,
 )
 
 logger = logging.getLogger(__name__)
@@ -30,12 +32,31 @@ def _input_storage(config: BuildConfig) -> Storage:
     return open_storage(config.input_uri)
 
 
-def list_input(config: BuildConfig) -> tuple[list[str], list[str]]:
+@dataclass
+class InputListing:
+    """The input of a build, as planning lists it.
+
+    Attributes:
+        units: for a synthetic domain the sample indices, for an image folder
+            ``"{class_id}:{key}:{path}"`` per file, for WebDataset input ``"{shard}@{samples}"``
+            per complete input shard; sorted.
+        class_names: the classes, in label order.
+        renames: WebDataset input only: new keys of samples whose key was used earlier in the
+            listing, by ``"{shard}@{position}"`` (:func:`webdataset_key_renames`).
+        report: what listing skipped (file names that cannot be keys), with reasons.
+    """
+
+    units: list[str]
+    class_names: list[str]
+    renames: dict[str, str] = field(default_factory=dict)
+    report: QuarantineReport = field(default_factory=QuarantineReport)
+
+
+def list_input(config: BuildConfig) -> InputListing:
     """The sorted input listing and the class names of a build.
 
-    Returns:
-        ``(units, class_names)``: for a synthetic domain the units are sample indices, for an
-        image folder the file keys, for WebDataset input the keys of the complete input shards.
+    For WebDataset input every complete input shard is read once here, for its keys only, so
+    that a key repeated anywhere in the input gets a unique replacement fixed in the plan.
     """
     if config.input_kind == "synthetic":
         from tasks.data.synthetic import SYNTHETIC_DOMAINS, split_length
@@ -46,10 +67,12 @@ def list_input(config: BuildConfig) -> tuple[list[str], list[str]]:
                 f"available: {', '.join(sorted(SYNTHETIC_DOMAINS))}"
             )
         total = split_length(config.input_uri, config.source_split, config.synthetic_per_class)
-        return [f"{i:08d}" for i in range(total)], list(
-            SYNTHETIC_DOMAINS[config.input_uri].class_names
+        return InputListing(
+            [f"{i:08d}" for i in range(total)],
+            list(SYNTHETIC_DOMAINS[config.input_uri].class_names),
         )
     storage = _input_storage(config)
+    report = QuarantineReport()
     if config.input_kind == "imagefolder":
         listing = list_image_folder(storage, class_names_file=config.class_names_file)
         if not listing.files:
@@ -58,7 +81,9 @@ def list_input(config: BuildConfig) -> tuple[list[str], list[str]]:
             f"{class_id}:{key}:{path}"
             for (path, class_id), key in zip(listing.files, listing.keys, strict=True)
         ]
-        return units, list(listing.class_names)
+        for path, reason in listing.skipped:
+            report.quarantine(path, reason, stage="list")
+        return InputListing(units, list(listing.class_names), report=report)
     name = config.input_name
     if name is None:
         raise ValueError("webdataset input needs input_name (the dataset name of the shards)")
@@ -73,7 +98,8 @@ def list_input(config: BuildConfig) -> tuple[list[str], list[str]]:
         if not isinstance(samples, int):
             samples = sum(1 for _ in read_shard(storage, shard))
         units.append(f"{shard}@{samples}")
-    return units, read_class_names(storage)
+    renames = webdataset_key_renames(storage, shards, report)
+    return InputListing(units, read_class_names(storage), renames=renames, report=report)
 
 
 def _range_size(unit: str) -> int:
@@ -97,12 +123,18 @@ def _sample_ranges(units: Sequence[str], shard_index: int, num_shards: int) -> l
 
 
 def iter_units(
-    config: BuildConfig, units: Sequence[str], report: QuarantineReport
+    config: BuildConfig,
+    units: Sequence[str],
+    report: QuarantineReport,
+    renames: Mapping[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield the input samples of some units of the listing, in listing order.
 
     Reads through the readers of :mod:`tasks.data.readers` (the same as every other stage); bad
     images are quarantined in ``report`` (with the reason) and never yielded.
+
+    Args:
+        renames: :attr:`InputListing.renames` (WebDataset input).
     """
     if config.input_kind == "synthetic":
         from tasks.data.synthetic import make_sample
@@ -135,6 +167,7 @@ def iter_units(
             start=int(start) if stop else 0,
             stop=int(stop) if stop else None,
             validate=False,
+            renames=renames,
         )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -45,12 +46,18 @@ from tasks.build_dataset.inputs import (
     list_input,
 )
 from tasks.config import resolve_device
-from tasks.data.images import BadImageError
+from tasks.data.images import IMAGE_FIELDS, BadImageError
 from tasks.data.quarantine import QuarantineReport
 from tasks.model import model_fingerprint
 from tasks.model.loading import load_sem
 
 logger = logging.getLogger(__name__)
+
+#: Input fields an X-dataset sample carries over (DESIGN.md's format, plus the object mask the
+#: synthetic domains give for the pointing game). Anything else an input sample holds (a
+#: ``.pickle``, ``.pth`` or ``.pyd`` member that webdataset's default decoder would unpickle)
+#: stays behind.
+PASSED_FIELDS = ("__key__", *IMAGE_FIELDS, "cls", "mask.png")
 
 
 @dataclass
@@ -65,6 +72,10 @@ class BuildPlan:
         class_names: the classes of the explained model's head, in label order.
         model_fingerprint: content hash of the explained model's weights.
         baseline_mean: per-channel dataset mean in ``[0, 1]`` (the "mean" baseline).
+        renamed_keys: new keys of WebDataset input samples whose key was used earlier in the
+            listing, by ``"{shard}@{position}"``.
+        listing_report: what listing the input skipped, with reasons (a
+            :class:`QuarantineReport` as a dict), merged into the run's report.
     """
 
     config: BuildConfig
@@ -74,6 +85,8 @@ class BuildPlan:
     class_names: list[str]
     model_fingerprint: str
     baseline_mean: list[float] = field(default_factory=list)
+    renamed_keys: dict[str, str] = field(default_factory=dict)
+    listing_report: dict[str, Any] = field(default_factory=dict)
 
     def shard_key(self, shard_index: int) -> str:
         return shard_name(self.config.name, self.config.split, shard_index)
@@ -103,6 +116,8 @@ class BuildPlan:
             "class_names": self.class_names,
             "model_fingerprint": self.model_fingerprint,
             "baseline_mean": self.baseline_mean,
+            "renamed_keys": self.renamed_keys,
+            "listing_report": self.listing_report,
         }
 
     @classmethod
@@ -115,6 +130,8 @@ class BuildPlan:
             class_names=list(data["class_names"]),
             model_fingerprint=data["model_fingerprint"],
             baseline_mean=list(data["baseline_mean"]),
+            renamed_keys=dict(data.get("renamed_keys", {})),
+            listing_report=dict(data.get("listing_report", {})),
         )
 
 
@@ -193,10 +210,15 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     output = open_storage(config.output_uri)
     # A missing bucket or refused credentials must fail here, before the model is loaded.
     output.exists(f"{config.name}/config.json")
-    units, class_names = list_input(config)
+    listing = list_input(config)
+    units, class_names = listing.units, listing.class_names
     fingerprint = explained_model_fingerprint(config, class_names)
     mean = _dataset_mean(config, units) if config.label.baseline == "mean" else []
-    input_digest = hashlib.sha256("\n".join(units).encode()).hexdigest()
+    listed = "\n".join(units)
+    if listing.renames:
+        # Renamed keys change the samples' keys and seeds, so they are part of the version.
+        listed += "\n" + json.dumps(listing.renames, sort_keys=True)
+    input_digest = hashlib.sha256(listed.encode()).hexdigest()
     version = "v-" + config.label.fingerprint(
         fingerprint,
         class_names,
@@ -217,6 +239,8 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         class_names=class_names,
         model_fingerprint=fingerprint,
         baseline_mean=mean,
+        renamed_keys=listing.renames,
+        listing_report=listing.report.to_dict(),
     )
     if not dataset.exists(layout.DATASET_CONFIG_FILE):
         dataset.write_json(
@@ -271,12 +295,12 @@ def label_samples(
 ) -> list[dict[str, Any]]:
     """Kernel SHAP labels for a batch of decoded-able samples: X-dataset sample dicts.
 
-    Each output sample keeps every input field (the original image bytes unchanged, ``cls``,
-    a mask if any) and adds ``shap.npy`` (float32 ``[k, gh, gw]``, label class first, then the
-    top predicted classes that differ) and ``json`` (the labelling metadata). With
-    ``label.error_estimate`` it also adds ``shap_err.npy`` (the bootstrap standard error of each
-    attribution, same shape) and ``relative_error`` per class in ``json``
-    (``||err|| / ||phi||``).
+    Each output sample keeps the input fields of :data:`PASSED_FIELDS` (the original image
+    bytes unchanged, ``cls``, a mask if any), drops any other, and adds ``shap.npy`` (float32
+    ``[k, gh, gw]``, label class first, then the top predicted classes that differ) and
+    ``json`` (the labelling metadata). With ``label.error_estimate`` it also adds
+    ``shap_err.npy`` (the bootstrap standard error of each attribution, same shape) and
+    ``relative_error`` per class in ``json`` (``||err|| / ||phi||``).
 
     Args:
         images: the samples' images already decoded (``[N, 3, S, S]`` in ``[0, 1]``); decoded
@@ -323,7 +347,7 @@ def label_samples(
             baseline_mean=list(baseline_mean or []),
             model=model_fingerprint,
         )
-        out = {k: v for k, v in sample.items() if k not in ("shap.npy", "shap_err.npy", "json")}
+        out = {k: v for k, v in sample.items() if k in PASSED_FIELDS}
         out["shap.npy"] = _npy_bytes(phi)
         if result.phi_err is not None and relative_error is not None:
             out["shap_err.npy"] = _npy_bytes(result.phi_err[i][keep].numpy().astype(np.float32))
@@ -408,7 +432,7 @@ def label_shard(
 
     with ShardWriter(dataset, shard, fingerprint=plan.version) as writer:
         # Streamed in batches: each image is decoded once, and a shard is never held whole.
-        for sample in iter_units(config, units, report):
+        for sample in iter_units(config, units, report, plan.renamed_keys):
             label_id = sample.get("cls")
             if not isinstance(label_id, int) or not 0 <= label_id < len(plan.class_names):
                 report.quarantine(
@@ -468,6 +492,8 @@ def finalize_build(plan: BuildPlan) -> dict[str, Any]:
     missing = [s for s in expected if s not in complete]
     table = write_manifest(dataset, complete)
     report = QuarantineReport()
+    if plan.listing_report:
+        report.merge(QuarantineReport.from_dict(plan.listing_report))
     for shard in complete:
         key = shard_report_key(shard)
         if dataset.exists(key):

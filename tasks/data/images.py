@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 # decompression-bomb limit, so the check here fires first and with a readable reason.
 DEFAULT_MAX_PIXELS = 64_000_000
 
+# Longest side over shortest side. Resizing the short side to the model's input size scales the
+# long side by the same factor, so a 1x100000 strip would become 56x5.6M pixels (GiBs) before the
+# center crop; no photo or panorama comes near 1:100.
+DEFAULT_MAX_ASPECT_RATIO = 100.0
+
 # Sample fields that hold the main image, in the order a reader looks for them.
 IMAGE_FIELDS = ("jpg", "png")
 
@@ -34,7 +39,8 @@ class BadImageError(ValueError):
     """An input that cannot become an RGB image; ``reason`` is a short, stable description.
 
     Reasons start with one of: ``"zero-byte file"``, ``"not an image"``,
-    ``"truncated/corrupt"``, ``"too large"`` (followed by ``": WxH"``).
+    ``"truncated/corrupt"``, ``"too large"`` or ``"extreme aspect ratio"`` (followed by
+    ``": WxH"``).
     """
 
     def __init__(self, reason: str) -> None:
@@ -60,18 +66,25 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+) -> Image.Image:
     """Open and fully decode an encoded image without changing its mode.
 
     Args:
         data: encoded image bytes.
         max_pixels: largest accepted width * height, checked before the pixels are decoded.
+        max_aspect_ratio: largest accepted long side / short side, checked before decoding.
 
     Returns:
         The loaded Pillow image in its own mode (``"CMYK"``, ``"P"``, ``"I;16"`` ...).
 
     Raises:
-        BadImageError: for empty, unidentifiable, truncated or too large inputs.
+        BadImageError: for empty, unidentifiable, truncated or too large inputs, and for
+            strips too thin to resize.
     """
     if not data:
         raise BadImageError("zero-byte file")
@@ -92,6 +105,8 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         raise BadImageError(f"truncated/corrupt: empty size {width}x{height}")
     if width * height > max_pixels:
         raise BadImageError(f"too large: {width}x{height}")
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise BadImageError(f"extreme aspect ratio: {width}x{height}")
     try:
         img.load()
     except Exception as exc:  # codecs raise anything from OSError to struct.error
@@ -148,7 +163,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
 
     Raises:
         BadImageError: with reason ``"zero-byte file"``, ``"not an image"``,
-            ``"truncated/corrupt: ..."`` or ``"too large: WxH"``.
+            ``"truncated/corrupt: ..."``, ``"too large: WxH"`` or
+            ``"extreme aspect ratio: WxH"``.
     """
     img = open_image(data, max_pixels=max_pixels)
     try:

@@ -59,6 +59,9 @@ _CONVERTED_JPEG_MODES = ("CMYK", "YCCK")
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 
+# Sample fields that may hold the image in WebDataset input: the extensions above, without dot.
+_INPUT_IMAGE_FIELDS = tuple(ext[1:] for ext in IMAGE_EXTENSIONS)
+
 
 StorageLike = Storage | str | PathLike[str]
 
@@ -113,6 +116,9 @@ class ImageFolderListing:
         class_names: readable names in class-id order (the folder name when none is known).
         files: ``(path, class_id)`` of every file with an image extension, sorted by path.
         ignored: paths of files without an image extension or outside a class folder.
+        skipped: ``(path, reason)`` of image files that cannot be listed, e.g. a name that is
+            not valid UTF-8 (which no key, manifest or S3 object name can hold); the path is
+            shown with the bad bytes escaped.
         keys: the sample key of each file, in ``files`` order: :func:`sanitise_key` of its path,
             made unique over the whole listing (``a b.png`` and ``a_b.jpg`` would both give
             ``a_b``; the later one in sorted order gets ``a_b_2``), so the key of a file does
@@ -124,6 +130,7 @@ class ImageFolderListing:
     files: tuple[tuple[str, int], ...]
     ignored: tuple[str, ...]
     keys: tuple[str, ...] = ()
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @property
     def renamed(self) -> int:
@@ -159,6 +166,7 @@ def list_image_folder(
     accepted = tuple(ext.lower() for ext in extensions)
     by_class: dict[str, list[str]] = {}
     ignored = []
+    skipped = []
     for key in storage.list():
         parts = key.split("/")
         if any(part.startswith(".") for part in parts):
@@ -166,7 +174,17 @@ def list_image_folder(
         if len(parts) < 2 or not key.lower().endswith(accepted):
             ignored.append(key)
             continue
+        if not _is_utf8(key):
+            skipped.append((_printable(key), "bad file name: not valid UTF-8"))
+            continue
         by_class.setdefault(parts[0], []).append(key)
+    if skipped:
+        logger.warning(
+            "image folder %s: %d files skipped, e.g. %s (%s)",
+            storage.uri,
+            len(skipped),
+            *skipped[0],
+        )
     wnids = tuple(sorted(by_class))
     files = tuple(
         (key, class_id) for class_id, wnid in enumerate(wnids) for key in sorted(by_class[wnid])
@@ -175,8 +193,27 @@ def list_image_folder(
     used: set[str] = set()
     keys = tuple(_unique_key(sanitise_key(path), used) for path, _ in files)
     return ImageFolderListing(
-        wnids=wnids, class_names=tuple(names), files=files, ignored=tuple(ignored), keys=keys
+        wnids=wnids,
+        class_names=tuple(names),
+        files=files,
+        ignored=tuple(_printable(path) for path in ignored),
+        keys=keys,
+        skipped=tuple(skipped),
     )
+
+
+def _is_utf8(name: str) -> bool:
+    # A local file name that is not UTF-8 arrives with surrogate escapes (PEP 383).
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """``name`` with the bytes of a non-UTF-8 file name shown as ``\\xe9`` escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def image_folder_classes(
@@ -264,6 +301,8 @@ def iter_image_folder(
     )
     report.count("ignored", len(listing.ignored))
     report.count("renamed", listing.renamed)
+    for path, reason in listing.skipped:
+        report.quarantine(path, reason, stage="list")
     for (path, class_id), key in zip(listing.files, listing.keys, strict=True):
         sample = read_image_file(storage, path, key, class_id, report, max_pixels=max_pixels)
         if sample is not None:
@@ -306,8 +345,8 @@ def read_image_file(
 
 
 def _unique_key(key: str, used: set[str]) -> str:
-    # Two files can sanitise to the same key ("a b.jpg", "a_b.png"); the sorted listing makes
-    # the suffix a rerun picks the same.
+    # Two files can sanitise to the same key ("a b.jpg", "a_b.png"), and WebDataset input can
+    # repeat a key; the sorted listing makes the suffix a rerun picks the same.
     candidate, n = key, 1
     while candidate in used:
         n += 1
@@ -364,6 +403,43 @@ def _stored_image(
     return "png", encode_png(rgb)
 
 
+def webdataset_key_renames(
+    storage: Storage, shards: Sequence[str], report: QuarantineReport | None = None
+) -> dict[str, str]:
+    """New keys for the samples of WebDataset input whose key was already used before them.
+
+    Keys are made unique over the whole listing, in shard order then sample order, the way
+    :func:`list_image_folder` does for files: the second ``k`` becomes ``k_2``. Two samples
+    with one key would otherwise be merged by webdataset's reader into one sample (when
+    adjacent: ``duplicate file name in tar file``) or be two samples nobody can tell apart.
+    Every shard is read once for its keys (the images are not decoded); a shard that cannot be
+    read is left out here and quarantined when its samples are read.
+
+    Args:
+        storage: the input folder.
+        shards: its complete shards, in listing order.
+        report: receives the ``renamed`` count.
+
+    Returns:
+        ``{"{shard}@{position}": new_key}`` for the renamed samples only (usually empty).
+    """
+    used: set[str] = set()
+    renames: dict[str, str] = {}
+    for shard in shards:
+        try:
+            keys = [str(sample.get("__key__")) for sample in read_shard(storage, shard)]
+        except StorageError as exc:
+            logger.warning("input shard %s unreadable while listing keys: %s", shard, exc)
+            continue
+        for position, key in enumerate(keys):
+            unique = _unique_key(key, used)
+            if unique != key:
+                renames[f"{shard}@{position}"] = unique
+    if report is not None:
+        report.count("renamed", len(renames))
+    return renames
+
+
 def iter_webdataset(
     storage_uri: StorageLike,
     name: str | None = None,
@@ -411,12 +487,15 @@ def read_shard_samples(
     stop: int | None = None,
     validate: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    renames: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """The usable samples ``[start, stop)`` of one complete shard; bad ones quarantined.
 
     The shard is read whole first: one that turns out truncated, corrupt or different from its
     marker is reported (``bad_shards``) and gives no sample at all, not even those before the
-    damage, so counts never depend on where the damage sits.
+    damage, so counts never depend on where the damage sits. An image stored under another
+    image extension (``jpeg``, ``webp``, ``bmp`` ...) is accepted like a file of an image
+    folder: JPEG and PNG bytes are kept (under ``jpg``/``png``), other formats become PNG.
 
     Args:
         storage: the dataset folder.
@@ -427,6 +506,7 @@ def read_shard_samples(
         validate: decode every image (and check ``cls``); without it only the key, an image
             field and the label are checked.
         max_pixels: largest accepted width * height when validating.
+        renames: new keys by ``"{shard}@{position}"`` (:func:`webdataset_key_renames`).
     """
     try:
         samples = list(read_shard(storage, shard))
@@ -435,15 +515,46 @@ def read_shard_samples(
         report.quarantine(shard, f"bad shard: {exc}", stage="read")
         return []
     usable = []
-    for sample in samples[start:stop]:
+    for position, sample in enumerate(samples[start:stop], start=start):
         report.count("read")
-        problem = _sample_problem(sample, None, validate, max_pixels)
+        if renames and f"{shard}@{position}" in renames:
+            sample["__key__"] = renames[f"{shard}@{position}"]
+        problem = key_problem(sample.get("__key__"))
+        if problem is None:
+            problem = _image_field_problem(sample, report, max_pixels)
+        if problem is None:
+            problem = _sample_problem(sample, None, validate, max_pixels)
         if problem is not None:
             report.quarantine(f"{shard}:{sample.get('__key__')}", problem, stage="read")
             continue
         report.count("yielded")
         usable.append(sample)
     return usable
+
+
+def _image_field_problem(
+    sample: dict[str, Any], report: QuarantineReport, max_pixels: int
+) -> str | None:
+    """Store an image found under another image extension as ``jpg``/``png``, in place.
+
+    Returns:
+        Why the sample's image cannot be used, or ``None``.
+    """
+    fields = [f for f in _INPUT_IMAGE_FIELDS if isinstance(sample.get(f), bytes | bytearray)]
+    if len(fields) != 1:
+        skipped = sample.get("__skipped__")
+        detail = f" (members not regular files: {', '.join(skipped)})" if skipped else ""
+        return f"no single image field: found {fields or 'none'}{detail}"
+    if fields[0] in IMAGE_FIELDS:
+        return None
+    data = bytes(sample.pop(fields[0]))
+    key = str(sample.get("__key__"))
+    try:
+        field_name, payload = _stored_image(data, key, key, report, max_pixels)
+    except BadImageError as exc:
+        return exc.reason
+    sample[field_name] = payload
+    return None
 
 
 def _complete_shards(storage: Storage, name: str | None, split: str | None) -> list[str]:

@@ -149,10 +149,15 @@ def test_truncated_shard_raises_shard_read_error(storage_uri):
     storage.write_bytes("cut/mid.tar", data[: len(data) // 2 + 100])
     with pytest.raises(ShardReadError, match="cut/mid.tar"):
         list(read_shard(storage, "cut/mid.tar"))
-    # Cut exactly on a member boundary: only the completion marker can tell.
+    # Cut exactly on a member boundary: tarfile would call it the end of the archive, but the
+    # end-of-archive block is missing.
     boundary = _member_boundary(data)
+    storage.write_bytes("cut/boundary.tar", data[:boundary])
+    with pytest.raises(ShardReadError, match="member header at byte .* is missing"):
+        list(read_shard(storage, "cut/boundary.tar"))
+    # The completion marker tells too.
     storage.write_bytes(key, data[:boundary])
-    with pytest.raises(ShardReadError, match="completion marker"):
+    with pytest.raises(ShardReadError, match="truncated or corrupt|completion marker"):
         list(read_shard(storage, key))
 
 
