@@ -339,3 +339,16 @@ def build_sem(
     clip_model = load_clip(model_name, pretrained)
     head = zero_shot_head(clip_model, class_names, templates, model_name=model_name)
     return SelfExplainingCLIP(clip_model, head, grid=grid)
+
+
+def model_image_size(model_name: str) -> int:
+    """The input image size (pixels per side) of an open_clip architecture, without building it.
+
+    Raises:
+        ValueError: the architecture is unknown.
+    """
+    names = available_models()
+    if model_name not in names:
+        raise ValueError(f"unknown model {model_name!r}; available: {', '.join(names)}")
+    size = open_clip.get_model_config(model_name)["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
