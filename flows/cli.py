@@ -130,14 +130,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _sweep_table(sweep: dict[str, Any]) -> str:
     """The test-split rows of the sweep as a fixed-width table."""
-    import pyarrow.parquet as pq
-
     from storage import open_storage
 
     uri = sweep["table_uri"]
     parent, _, name = uri.rpartition("/")
-    with open_storage(parent).open_read(name) as f:
-        rows = pq.read_table(f).to_pylist()
+    # read_parquet reads the object whole: an S3 body cannot seek, as Parquet's footer needs.
+    rows = open_storage(parent).read_parquet(name).to_pylist()
     columns = [
         "target",
         "method",
