@@ -54,8 +54,8 @@ _swept: set[str] = set()
 
 
 def staging_dir(temp_dir: str | None = None) -> str:
-    """The folder where shards are built: ``{temp_dir or $TMPDIR}/explain-transfer-shards``."""
-    return os.path.join(temp_dir or tempfile.gettempdir(), STAGING_DIRNAME)
+    """The folder where shards are built: ``temp_dir``, else ``$TMPDIR/explain-transfer-shards``."""
+    return temp_dir or os.path.join(tempfile.gettempdir(), STAGING_DIRNAME)
 
 
 def sweep_stale_partials(folder: str, max_age: float = STALE_PARTIAL_SECONDS) -> list[str]:
@@ -129,8 +129,9 @@ class ShardWriter:
     Args:
         storage: the dataset folder.
         key: the shard's key, usually :func:`shard_name`.
-        temp_dir: the folder under which the staging folder (:func:`staging_dir`) holds the
-            local tar (the system temporary folder when None); it must have room for one shard.
+        temp_dir: where the local tar is built (when None, the staging folder
+            :func:`staging_dir` under the system temporary folder); it must have room for one
+            shard. Partial tars of dead writers found there are removed.
 
     Example:
         >>> with ShardWriter(storage, shard_name("dom", "train", 0)) as writer:
