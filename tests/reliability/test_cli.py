@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from reliability_helpers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, REPO_ROOT, aws
 from storage import EndpointUnreachableError, open_storage
 from storage.s3 import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
 
+PROGRESS = re.compile(r"\d+/\d+ \[[^\]]*\]$")
 SESSION_TOKEN = "FwoGZXIvYXdzEXAMPLESESSIONTOKENmustneverbeprinted0123456789"
 
 
@@ -52,7 +54,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
     """Status 2, ``error:`` lines only on stderr, each needle in them; returns stderr."""
     err = result.stderr
     assert result.returncode == 2, (result.returncode, err[-3000:])
-    lines = [line for line in err.splitlines() if line.strip()]
+    # Progress bars (tqdm redraws them on stderr) are not messages.
+    lines = [line for line in err.splitlines() if line.strip() and not PROGRESS.search(line)]
     assert lines and all(line.startswith("error: ") for line in lines), err[-3000:]
     assert "Traceback" not in err and "pydantic" not in err and "errors.pydantic.dev" not in err
     for needle in needles:
@@ -215,3 +218,47 @@ def test_an_endpoint_that_never_answers_fails_instead_of_hanging(
         DEFAULT_CONNECT_TIMEOUT,
         DEFAULT_READ_TIMEOUT,
     )
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_on_a_busy_machine_print_no_traceback(tmp_path: Path) -> None:
+    """A miniature demo and an export start together on one fresh Prefect home, while two
+    processes keep both cores busy: each gets its own temporary API, both succeed, and the
+    console shows no traceback (the server logs are in files under each output)."""
+    full_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_API"))},
+        "PYTHONPATH": str(REPO_ROOT),
+        "PREFECT_HOME": str(tmp_path / "shared-prefect-home"),
+    }
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        commands = {
+            "demo": ["demo", "--miniature", "--out", str(tmp_path / "demo")],
+            "export": ["export", "--domain", "glyphs", "--out", str(tmp_path / "export")],
+        }
+        running = {
+            name: subprocess.Popen(
+                [sys.executable, "-m", "flows.cli", *argv],
+                cwd=tmp_path,
+                env=full_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name, argv in commands.items()
+        }
+        outputs = {name: process.communicate(timeout=1500) for name, process in running.items()}
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    for name, (stdout, stderr) in outputs.items():
+        assert running[name].returncode == 0, (name, stderr[-3000:])
+        for text in ("Traceback", "database is locked", "OperationalError"):
+            assert text not in stdout + stderr, (name, stderr[-3000:])
+        logs = tmp_path / name / "logs"
+        assert len(list(logs.glob("*-server.log"))) == 1 and list(logs.glob("*-run.log"))
+    assert f"all outputs under {tmp_path / 'demo'} (" in outputs["demo"][0]
+    assert f"full logs under {tmp_path / 'demo' / 'logs'}" in outputs["demo"][0]
+    # Each run had its own home; the databases went with the runs.
+    assert not list((tmp_path / "shared-prefect-home").rglob("prefect.db"))
