@@ -166,9 +166,8 @@ def _add_run_log(path: Path) -> logging.Handler:
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactSecrets())
-    for name in ("", "prefect.flow_runs", "prefect.task_runs"):
-        target = logging.getLogger(name)
-        target.addHandler(handler)
+    # On the root logger only: Prefect's flow- and task-run loggers propagate to it.
+    logging.getLogger().addHandler(handler)
     # The project's INFO records reach the file even though the console shows WARNING.
     for name in ("flows", "tasks", "storage"):
         logging.getLogger(name).setLevel(min(logging.getLogger(name).getEffectiveLevel(), 20))
@@ -176,8 +175,7 @@ def _add_run_log(path: Path) -> logging.Handler:
 
 
 def _remove_run_log(handler: logging.Handler) -> None:
-    for name in ("", "prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).removeHandler(handler)
+    logging.getLogger().removeHandler(handler)
     handler.close()
 
 
