@@ -87,15 +87,12 @@ def _root_uri(uri: str) -> str:
     return open_storage(uri).uri
 
 
-_verbose = False
-
-
 @contextmanager
-def _flows(output_uri: str | None) -> Iterator[Any]:
+def _flows(output_uri: str | None, verbose: bool) -> Iterator[Any]:
     """Run flows against a Prefect API, the run's logs in files (see :mod:`flows.cli_prefect`)."""
     from flows.cli_prefect import prefect_api
 
-    with prefect_api(output_uri, verbose=_verbose) as logs:
+    with prefect_api(output_uri, verbose=verbose) as logs:
         yield logs
 
 
@@ -117,7 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         check_scheduler(config.runner.address)
     enable_console_progress()
     started = time.perf_counter()
-    with _flows(out) as logs:
+    with _flows(out, args.verbose) as logs:
         result = explain_transfer_pipeline(config)
     minutes = (time.perf_counter() - started) / 60
     print(_sweep_table(result["sweep"]))
@@ -169,7 +166,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     per_class = {"train": args.train, "val": args.val, "test": args.test}
     check_output(args.out)
-    with _flows(args.out):
+    with _flows(args.out, args.verbose):
         result = export_domain_flow(args.domain, args.out, per_class, args.image_size, args.seed)
     _print_json(result)
     return 0
@@ -183,7 +180,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     config = PretrainConfig(**_load_json(args.config))
     check_output(args.out)
     enable_console_progress()
-    with _flows(args.out):
+    with _flows(args.out, args.verbose):
         print(pretrain_base_flow(config, args.out))
     return 0
 
@@ -252,7 +249,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             default=0,
         )
 
-    with _flows(config.output_uri):
+    with _flows(config.output_uri, args.verbose):
         with _Poller(config.num_shards, f"labelling {config.name}", complete):
             summary = build_explanation_dataset(config, overwrite=args.overwrite, runner=runner)
     _print_json(summary)
@@ -285,7 +282,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_input(config.data)
     check_image_size(config.model_name, config.image_size)
     enable_console_progress()
-    with _flows(args.out):
+    with _flows(args.out, args.verbose):
         result = finetune_flow(config, args.out)
     _print_json({k: v for k, v in result.items() if k != "metrics"})
     return 0
@@ -296,7 +293,7 @@ def cmd_vector(args: argparse.Namespace) -> int:
     from flows.vector import compute_vector_flow
 
     check_output(args.out)
-    with _flows(args.out):
+    with _flows(args.out, args.verbose):
         result = compute_vector_flow(args.source, args.theta_x, args.theta_p, args.out, args.key)
     _print_json(result)
     return 0
@@ -309,7 +306,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     config = SweepConfig(**_load_json(args.config))
     check_output(config.output_uri)
-    with _flows(config.output_uri):
+    with _flows(config.output_uri, args.verbose):
         result = transfer_sweep(config)
     print(_sweep_table(result))
     return 0
@@ -406,9 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    global _verbose
     args = build_parser().parse_args(argv)
-    _verbose = args.verbose
     configure_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The machines this runs on may have no route out: no telemetry from the local server.
