@@ -180,11 +180,16 @@ def _remove_run_log(handler: logging.Handler) -> None:
 
 
 def _hide_expected_tracebacks_on_console() -> None:
-    """Filters on the console handlers that Prefect's logging set up (idempotent)."""
+    """Filters on the root logger's console handlers: the command line's own and Prefect's."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
     from flows.cli_errors import HideExpectedTracebacks, RedactSecrets
 
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
+        # Exact types: a file handler keeps every record, and so do test harnesses' handlers.
+        if type(handler) is not logging.StreamHandler and not isinstance(
+            handler, PrefectConsoleHandler
+        ):
             continue
         kinds = {type(f) for f in handler.filters}
         if HideExpectedTracebacks not in kinds:
