@@ -1,8 +1,11 @@
 """The ``explain-transfer`` command line: every subcommand runs the same Prefect flow a
 deployment runs, with a progress bar on the terminal.
 
-Without a Prefect API configured (``PREFECT_API_URL``), Prefect starts a temporary local
-server for the run; ``explain-transfer serve`` starts a persistent one with the UI.
+Without a Prefect API configured (``PREFECT_API_URL``), a run starts a private temporary one
+(:mod:`flows.cli_prefect`), whose logs go to files, not the console; ``explain-transfer serve``
+starts a persistent one with the UI. Every location is a storage URI (a path or ``s3://...``)
+and stays one. Expected failures print one ``error:`` line and exit with status 2
+(:mod:`flows.cli_errors`), after checks that run before any compute (:mod:`flows.cli_checks`).
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from flows.cli_errors import EXPECTED_ERRORS, configure_logging, error_lines
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +61,39 @@ class _Poller:
 
 
 def _load_json(path: str | None) -> dict[str, Any]:
+    """The fields of a JSON config file (a path or a storage URI such as ``s3://b/c.json``)."""
     if not path:
         return {}
+    from storage import StorageError, open_storage
+
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"error: cannot read config {path}: {exc}") from exc
+        if "://" in path:
+            parent, _, name = path.rpartition("/")
+            data = json.loads(open_storage(parent).read_bytes(name))
+        else:
+            data = json.loads(Path(path).read_text())
+    except (OSError, StorageError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        kind = {list: "a list", str: "a string", type(None): "null"}.get(type(data), "a value")
+        raise ValueError(f"config {path} must be a JSON object of fields, got {kind}")
+    return data
+
+
+def _root_uri(uri: str) -> str:
+    """The canonical form of a storage root: an absolute local path, or the URI as given."""
+    from storage import open_storage
+
+    return open_storage(uri).uri
+
+
+@contextmanager
+def _flows(output_uri: str | None, verbose: bool) -> Iterator[Any]:
+    """Run flows against a Prefect API, the run's logs in files (see :mod:`flows.cli_prefect`)."""
+    from flows.cli_prefect import prefect_api
+
+    with prefect_api(output_uri, verbose=verbose) as logs:
+        yield logs
 
 
 def _print_json(value: Any) -> None:
@@ -68,19 +101,26 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.cli_checks import check_image_size, check_output, check_scheduler
     from flows.pipeline import PipelineConfig, explain_transfer_pipeline
     from flows.progress import enable_console_progress
 
-    out = str(Path(args.out).resolve())
+    out = _root_uri(args.out)
     make = PipelineConfig.miniature if args.miniature else PipelineConfig
-    config = make(out_uri=out, **_load_json(args.config))
+    config = make(**{**_load_json(args.config), "out_uri": out})
+    check_output(out)
+    check_image_size(config.model_name, config.image_size)
+    if config.runner.address:
+        check_scheduler(config.runner.address)
     enable_console_progress()
     started = time.perf_counter()
-    result = explain_transfer_pipeline(config)
+    with _flows(out, args.verbose) as logs:
+        result = explain_transfer_pipeline(config)
     minutes = (time.perf_counter() - started) / 60
     print(_sweep_table(result["sweep"]))
     print(
         f"\nall outputs under {out} ({minutes:.1f} min); sweep table: {result['sweep'].get('table_uri')}"
+        f"\nfull logs under {logs.folder}"
     )
     return 0
 
@@ -89,6 +129,7 @@ def _sweep_table(sweep: dict[str, Any]) -> str:
     """The test-split rows of the sweep as a fixed-width table."""
     from storage import open_file
 
+    # read_parquet reads the object whole: an S3 body cannot seek, as Parquet's footer needs.
     storage, key = open_file(sweep["table_uri"])
     rows = storage.read_parquet(key).to_pylist()
     columns = [
@@ -119,27 +160,36 @@ def _sweep_table(sweep: dict[str, Any]) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from flows.cli_checks import check_output
     from flows.export import export_domain_flow
 
     per_class = {"train": args.train, "val": args.val, "test": args.test}
-    _print_json(export_domain_flow(args.domain, args.out, per_class, args.image_size, args.seed))
+    check_output(args.out)
+    with _flows(args.out, args.verbose):
+        result = export_domain_flow(args.domain, args.out, per_class, args.image_size, args.seed)
+    _print_json(result)
     return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from flows.cli_checks import check_output
     from flows.pretrain import pretrain_base_flow
     from flows.progress import enable_console_progress
     from tasks.pretrain import PretrainConfig
 
+    config = PretrainConfig(**_load_json(args.config))
+    check_output(args.out)
     enable_console_progress()
-    print(pretrain_base_flow(PretrainConfig(**_load_json(args.config)), args.out))
+    with _flows(args.out, args.verbose):
+        print(pretrain_base_flow(config, args.out))
     return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from flows.build_dataset import build_explanation_dataset
+    from flows.cli_checks import check_image_size, check_input, check_output, check_scheduler
     from flows.runners import RunnerConfig
-    from tasks.build_dataset import BuildConfig, BuildProgress, LabelConfig
+    from tasks.build_dataset import BuildConfig, BuildProgress
 
     fields = _load_json(args.config)
     overrides = {
@@ -156,24 +206,33 @@ def cmd_build(args: argparse.Namespace) -> int:
         "image_size": args.image_size,
     }
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    label = dict(fields.pop("label", {}))
-    if args.budget is not None:
-        label["budget"] = args.budget
-    config = BuildConfig(**fields, label=LabelConfig(**label))
+    label = fields.pop("label", {})
+    if args.budget is not None and isinstance(label, dict):
+        label = {**label, "budget": args.budget}
+    # A label that is not an object (null, a list) is left to the config's own validation.
+    config = BuildConfig(**fields, label=label)
     runner = RunnerConfig(
         kind="dask" if args.dask or args.dask_address else "thread",
         max_workers=args.workers or (2 if args.dask or args.dask_address else 1),
         address=args.dask_address,
         gpus_per_worker=args.gpus_per_worker,
     )
+    check_output(config.output_uri)
+    if config.input_kind != "synthetic":
+        check_input(config.input_uri)
+    check_image_size(config.model_name, config.image_size)
+    if runner.address:
+        check_scheduler(runner.address)
     progress = BuildProgress(config)
-    with _Poller(config.num_shards, f"labelling {config.name}", progress.complete_shards):
-        summary = build_explanation_dataset(config, overwrite=args.overwrite, runner=runner)
+    with _flows(config.output_uri, args.verbose):
+        with _Poller(config.num_shards, f"labelling {config.name}", progress.complete_shards):
+            summary = build_explanation_dataset(config, overwrite=args.overwrite, runner=runner)
     _print_json(summary)
     return 1 if summary["missing"] else 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from flows.cli_checks import check_image_size, check_input, check_output
     from flows.finetune import finetune_flow
     from flows.progress import enable_console_progress
     from tasks.finetune import FinetuneConfig
@@ -189,24 +248,37 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "model_name": args.model,
     }
     fields.update({k: v for k, v in overrides.items() if v is not None})
+    config = FinetuneConfig(**fields)
+    check_output(args.out)
+    check_input(config.data)
+    check_image_size(config.model_name, config.image_size)
     enable_console_progress()
-    result = finetune_flow(FinetuneConfig(**fields), args.out)
+    with _flows(args.out, args.verbose):
+        result = finetune_flow(config, args.out)
     _print_json({k: v for k, v in result.items() if k != "metrics"})
     return 0
 
 
 def cmd_vector(args: argparse.Namespace) -> int:
+    from flows.cli_checks import check_output
     from flows.vector import compute_vector_flow
 
-    _print_json(compute_vector_flow(args.source, args.theta_x, args.theta_p, args.out, args.key))
+    check_output(args.out)
+    with _flows(args.out, args.verbose):
+        result = compute_vector_flow(args.source, args.theta_x, args.theta_p, args.out, args.key)
+    _print_json(result)
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from flows.cli_checks import check_output
     from flows.sweep import transfer_sweep
     from tasks.sweep import SweepConfig
 
-    result = transfer_sweep(SweepConfig(**_load_json(args.config)))
+    config = SweepConfig(**_load_json(args.config))
+    check_output(config.output_uri)
+    with _flows(config.output_uri, args.verbose):
+        result = transfer_sweep(config)
     print(_sweep_table(result))
     return 0
 
@@ -303,17 +375,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The machines this runs on may have no route out: no telemetry from the local server.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if args.func is cmd_serve:
+        return cmd_serve(args)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except EXPECTED_ERRORS as exc:
+        logger.debug("expected failure", exc_info=True)
+        print("\n".join(error_lines(exc)), file=sys.stderr)
         return 2
 
 

@@ -27,6 +27,8 @@ from storage.errors import PathOutsideRootError
 logger = logging.getLogger(__name__)
 
 COMPLETIONS_PREFIX = "_completions/"
+# A key no stage writes: looking it up tells whether the root can be reached at all.
+_PROBE_KEY = "_completions/.probe"
 
 
 def normalise_key(key: str) -> str:
@@ -140,6 +142,21 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Remove the object under ``key``; removing a missing object is not an error."""
+
+    def check_readable(self) -> None:
+        """Fail now if the root cannot be reached (missing bucket, refused credentials, down).
+
+        Writes nothing. Raises a :class:`~storage.errors.StorageError` naming the URI.
+        """
+        self.exists(_PROBE_KEY)
+
+    def check_writable(self) -> None:
+        """Fail now if nothing could be written under the root; writes nothing.
+
+        An object store is only probed for reachability, bucket and credentials (a write
+        permission cannot be known without writing); a local folder is checked on disk.
+        """
+        self.check_readable()
 
     def read_json(self, key: str) -> Any:
         """Parse the object as UTF-8 JSON."""

@@ -85,6 +85,23 @@ class LocalStorage(Storage):
         _publish(path, write)
         logger.debug("wrote %d bytes to %s", len(data), path)
 
+    def check_readable(self) -> None:
+        """A local folder is always reachable; a missing one reads as empty."""
+
+    def check_writable(self) -> None:
+        """The root is a folder, or can be created as one, by this user; writes nothing.
+
+        Raises:
+            StorageError: the root or one of its parents is a file, or not writable.
+        """
+        path = self.root
+        while not path.exists():
+            path = path.parent
+        if not path.is_dir():
+            raise StorageError(f"cannot write under {self.uri}: {path} is a file, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise StorageError(f"cannot write under {self.uri}: {path} is not writable")
+
     def open_read(self, key: str) -> BinaryIO:
         """The file opened for binary reading."""
         path = self._path(key)

@@ -2,7 +2,12 @@
 
 Configuration is boto3's own: ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), ``AWS_PROFILE``,
 environment credentials, ``~/.aws/config`` and ``AWS_MAX_ATTEMPTS``; :func:`storage.open_storage`
-takes explicit overrides. botocore and s3transfer errors are translated into
+takes explicit overrides. Every request is bounded in time: a connect timeout and a read timeout
+(:data:`DEFAULT_CONNECT_TIMEOUT`, :data:`DEFAULT_READ_TIMEOUT`, or the
+``EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT``/``EXPLAIN_TRANSFER_S3_READ_TIMEOUT`` environment
+variables) and botocore's bounded "standard" retries (3 attempts unless ``AWS_MAX_ATTEMPTS``), so an
+endpoint that accepts connections and never answers fails with
+:class:`~storage.errors.EndpointUnreachableError` instead of hanging. botocore and s3transfer errors are translated into
 :mod:`storage.errors` with messages that name the URI and never a credential.
 """
 
@@ -36,6 +41,11 @@ from storage.errors import (
 logger = logging.getLogger(__name__)
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
+
+#: Seconds to wait for a TCP connection (``EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT``).
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Seconds to wait for bytes on an open connection (``EXPLAIN_TRANSFER_S3_READ_TIMEOUT``).
+DEFAULT_READ_TIMEOUT = 30.0
 
 _ACCESS_CODES = frozenset(
     {
@@ -122,11 +132,13 @@ class S3Storage(Storage):
         retries: dict[str, Any] = {"mode": "standard"}
         if max_attempts is not None:
             retries["max_attempts"] = max_attempts
-        config_kwargs: dict[str, Any] = {"retries": retries}
-        if connect_timeout is not None:
-            config_kwargs["connect_timeout"] = connect_timeout
-        if read_timeout is not None:
-            config_kwargs["read_timeout"] = read_timeout
+        config_kwargs: dict[str, Any] = {
+            "retries": retries,
+            "connect_timeout": connect_timeout
+            or _seconds_from_env("EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
+            "read_timeout": read_timeout
+            or _seconds_from_env("EXPLAIN_TRANSFER_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
+        }
         kwargs: dict[str, Any] = {"config": Config(**config_kwargs)}
         if endpoint_url is not None:
             kwargs["endpoint_url"] = endpoint_url
@@ -335,6 +347,19 @@ class S3Storage(Storage):
         for secret in self._connection.secrets():
             text = text.replace(secret, "***")
         return text
+
+
+def _seconds_from_env(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0 seconds, got {text!r}")
+    return value
 
 
 def _botocore_cause(exc: BaseException) -> BaseException | None:

@@ -3,6 +3,10 @@
 A shard is written locally with webdataset's own :class:`~webdataset.TarWriter`, published with
 one upload, and only then marked complete; readers use :func:`complete_shards` and so never see
 a shard a crash interrupted.
+
+The local tars are built in a staging folder (:data:`STAGING_DIRNAME` under the temporary
+folder) and named after the writing process; a writer sweeps the partial tars of processes that
+no longer run (SIGKILLed workers) when it starts, so crashes leave no litter behind.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import posixpath
 import re
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -39,6 +44,68 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
+#: The folder, under the temporary folder, where shards are built before their upload.
+STAGING_DIRNAME = "explain-transfer-shards"
+#: A partial tar older than this is swept even if its process id belongs to a live process
+#: (process ids are reused).
+STALE_PARTIAL_SECONDS = 24 * 3600
+
+_PARTIAL_NAME = re.compile(r"^.+\.pid(\d+)\.[^.]+\.partial$")
+_swept: set[str] = set()
+
+
+def staging_dir(temp_dir: str | None = None) -> str:
+    """The folder where shards are built: ``temp_dir``, else ``$TMPDIR/explain-transfer-shards``."""
+    return temp_dir or os.path.join(tempfile.gettempdir(), STAGING_DIRNAME)
+
+
+def sweep_stale_partials(folder: str, max_age: float = STALE_PARTIAL_SECONDS) -> list[str]:
+    """Remove the partial tars that no running process will finish.
+
+    A partial tar is stale when the process that wrote it no longer runs, or when it is older
+    than ``max_age`` seconds. Files this module did not name are left alone.
+
+    Args:
+        folder: a staging folder (see :func:`staging_dir`).
+        max_age: seconds after which a partial tar is stale whatever its process.
+
+    Returns:
+        The paths removed.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = _PARTIAL_NAME.match(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            old = now - entry.stat(follow_symlinks=False).st_mtime > max_age
+            if old or not _process_alive(int(match.group(1))):
+                os.unlink(entry.path)
+                removed.append(entry.path)
+        except FileNotFoundError:  # another writer swept it first
+            continue
+    if removed:
+        logger.info("removed %d stale partial shard(s) from %s", len(removed), folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 class ShardWriter:
     """Write one shard: samples go to a local temporary tar, published on a clean exit.
 
@@ -50,8 +117,9 @@ class ShardWriter:
     Args:
         storage: the dataset folder.
         key: the shard's key, usually :func:`shard_name`.
-        temp_dir: where the local tar is built (the system default when None); it must have
-            room for one shard.
+        temp_dir: where the local tar is built (when None, the staging folder
+            :func:`staging_dir` under the system temporary folder); it must have room for one
+            shard. Partial tars of dead writers found there are removed.
         fingerprint: the inputs the shard was made from, recorded in its marker so that
             :meth:`storage.Storage.is_done` can tell a shard of other inputs.
 
@@ -80,8 +148,14 @@ class ShardWriter:
         self._tar: webdataset.TarWriter | None = None
 
     def __enter__(self) -> ShardWriter:
+        folder = staging_dir(self.temp_dir)
+        os.makedirs(folder, exist_ok=True)
+        if folder not in _swept:
+            # Once per process and folder: the partials of dead writers are never finished.
+            sweep_stale_partials(folder)
+            _swept.add(folder)
         fd, self._temp_path = tempfile.mkstemp(
-            prefix=f"{self.name}.", suffix=".partial", dir=self.temp_dir
+            prefix=f"{self.name}.pid{os.getpid()}.", suffix=".partial", dir=folder
         )
         self._handle = os.fdopen(fd, "wb")
         # A fixed mtime makes the tar a function of its samples, so a rerun reproduces the sha256.

@@ -35,8 +35,10 @@ def open_storage(
         uri: the root URI.
         endpoint_url: S3-compatible endpoint, instead of ``AWS_ENDPOINT_URL``/the AWS default.
         max_attempts: total attempts per request (botocore "standard" retry mode).
-        connect_timeout: seconds to wait for a connection.
-        read_timeout: seconds to wait for data on an open connection.
+        connect_timeout: seconds to wait for a connection (default 10, or
+            ``EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT``).
+        read_timeout: seconds to wait for data on an open connection (default 30, or
+            ``EXPLAIN_TRANSFER_S3_READ_TIMEOUT``).
         multipart_threshold: object size in bytes from which uploads are multipart (8 MiB).
         client_kwargs: extra keyword arguments for ``boto3.client("s3", ...)``.
 

@@ -12,6 +12,7 @@ from tasks.model.clip import (
     available_models,
     load_clip,
     model_fingerprint,
+    model_image_size,
     register_model_configs,
 )
 from tasks.model.loading import LoadedModel, load_sem
@@ -36,6 +37,7 @@ __all__ = [
     "load_clip",
     "load_sem",
     "model_fingerprint",
+    "model_image_size",
     "register_model_configs",
     "standardize_per_image",
     "zero_shot_head",

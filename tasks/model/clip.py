@@ -35,7 +35,7 @@ class _DropMessage(logging.Filter):
 
 
 def register_model_configs() -> None:
-    """Make the project's model configs (``tasks/model_configs/*.json``) known to open_clip.
+    """Make the project's model configs (``tasks/model/model_configs/*.json``) known to open_clip.
 
     Idempotent: open_clip appends every added path to its search list, so this registers once.
     """
@@ -59,7 +59,7 @@ def load_clip(model_name: str = DEFAULT_MODEL, pretrained: str | None = None) ->
     ``.pth``, loaded with ``weights_only=True``), read through :mod:`storage`.
 
     Args:
-        model_name: an open_clip architecture name (``tasks/model_configs`` included).
+        model_name: an open_clip architecture name (``tasks/model/model_configs`` included).
         pretrained: URI of the weights, or None for a random initialisation.
 
     Returns:
@@ -92,3 +92,16 @@ def load_clip(model_name: str = DEFAULT_MODEL, pretrained: str | None = None) ->
 def model_fingerprint(clip_model: nn.Module) -> str:
     """Content fingerprint of an open_clip model's state dict (identifies a checkpoint)."""
     return state_fingerprint(clip_model.state_dict())
+
+
+def model_image_size(model_name: str) -> int:
+    """The input image size (pixels per side) of an open_clip architecture, without building it.
+
+    Raises:
+        ValueError: the architecture is unknown.
+    """
+    names = available_models()
+    if model_name not in names:
+        raise ValueError(f"unknown model {model_name!r}; available: {', '.join(names)}")
+    size = open_clip.get_model_config(model_name)["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (list, tuple)) else size)

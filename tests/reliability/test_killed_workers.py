@@ -48,7 +48,7 @@ def test_killed_labelling_worker_leaves_no_partial_shard_and_rerun_completes(
     if kill == "--kill-before-marker":
         assert dataset.exists(shard1)  # uploaded, but no marker vouches for it
     else:
-        [partial] = scratch.glob(f"{shard1}.*.partial")
+        [partial] = scratch.rglob(f"{shard1}.*.partial")
         assert partial.stat().st_size > 0  # the worker died with the shard half written
         assert not dataset.exists(shard1)
 

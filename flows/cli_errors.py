@@ -1,0 +1,159 @@
+"""What the command line prints when something is wrong: one line per problem, no traceback.
+
+An *expected* failure (a bad config, a missing input, an unreachable store or scheduler) is
+something the user can fix; the command prints it as ``error: ...`` lines and exits with status
+2. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from storage.errors import StorageError
+
+#: What the command line reports in one line instead of a traceback.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    StorageError,
+    ValueError,  # pydantic's ValidationError included
+    FileNotFoundError,
+    OSError,  # an unreachable Dask scheduler, a read-only folder
+)
+
+#: Loggers that print every request (with its signed headers) at DEBUG: kept at WARNING.
+WIRE_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "aiobotocore", "httpcore")
+
+#: Environment variables whose values never reach a log line.
+SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def error_lines(exc: BaseException) -> list[str]:
+    """The ``error: ...`` lines that describe an expected failure."""
+    if isinstance(exc, ValidationError):
+        return [f"error: {line}" for line in validation_lines(exc)]
+    text = str(exc).strip() or type(exc).__name__
+    # One line: the first line of a multi-line message is its summary.
+    return [f"error: {text.splitlines()[0]}"]
+
+
+def validation_lines(exc: ValidationError) -> list[str]:
+    """One ``field: problem (got value)`` line per invalid field of a pydantic error."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or exc.title
+        line = f"{where}: {_problem(error)}"
+        value = error.get("input")
+        if error["type"] != "missing" and not isinstance(value, dict):
+            line += f" (got {_short(value)})"
+        lines.append(line)
+    return lines
+
+
+def _problem(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    bounds = {
+        "greater_than_equal": (">=", "ge"),
+        "greater_than": (">", "gt"),
+        "less_than_equal": ("<=", "le"),
+        "less_than": ("<", "lt"),
+    }
+    if kind in bounds:
+        op, key = bounds[kind]
+        return f"must be {op} {ctx.get(key)}"
+    fixed = {
+        "missing": "required",
+        "extra_forbidden": "unknown field",
+        "int_parsing": "must be a whole number",
+        "int_type": "must be a whole number",
+        "int_from_float": "must be a whole number",
+        "float_parsing": "must be a number",
+        "float_type": "must be a number",
+        "bool_parsing": "must be true or false",
+        "bool_type": "must be true or false",
+        "string_type": "must be a string",
+        "model_type": "must be an object",
+        "model_attributes_type": "must be an object",
+        "dict_type": "must be an object",
+        "tuple_type": "must be a list",
+        "list_type": "must be a list",
+    }
+    if kind in fixed:
+        return fixed[kind]
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx.get('pattern')}"
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])
+    message = str(error.get("msg", kind))
+    return message[:1].lower() + message[1:]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    try:
+        text = json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class RedactSecrets(logging.Filter):
+    """Replaces the values of :data:`SECRET_VARIABLES` by ``***`` in every record it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets = [
+            os.environ[name] for name in SECRET_VARIABLES if len(os.environ.get(name, "")) >= 4
+        ]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        message = record.getMessage()
+        redacted = message
+        for secret in self.secrets:
+            redacted = redacted.replace(secret, "***")
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+class HideExpectedTracebacks(logging.Filter):
+    """Drops console records of an expected failure: the command line prints it in one line.
+
+    Records of other exceptions pass, tracebacks included; the run's log file keeps them all.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], EXPECTED_ERRORS):
+            return False
+        return not (
+            record.levelno >= logging.ERROR
+            and record.name.startswith("prefect")
+            and "Finished in state Failed" in record.getMessage()
+        )
+
+
+def configure_logging(verbose: bool) -> None:
+    """Console logging of the command line: WARNING, or DEBUG with ``-v``, never a credential.
+
+    The wire loggers (botocore, urllib3, ...) stay at WARNING even with ``-v``: their DEBUG
+    output is every request's signed headers (access key id, session token).
+    """
+    level = logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in WIRE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        # The console shows WARNING (DEBUG with -v) whatever the loggers let through: a run's
+        # log file takes INFO records from the same loggers.
+        if type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.stdout):
+            handler.setLevel(level)
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+            handler.addFilter(RedactSecrets())
