@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +53,10 @@ def moto_endpoint() -> Iterator[str]:
         patch.setenv("AWS_ACCESS_KEY_ID", FAKE_ACCESS_KEY)
         patch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET_KEY)
         patch.setenv("AWS_DEFAULT_REGION", REGION)
+        # The server's per-request access log goes to the root logger from its own threads,
+        # where an in-process CLI test may have left a handler on a stream capsys has closed:
+        # keep it quiet (requests still show in a failing test's captured botocore log).
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         host, port = server.get_host_and_port()
