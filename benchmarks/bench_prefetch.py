@@ -74,12 +74,11 @@ def natural_jpeg(seed: int, size: tuple[int, int] = (500, 375)) -> bytes:
 
 
 class CellMeanClassifier(nn.Module):
-    """A trivial, token-maskable model: mean colour of each 7x7 cell, averaged, then linear."""
+    """A trivial, token-maskable model: mean colour of each grid cell, averaged, then linear."""
 
-    patch_grid = (7, 7)
-
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, grid: tuple[int, int]) -> None:
         super().__init__()
+        self.patch_grid = grid  # equal to the labelling grid, so Kernel SHAP masks tokens
         generator = torch.Generator().manual_seed(0)
         self.head = nn.Linear(3, num_classes)
         with torch.no_grad():
@@ -118,9 +117,9 @@ class Pooled(nn.Module):
         return self.inner(F.avg_pool2d(images, self.factor))
 
 
-def make_model(name: str) -> nn.Module:
+def make_model(name: str, grid: tuple[int, int]) -> nn.Module:
     if name == "trivial":
-        return CellMeanClassifier(len(CLASSES)).eval()
+        return CellMeanClassifier(len(CLASSES), grid).eval()
     sem = load_sem(None, model_name="tiny-vit-56", class_names=CLASSES, grid=(7, 7)).sem
     return Pooled(sem.as_classifier(), SIZE // 56).eval()
 
@@ -182,7 +181,7 @@ def labeller_run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=256, help="images for the trivial model")
-    parser.add_argument("--vit-images", type=int, default=32, help="images for the tiny ViT")
+    parser.add_argument("--vit-images", type=int, default=16, help="images for the tiny ViT")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -219,7 +218,7 @@ def main() -> None:
             ("tiny-vit", "7x7, budget 150", LabelConfig(budget=150), args.vit_images),
         ]
         for model_name, setting, label, count in settings:
-            model = make_model(model_name)
+            model = make_model(model_name, label.grid)
             if count != args.images:
                 input_uri_n = os.path.join(tmp, f"input-{count}")
                 if not os.path.exists(input_uri_n):

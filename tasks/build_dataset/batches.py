@@ -85,12 +85,15 @@ def _batches(
     read = unit_reader(config)
     per_batch = config.label.images_per_batch
     size = config.image_size
-    units_ahead = RANGES_AHEAD if config.input_kind == "webdataset" else 4 * workers
+    # Input-shard ranges are big (a whole input shard is read at once): two at a time at most.
+    ranges = config.input_kind == "webdataset"
+    readers = min(workers, RANGES_AHEAD) if ranges else workers
+    units_ahead = RANGES_AHEAD if ranges else 4 * workers
 
     def fetched() -> Iterator[dict[str, Any] | QuarantineReport]:
         # A unit's report goes first, its samples after: the order a serial read records them.
         with contextlib.closing(
-            ordered_map(read, units, workers=workers, ahead=units_ahead)
+            ordered_map(read, units, workers=readers, ahead=units_ahead)
         ) as parts:
             for samples, part in parts:
                 yield part

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,42 @@ def test_a_reader_failure_in_a_worker_fails_the_shard_and_leaves_no_thread(
     assert set(threading.enumerate()) <= before
     dataset = open_storage(plan.dataset_uri)
     assert not dataset.exists(plan.shard_key(0))
+
+
+def test_the_readers_run_a_bounded_distance_ahead_of_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.build_dataset.inputs as inputs
+
+    root = tmp_path / "folder"
+    (root / "a").mkdir(parents=True)
+    for n in range(200):
+        (root / "a" / f"{n:03d}.jpg").write_bytes(_jpeg(n % 7))
+    config = build_config(
+        str(tmp_path / "out"),
+        input_kind="imagefolder",
+        input_uri=str(root),
+        num_shards=1,
+        decode_workers=2,
+    )
+    plan = plan_build(config)
+    read = inputs.read_image_file
+    reads = []
+
+    def counted(*args, **kwargs):
+        reads.append(args[1])
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(inputs, "read_image_file", counted)
+    ahead = []
+
+    def slow_model(done: int, total: int) -> None:
+        time.sleep(1.0)  # ample time for unbounded readers to read everything
+        ahead.append(len(reads) - done)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        label_shard(plan, 0, progress=slow_model)
+    # 2 workers, batches of 2: 8 files being read, 8 being decoded, 3 to 4 batches queued.
+    assert ahead and ahead[0] <= 8 + 8 + 4 * 2
+    assert _prefetch_threads() == []
