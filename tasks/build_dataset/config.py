@@ -77,6 +77,16 @@ class BuildConfig(StageConfig):
     num_shards: int = Field(4, ge=1)
     output_uri: str
     device: Device = "auto"
+    decode_workers: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description=(
+            "threads that read and decode inputs ahead of the model (1: inline, in the "
+            "labeller's thread); default: the cores per accelerator, at most 8. It does not "
+            "change the output, so it is not part of the dataset version"
+        ),
+    )
 
     @property
     def source_split(self) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,45 +122,52 @@ def _sample_ranges(units: Sequence[str], shard_index: int, num_shards: int) -> l
     return ranges
 
 
-def iter_units(
-    config: BuildConfig,
-    units: Sequence[str],
-    report: QuarantineReport,
-    renames: Mapping[str, str] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Yield the input samples of some units of the listing, in listing order.
+UnitReader = Callable[[str], tuple[list[dict[str, Any]], QuarantineReport]]
+
+
+def unit_reader(config: BuildConfig, renames: Mapping[str, str] | None = None) -> UnitReader:
+    """A function that reads one unit of the listing: ``unit -> (samples, report)``.
 
     Reads through the readers of :mod:`tasks.data.readers` (the same as every other stage); bad
-    images are quarantined in ``report`` (with the reason) and never yielded.
+    images are quarantined in the returned report (with the reason) and not returned. Each call
+    has its own report, so units can be read in parallel and their reports merged in order.
 
     Args:
+        config: the build.
         renames: :attr:`InputListing.renames` (WebDataset input).
     """
     if config.input_kind == "synthetic":
         from tasks.data.synthetic import make_sample
 
-        for unit in units:
+        def read_synthetic(unit: str) -> tuple[list[dict[str, Any]], QuarantineReport]:
+            report = QuarantineReport()
             report.count("read")
-            yield make_sample(
+            sample = make_sample(
                 config.input_uri,
                 config.source_split,
                 int(unit),
                 seed=config.synthetic_seed,
                 image_size=config.image_size,
             )
-        return
+            return [sample], report
+
+        return read_synthetic
     storage = _input_storage(config)
     if config.input_kind == "imagefolder":
-        for unit in units:
+
+        def read_file(unit: str) -> tuple[list[dict[str, Any]], QuarantineReport]:
+            report = QuarantineReport()
             class_id, key, path = unit.split(":", 2)
             sample = read_image_file(storage, path, key, int(class_id), report)
-            if sample is not None:
-                yield sample
-        return
-    for unit in units:
+            return ([] if sample is None else [sample]), report
+
+        return read_file
+
+    def read_range(unit: str) -> tuple[list[dict[str, Any]], QuarantineReport]:
+        report = QuarantineReport()
         shard, _, span = unit.rpartition("@")
         start, _, stop = span.partition(":")
-        yield from read_shard_samples(
+        samples = read_shard_samples(
             storage,
             shard,
             report,
@@ -169,6 +176,27 @@ def iter_units(
             validate=False,
             renames=renames,
         )
+        return samples, report
+
+    return read_range
+
+
+def iter_units(
+    config: BuildConfig,
+    units: Sequence[str],
+    report: QuarantineReport,
+    renames: Mapping[str, str] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield the input samples of some units of the listing, in listing order.
+
+    Reads one unit at a time with :func:`unit_reader`; bad images are quarantined in ``report``
+    (with the reason) and never yielded.
+    """
+    read = unit_reader(config, renames)
+    for unit in units:
+        samples, part = read(unit)
+        report.merge(part)
+        yield from samples
 
 
 def _image_tensor(sample: dict[str, Any], size: int) -> torch.Tensor:

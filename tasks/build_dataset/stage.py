@@ -36,17 +36,17 @@ from storage import Storage, layout, open_storage
 from storage.layout import shard_name, shard_report_key, split_report_key
 from storage.shards import ShardWriter, write_manifest
 from tasks.algorithms.kernel_shap import derive_seed, kernel_shap_explain
+from tasks.build_dataset.batches import decode_workers, input_batches
 from tasks.build_dataset.config import BuildConfig, LabelConfig
 from tasks.build_dataset.inputs import (
     _dataset_mean,
     _image_tensor,
     _range_size,
     _sample_ranges,
-    iter_units,
     list_input,
 )
 from tasks.config import resolve_device
-from tasks.data.images import IMAGE_FIELDS, BadImageError
+from tasks.data.images import IMAGE_FIELDS
 from tasks.data.quarantine import QuarantineReport
 from tasks.model import model_fingerprint
 from tasks.model.loading import load_sem
@@ -137,7 +137,7 @@ class BuildPlan:
 
 @dataclass
 class ShardOutcome:
-    """What labelling one shard did."""
+    """What labelling one shard did (``input_wait_seconds``: the model waiting for input)."""
 
     shard: str
     samples: int = 0
@@ -145,6 +145,7 @@ class ShardOutcome:
     seconds: float = 0.0
     skipped: bool = False
     report: dict[str, Any] = field(default_factory=dict)
+    input_wait_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -309,7 +310,8 @@ def label_samples(
     device = next(model.parameters()).device
     if images is None:
         images = torch.stack([_image_tensor(s, image_size) for s in samples])
-    images = images.to(device)
+    # Pinned host memory (the input batches pin theirs for CUDA) copies without blocking.
+    images = images.to(device, non_blocking=device.type == "cuda" and images.is_pinned())
     labels = torch.tensor([int(s["cls"]) for s in samples], dtype=torch.long)
     classifier = model.as_classifier() if hasattr(model, "as_classifier") else model
     classifier.eval()
@@ -405,68 +407,68 @@ def label_shard(
         expected = sum(_range_size(unit) for unit in units)
     else:
         expected = len(units)
+    device = next(model.parameters()).device
+    workers = decode_workers(config, device)
     written = 0
-    chunk: list[dict[str, Any]] = []
-    images: list[torch.Tensor] = []
+    waited = 0.0
     errors: list[float] = []
-
-    def flush() -> None:
-        nonlocal written
-        for out in label_samples(
-            model,
-            chunk,
-            config.label,
-            image_size=config.image_size,
-            baseline_mean=plan.baseline_mean,
-            model_fingerprint=plan.model_fingerprint,
-            images=torch.stack(images),
-        ):
-            writer.write(out)
-            written += 1
-            if "relative_error" in out["json"]:
-                errors.append(out["json"]["relative_error"][0])
-        chunk.clear()
-        images.clear()
-        if progress is not None:
-            progress(written, expected)
-
-    with ShardWriter(dataset, shard, fingerprint=plan.version) as writer:
-        # Streamed in batches: each image is decoded once, and a shard is never held whole.
-        for sample in iter_units(config, units, report, plan.renamed_keys):
-            label_id = sample.get("cls")
-            if not isinstance(label_id, int) or not 0 <= label_id < len(plan.class_names):
-                report.quarantine(
-                    str(sample.get("__key__")),
-                    f"label out of range: {label_id!r} not in [0, {len(plan.class_names)})",
-                    stage="label",
-                )
+    with (
+        ShardWriter(dataset, shard, fingerprint=plan.version) as writer,
+        # Streamed in batches, read and decoded ahead of the model by `workers` threads: each
+        # image is decoded once, and a shard is never held whole.
+        input_batches(
+            config,
+            units,
+            num_classes=len(plan.class_names),
+            workers=workers,
+            pin_memory=device.type == "cuda",
+            renames=plan.renamed_keys,
+        ) as batches,
+    ):
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - asked
+            if batch is None:
+                break
+            report.merge(batch.report)
+            if not batch.samples:
                 continue
-            try:
-                images.append(_image_tensor(sample, config.image_size))
-            except BadImageError as exc:
-                report.quarantine(str(sample.get("__key__")), exc.reason, stage="label")
-                continue
-            chunk.append(sample)
-            if len(chunk) == config.label.images_per_batch:
-                flush()
-        if chunk:
-            flush()
+            for out in label_samples(
+                model,
+                batch.samples,
+                config.label,
+                image_size=config.image_size,
+                baseline_mean=plan.baseline_mean,
+                model_fingerprint=plan.model_fingerprint,
+                images=batch.images,
+            ):
+                writer.write(out)
+                written += 1
+                if "relative_error" in out["json"]:
+                    errors.append(out["json"]["relative_error"][0])
+            if progress is not None:
+                progress(written, expected)
         dataset.write_json(shard_report_key(shard), report.to_dict())
         if errors:  # the label class's estimated relative error of every sample
             dataset.write_json(layout.shard_error_report_key(shard), {"relative_error": errors})
     seconds = time.perf_counter() - start
     logger.info(
-        "shard %s: %d samples labelled, %d quarantined, %.1f images/s",
+        "shard %s: %d samples labelled, %d quarantined, %.1f images/s, "
+        "%.0f%% of the time waiting for input (%d decode workers)",
         shard,
         written,
         report.num_quarantined(),
         written / seconds if seconds else 0.0,
+        100 * waited / seconds if seconds else 0.0,
+        workers,
     )
     return ShardOutcome(
         shard=shard,
         samples=written,
         quarantined=report.num_quarantined(),
         seconds=seconds,
+        input_wait_seconds=waited,
         report=report.to_dict(),
     )
 
@@ -552,9 +554,14 @@ class BuildProgress:
 
     def _planned_from_this_config(self, version: str) -> bool:
         key = f"{layout.xdata_version_key(self.config.name, version)}/{layout.DATASET_CONFIG_FILE}"
-        return self.output.exists(key) and (
-            self.output.read_json(key).get("config") == self.config.to_dict()
-        )
+        if not self.output.exists(key):
+            return False
+        # decode_workers changes how fast, not what, so a rerun with other workers is the same build.
+        planned = dict(self.output.read_json(key).get("config") or {})
+        planned.pop("decode_workers", None)
+        current = self.config.to_dict()
+        current.pop("decode_workers", None)
+        return planned == current
 
     def complete_shards(self) -> int:
         """Complete shards of the build's split in the version being built."""
