@@ -16,8 +16,8 @@ from storage import open_storage
 from storage.checkpoints import load_sidecar, load_state_dict, save_state_dict
 from storage.layout import shard_name
 from storage.shards import ShardWriter
-from tasks.data.synthetic import make_split
 from tasks.data.stream import Decoder, OrderedStream, list_split
+from tasks.data.synthetic import make_split
 from tasks.finetune import FinetuneConfig, finetune, pearson_per_image, training_stream
 from tasks.model import (
     DEFAULT_MODEL,
