@@ -37,6 +37,8 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
+import multiprocessing.context
 import random
 import re
 from collections.abc import Iterator
@@ -223,6 +225,18 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Where decoding workers start: a fork server, not a fork of the caller.
+
+    A plain fork copies whatever the caller runs (an orchestrator's threads, its exit handlers),
+    and such workers were seen to die at exit; the fork server is a clean process that has
+    imported this module once, so each worker still starts in milliseconds.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def _worker() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -339,7 +353,11 @@ class TrainStream(IterableDataset):
     def loader(self) -> Iterator[Batch]:
         """This epoch's batches in order (after the skipped ones), decoded by the workers."""
         loader = DataLoader(
-            self, batch_size=None, num_workers=self.num_workers, collate_fn=_identity
+            self,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            multiprocessing_context=_worker_context() if self.num_workers else None,
         )
         return itertools.islice(loader, self.skip % max(1, self.num_workers), None)
 
@@ -402,4 +420,10 @@ class OrderedStream(IterableDataset):
 
     def loader(self) -> DataLoader:
         """A ``DataLoader`` yielding the batches in order."""
-        return DataLoader(self, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
+        return DataLoader(
+            self,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            multiprocessing_context=_worker_context() if self.num_workers else None,
+        )
