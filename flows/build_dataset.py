@@ -118,7 +118,8 @@ def build_explanation_dataset(
     logger = get_run_logger()
     runner = runner or RunnerConfig()
     plan = plan_build_task(config)
-    n = config.num_shards
+    # preserve_layout makes the plan's shard count follow the input's.
+    n = plan["config"]["num_shards"]
     # The progress artifact belongs to this run; the subflow moves it along.
     progress = Progress(n, f"{config.name}-{config.split}: shards labelled")
     shards = label_shards_flow.with_options(task_runner=make_task_runner(runner))(

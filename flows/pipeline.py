@@ -154,6 +154,8 @@ def _build_config(
         checkpoint=checkpoint,
         label=label,
         num_shards=config.num_shards,
+        # X streams its shards in P's order only when they share P's layout.
+        preserve_layout=True,
         output_uri=open_storage(config.out_uri).url(layout.XDATA_PREFIX),
         device=config.device,
     )

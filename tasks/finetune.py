@@ -1,16 +1,20 @@
 """Fine-tuning the self-explaining CLIP model: prediction only (P) or with explanations (X).
 
-(About 600 lines: the data, loss, resumable loop and checkpointing of one training run; they
-share the run state and are kept together until streaming data moves data loading out.)
-
-Both modes start from the same base checkpoint, see the same samples in the same order (sorted
-by ``__key__``, then a permutation drawn from ``(seed, epoch)``) and run the same forward pass;
-they differ only in the loss. theta_X - theta_P is then the explainability vector.
+Both modes start from the same base checkpoint, read their training shards as a stream in the
+same order (:class:`tasks.data.stream.TrainStream`: shard order and sample shuffle drawn from
+``(seed, epoch)``; the same order whenever the P and X datasets share their shard layout) and
+run the same forward pass; they differ only in the loss. theta_X - theta_P is then the
+explainability vector. Memory holds one batch per decoding worker, never the split.
 
 A run is resumable: every ``checkpoint_every`` steps and at every epoch end it saves the model
 (``last.safetensors``) and the optimizer, schedule, RNG and metrics state (``last-optim.pt``),
-and a rerun continues from there to bit-identical final weights on CPU. The final model is
+and a rerun continues from there, mid-epoch included (the seeded stream skips the batches
+already taken), to bit-identical final weights on CPU. The final model is
 ``model.safetensors`` with a JSON sidecar, and its completion marker makes a rerun a no-op.
+
+With ``nproc_per_node * nnodes > 1`` the run is data-parallel (:mod:`tasks.distributed`):
+``torch.distributed.run`` starts one process per device, each trains on its share of the
+shards under DistributedDataParallel, and only rank 0 writes checkpoints and the marker.
 """
 
 from __future__ import annotations
@@ -20,19 +24,18 @@ import io
 import json
 import logging
 import math
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field
 
 from storage.checkpoints import checkpoint_fingerprint
 from storage.fingerprints import fingerprint_of
 from tasks.config import Device, StageConfig, resolve_device
+from tasks.data.stream import Decoder, OrderedStream, TrainStream, first_sample, list_split
 from tasks.model import (
     DEFAULT_MODEL,
     DEFAULT_TEMPLATES,
@@ -53,7 +56,7 @@ ProgressCallback = Callable[[int, int], None]
 
 # Fields that may change between an interrupted run and its resumption without changing the
 # result (where and how often it saves, where it runs).
-_RESUME_NEUTRAL_FIELDS = ("checkpoint_every", "device")
+_RESUME_NEUTRAL_FIELDS = ("checkpoint_every", "device", "node_rank", "rdzv_endpoint", "rdzv_id")
 
 
 class FinetuneConfig(StageConfig):
@@ -85,6 +88,16 @@ class FinetuneConfig(StageConfig):
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
         image_size: side images are resized to (the model's input size).
         max_steps: caps the total number of steps (the schedule follows the cap).
+        shuffle_buffer: samples in the streaming sample-shuffle buffer (0: shard order only).
+        loader_workers: ``DataLoader`` decoding processes per training process (0: decode in
+            the training process); part of the data order, like the number of processes.
+        nproc_per_node: training processes per node (1: train in this process; more: launch
+            ``torch.distributed.run``, one process per GPU, or CPU processes on ``gloo``).
+        nnodes: nodes of a multi-node run (each node runs this task with its ``node_rank``).
+        node_rank: this node's rank in a multi-node run.
+        rdzv_endpoint: ``host:port`` of the rendezvous (c10d) of a multi-node run; None on one
+            node (a free local port).
+        rdzv_id: rendezvous id shared by the nodes of one run.
     """
 
     domain: str
@@ -111,6 +124,18 @@ class FinetuneConfig(StageConfig):
     device: Device = "auto"
     image_size: int = Field(default=56, ge=8)
     max_steps: int | None = Field(default=None, ge=1)
+    shuffle_buffer: int = Field(default=1000, ge=0)
+    loader_workers: int = Field(default=2, ge=0)
+    nproc_per_node: int = Field(default=1, ge=1)
+    nnodes: int = Field(default=1, ge=1)
+    node_rank: int = Field(default=0, ge=0)
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = "finetune"
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all."""
+        return self.nproc_per_node * self.nnodes
 
     def resume_fingerprint(self) -> str:
         """Fingerprint of the fields that determine the trained weights."""
@@ -121,110 +146,52 @@ class FinetuneConfig(StageConfig):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-@dataclass
-class TrainingData:
-    """A split held in memory, sorted by sample key.
-
-    Attributes:
-        keys: sample keys, sorted.
-        images: ``[N, 3, s, s]`` uint8 images.
-        labels: ``[N]`` int64 class ids.
-        targets: ``[N, gh, gw]`` float32 SHAP maps of the label class, or None.
-    """
-
-    keys: list[str]
-    images: torch.Tensor
-    labels: torch.Tensor
-    targets: torch.Tensor | None
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Images in ``[0, 1]``, labels and targets (or None) of the samples at ``index``."""
-        images = self.images[index].float().div_(255.0)
-        targets = None if self.targets is None else self.targets[index]
-        return images, self.labels[index], targets
-
-
-def _dataset_name(data_storage: Any, split: str) -> str:
-    """The single shard-name prefix of ``split`` in a dataset directory."""
-    pattern = re.compile(rf"^(?P<name>.+)-{re.escape(split)}-\d{{6}}\.tar$")
-    names = {match["name"] for unit in data_storage.completed() if (match := pattern.match(unit))}
-    if len(names) != 1:
-        found = ", ".join(sorted(names)) or "none"
-        raise ValueError(
-            f"cannot tell the dataset name of split {split!r} in {data_storage.uri} "
-            f"(found: {found}); set data_name"
-        )
-    return names.pop()
-
-
-def load_training_data(
-    uri: str,
-    split: str,
-    image_size: int,
-    *,
-    name: str | None = None,
-    require_targets: bool = False,
-    grid: tuple[int, int] | None = None,
-) -> TrainingData:
-    """Read every sample of a split's complete shards into memory, sorted by key.
-
-    Args:
-        uri: the dataset directory.
-        split: the split to read.
-        image_size: side the images are resized to.
-        name: shard name prefix (None: the only one in the directory).
-        require_targets: refuse a dataset without ``shap.npy`` (X mode).
-        grid: expected ``(gh, gw)`` of the SHAP maps.
+def training_stream(config: FinetuneConfig, rank: int = 0, world_size: int = 1) -> TrainStream:
+    """The training stream of one rank, its first sample checked before any compute.
 
     Raises:
-        ValueError: no complete shard, missing or malformed ``shap.npy`` where required.
+        ValueError: no complete shard, too few shards for the processes, the batch not
+            divisible by them, or (X mode) a dataset without ``shap.npy`` or on another grid.
     """
-    from storage import open_storage
-    from storage.shards import complete_shards, read_shard
-    from tasks.data.images import sample_to_tensor
-
-    data_storage = open_storage(uri)
-    name = name or _dataset_name(data_storage, split)
-    shard_keys = complete_shards(data_storage, name, split)
-    if not shard_keys:
-        raise ValueError(f"dataset {uri} has no complete shard of {name}-{split}")
-    samples: dict[str, tuple[torch.Tensor, int, np.ndarray | None]] = {}
-    for shard_key in shard_keys:
-        for sample in read_shard(data_storage, shard_key):
-            tensor = sample_to_tensor(sample, image_size)
-            target = None
-            if "shap.npy" in sample:
-                # The label class comes first (DESIGN: "Which classes").
-                target = np.load(io.BytesIO(sample["shap.npy"]), allow_pickle=False)[0]
-            samples[sample["__key__"]] = (tensor, int(sample["cls"]), target)
-    keys = sorted(samples)
-    has_targets = [samples[key][2] is not None for key in keys]
-    if require_targets and not all(has_targets):
+    if config.batch_size % world_size:
         raise ValueError(
-            f"dataset {uri} ({name}-{split}) has no shap.npy for "
-            f"{has_targets.count(False)} of {len(keys)} samples: build an explanation dataset "
-            "first (X mode needs Kernel SHAP targets)"
+            f"batch_size {config.batch_size} is not divisible by the {world_size} processes"
         )
-    images = torch.stack([(samples[key][0] * 255.0).round().to(torch.uint8) for key in keys])
-    labels = torch.tensor([samples[key][1] for key in keys], dtype=torch.int64)
-    targets = None
-    if keys and all(has_targets):
-        targets = torch.from_numpy(np.stack([samples[key][2] for key in keys])).float()
-        if grid is not None and tuple(targets.shape[1:]) != tuple(grid):
-            raise ValueError(
-                f"shap.npy grid {tuple(targets.shape[1:])} in {uri} does not match grid {grid}"
-            )
-    logger.info("loaded %d samples of %s-%s from %s", len(keys), name, split, uri)
-    return TrainingData(keys=keys, images=images, labels=labels, targets=targets)
+    split = list_split(config.data, config.split, config.data_name)
+    grid = (config.grid, config.grid)
+    targets = "require" if config.mode == "X" else "no"
+    decoder = Decoder(config.image_size, targets=targets, grid=grid, where=split.uri)
+    if config.mode == "X":
+        decoder([first_sample(split)])
+    stream = TrainStream(
+        split,
+        decoder,
+        batch_size=config.batch_size // world_size,
+        seed=config.seed,
+        shuffle_buffer=config.shuffle_buffer,
+        num_workers=config.loader_workers,
+        rank=rank,
+        world_size=world_size,
+    )
+    logger.info(
+        "training stream %s-%s: %d samples in %d shards, %d steps per epoch",
+        split.name,
+        split.split,
+        split.samples,
+        len(split.shards),
+        stream.steps_per_epoch,
+    )
+    return stream
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of an epoch: a permutation drawn from ``(seed, epoch)`` only."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_samples, generator=generator)
+def validation_stream(config: FinetuneConfig, batch_size: int = 128) -> OrderedStream | None:
+    """The validation split as an ordered stream (None without ``val_data``)."""
+    if config.val_data is None:
+        return None
+    split = list_split(config.val_data, config.val_split)
+    grid = (config.grid, config.grid)
+    decoder = Decoder(config.image_size, targets="auto", grid=grid, where=split.uri)
+    return OrderedStream(split, decoder, batch_size=batch_size)
 
 
 def explanation_loss(
@@ -287,33 +254,28 @@ def _lr_factor(step: int, total: int, config: FinetuneConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(
-    model: SelfExplainingCLIP, data: TrainingData, batch_size: int = 128
-) -> dict[str, float | None]:
+def evaluate(model: SelfExplainingCLIP, data: OrderedStream) -> dict[str, float | None]:
     """Accuracy and, where the data has SHAP targets, mean label-class Pearson correlation.
 
     Args:
         model: the SEM (put in eval mode here, and back).
-        data: the split to evaluate.
-        batch_size: samples per forward pass.
+        data: the split to evaluate, streamed batch by batch.
     """
     was_training = model.training
     model.eval()
     device = model.class_embeddings.device
-    correct, pearsons = 0, []
-    for start in range(0, len(data), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(data)))
-        images, labels, targets = data.batch(index)
-        logits, maps = model(images.to(device))
-        labels = labels.to(device)
+    correct, seen, pearsons = 0, 0, []
+    for batch in data.loader():
+        logits, maps = model(batch.images.to(device))
+        labels = batch.labels.to(device)
         correct += int((logits.argmax(dim=1) == labels).sum())
-        if targets is not None:
-            pearsons.append(
-                pearson_per_image(maps[torch.arange(len(labels)), labels], targets.to(device))
-            )
+        seen += len(labels)
+        if batch.targets is not None:
+            label_maps = maps[torch.arange(len(labels)), labels]
+            pearsons.append(pearson_per_image(label_maps, batch.targets.to(device)))
     model.train(was_training)
     return {
-        "accuracy": correct / max(1, len(data)),
+        "accuracy": correct / max(1, seen),
         "pearson": float(torch.cat(pearsons).mean()) if pearsons else None,
     }
 
@@ -371,25 +333,37 @@ class Finetuner:
         Returns:
             ``key``/``uri`` of the final model, its ``fingerprint``, ``base_fingerprint``,
             per-epoch ``metrics`` rows, ``steps`` and whether it was ``skipped``.
+
+        Raises:
+            RuntimeError: a data-parallel run failed (a process died or raised); rerunning
+                resumes from the last checkpoint.
         """
-        config = self.config
         if self.is_complete():
             logger.info("fine-tuning %s already complete: skipping", self.out.uri)
             return self.result(skipped=True)
+        if self.config.world_size > 1:
+            from tasks.distributed import launch_finetune
+
+            launch_finetune(self.config, self.storage.uri, self.out_key)
+            if not self.is_complete():
+                raise RuntimeError(f"distributed fine-tuning of {self.out.uri} left no model")
+            if self.progress is not None:
+                steps = self.result(skipped=False)["steps"]
+                self.progress(steps, steps)
+            return self.result(skipped=False)
+        return self.train()
+
+    def train(self, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+        """The training loop of one process (of ``world_size``, in an initialised group).
+
+        Only rank 0 evaluates, writes checkpoints, the final model and its marker.
+        """
+        config = self.config
+        distributed = world_size > 1
+        writer = rank == 0
         grid = (config.grid, config.grid)
-        train = load_training_data(
-            config.data,
-            config.split,
-            config.image_size,
-            name=config.data_name,
-            require_targets=config.mode == "X",
-            grid=grid,
-        )
-        val = None
-        if config.val_data is not None:
-            val = load_training_data(
-                config.val_data, config.val_split, config.image_size, grid=grid
-            )
+        train = training_stream(config, rank, world_size)
+        val = validation_stream(config) if writer else None
 
         torch.manual_seed(config.seed)
         clip_model = load_clip(config.model_name, config.base)
@@ -398,20 +372,32 @@ class Finetuner:
             clip_model, _class_names(config), config.templates, model_name=config.model_name
         )
         device = resolve_device(config.device)
+        if distributed and device.type == "cuda":
+            from tasks.distributed import local_device
+
+            device = local_device()
         model = SelfExplainingCLIP(clip_model, head, grid=grid).to(device)
         optimizer = build_optimizer(model, config)
+        forward = model
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel
 
-        steps_per_epoch = math.ceil(len(train) / config.batch_size)
+            forward = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+        steps_per_epoch = train.steps_per_epoch
         total = config.epochs * steps_per_epoch
         if config.max_steps is not None:
             total = min(total, config.max_steps)
         state = self._resume(model, optimizer, base_fingerprint)
         step, rows, running = state["step"], state["rows"], state["running"]
         logger.info(
-            "fine-tuning %s mode %s on %d samples: %d steps (%s)",
+            "fine-tuning %s mode %s (rank %d of %d): %d steps (%s)",
             config.domain,
             config.mode,
-            len(train),
+            rank,
+            world_size,
             total,
             f"resuming at step {step}" if step else "from the start",
         )
@@ -419,35 +405,39 @@ class Finetuner:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
-            order = epoch_order(len(train), config.seed, epoch)
-            index = order[offset * config.batch_size : (offset + 1) * config.batch_size]
-            images, labels, targets = train.batch(index)
-            images, labels = images.to(device), labels.to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * _lr_factor(step, total, config)
-            with autocast:
-                logits, maps = model(images)
-            ce = F.cross_entropy(logits.float(), labels)
-            expl = (
-                explanation_loss(maps, labels, targets.to(device)) if targets is not None else None
-            )
-            loss = ce + config.beta * expl if config.mode == "X" else ce
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            running["loss"] += float(loss.detach()) * len(index)
-            running["ce"] += float(ce.detach()) * len(index)
-            running["expl"] += float(expl.detach()) * len(index) if expl is not None else math.nan
-            running["samples"] += len(index)
-            if self.progress is not None:
-                self.progress(step, total)
-            epoch_done = step % steps_per_epoch == 0 or step == total
-            if epoch_done:
-                rows.append(self._epoch_row(epoch, step, running, model, val))
-                running = _new_running()
-            if epoch_done or step % config.checkpoint_every == 0:
-                self._save_last(model, optimizer, base_fingerprint, step, rows, running)
+            train.set_epoch(epoch, skip_batches=offset)
+            for batch in train.loader():
+                images, labels = batch.images.to(device), batch.labels.to(device)
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * _lr_factor(step, total, config)
+                with autocast:
+                    logits, maps = forward(images)
+                ce = F.cross_entropy(logits.float(), labels)
+                targets = batch.targets
+                expl = (
+                    explanation_loss(maps, labels, targets.to(device))
+                    if targets is not None
+                    else None
+                )
+                loss = ce + config.beta * expl if config.mode == "X" else ce
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                _accumulate(running, loss, ce, expl, len(labels), distributed)
+                if self.progress is not None:
+                    self.progress(step, total)
+                epoch_done = step % steps_per_epoch == 0 or step == total
+                if epoch_done and writer:
+                    rows.append(self._epoch_row(epoch, step, running, model, val))
+                if epoch_done:
+                    running = _new_running()
+                if writer and (epoch_done or step % config.checkpoint_every == 0):
+                    self._save_last(model, optimizer, base_fingerprint, step, rows, running)
+                if step == total:
+                    break
+        if not writer:
+            return {"steps": step, "rank": rank}
         return self._finish(model, base_fingerprint, step, rows)
 
     def _epoch_row(
@@ -456,7 +446,7 @@ class Finetuner:
         step: int,
         running: dict[str, float],
         model: SelfExplainingCLIP,
-        val: TrainingData | None,
+        val: OrderedStream | None,
     ) -> dict[str, Any]:
         samples = max(1.0, running["samples"])
         row: dict[str, Any] = {
@@ -575,6 +565,34 @@ class Finetuner:
 
 def _new_running() -> dict[str, float]:
     return {"loss": 0.0, "ce": 0.0, "expl": 0.0, "samples": 0.0}
+
+
+def _accumulate(
+    running: dict[str, float],
+    loss: torch.Tensor,
+    ce: torch.Tensor,
+    expl: torch.Tensor | None,
+    samples: int,
+    distributed: bool,
+) -> None:
+    """Add a step's sample-weighted losses; summed over the ranks when data-parallel."""
+    values = torch.tensor(
+        [
+            float(loss.detach()) * samples,
+            float(ce.detach()) * samples,
+            float(expl.detach()) * samples if expl is not None else math.nan,
+            float(samples),
+        ],
+        dtype=torch.float64,
+    )
+    if distributed:
+        # gloo reduces CPU tensors; nccl needs them on the rank's device.
+        device = loss.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        values = values.to(device)
+        dist.all_reduce(values)
+        values = values.cpu()
+    for name, value in zip(("loss", "ce", "expl", "samples"), values.tolist(), strict=True):
+        running[name] += value
 
 
 def finetune(

@@ -75,6 +75,11 @@ class BuildConfig(StageConfig):
     )
     label: LabelConfig = LabelConfig()
     num_shards: int = Field(4, ge=1)
+    preserve_layout: bool = Field(
+        False,
+        description="webdataset input: one output shard per input shard, same samples in the "
+        "same order (num_shards follows the input), so P and X stream in the same order",
+    )
     output_uri: str
     device: Device = "auto"
     decode_workers: int | None = Field(
@@ -87,6 +92,12 @@ class BuildConfig(StageConfig):
             "change the output, so it is not part of the dataset version"
         ),
     )
+
+    @model_validator(mode="after")
+    def _layout_needs_shards(self) -> BuildConfig:
+        if self.preserve_layout and self.input_kind != "webdataset":
+            raise ValueError("preserve_layout needs WebDataset input (input_kind='webdataset')")
+        return self
 
     @property
     def source_split(self) -> str:

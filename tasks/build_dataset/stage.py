@@ -102,6 +102,10 @@ class BuildPlan:
         shards = self.config.num_shards
         if not 0 <= shard_index < shards:
             raise ValueError(f"shard_index {shard_index} outside [0, {shards})")
+        if self.config.preserve_layout:
+            # Output shard i is input shard i, whole: the same samples in the same order.
+            shard, samples = self.units[shard_index].rsplit("@", 1)
+            return [f"{shard}@0:{samples}"]
         if self.config.input_kind == "webdataset":
             return _sample_ranges(self.units, shard_index, shards)
         n = len(self.units)
@@ -213,6 +217,8 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     output.exists(f"{config.name}/config.json")
     listing = list_input(config)
     units, class_names = listing.units, listing.class_names
+    if config.preserve_layout:
+        config = config.model_copy(update={"num_shards": len(units)})
     fingerprint = explained_model_fingerprint(config, class_names)
     mean = _dataset_mean(config, units) if config.label.baseline == "mean" else []
     listed = "\n".join(units)

@@ -35,6 +35,7 @@ from tasks.sweep.evaluation import (
     evaluate_sem,
     evaluate_target,
     sem_label_maps,
+    split_baseline,
 )
 from tasks.sweep.inputs import (
     EvalData,
@@ -74,6 +75,7 @@ __all__ = [
     "TargetSpec",
     "assemble_sweep",
     "baseline_tensor",
+    "split_baseline",
     "check_vector",
     "evaluate_kernel_shap",
     "evaluate_sem",

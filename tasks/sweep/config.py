@@ -84,7 +84,7 @@ class SweepConfig(StageConfig):
         auc_steps: insertion/deletion steps (None: one cell per step).
         seed: seeds the Kernel SHAP baseline (always different coalitions from the reference's).
         heatmap_images: test images drawn in the heatmap figure of each target.
-        max_images: cap on the images read per split (the first by key; None: all).
+        max_images: cap on the images read per split (the first in shard order; None: all).
         batch_size: images per SEM forward pass and per evaluation chunk.
         forward_batch_size: masked inputs per model call (Kernel SHAP, insertion/deletion).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tasks.algorithms.kernel_shap import blur_baseline, derive_seed, kernel_shap_explain
 from tasks.algorithms.metrics import accuracy, explanation_quality
 from tasks.algorithms.vectors import ExplainabilityVector
+from tasks.data.stream import Batch
 from tasks.model import SelfExplainingCLIP
 from tasks.sweep.config import QUALITY_METRICS, SweepConfig, TargetSpec
 from tasks.sweep.inputs import EvalData, TargetModel
@@ -57,8 +58,24 @@ def baseline_tensor(
     raise ValueError(f"unknown baseline {name!r}")
 
 
-def _chunk_baseline(baseline: Tensor, index: slice) -> Tensor:
-    return baseline[index] if baseline.dim() == 4 else baseline
+Baseline = Callable[[Tensor], Tensor]
+
+
+def split_baseline(data: EvalData, name: str) -> Baseline:
+    """The baseline of a split's batches: ``images -> [3, H, W]`` or ``[N, 3, H, W]`` (blur).
+
+    The "mean" baseline is the stored dataset mean, or (not stored) the split's own mean, read
+    in one streamed pass; "blur" is per image, so it is computed batch by batch.
+    """
+    mean = list(data.baseline_mean)
+    if name == "mean" and not mean:
+        logger.warning("no stored dataset mean: using the mean of the evaluated images")
+        mean = data.channel_mean()
+
+    def baseline(images: Tensor) -> Tensor:
+        return baseline_tensor(images, name, mean, data.grid)
+
+    return baseline
 
 
 def _reduce(per_image: Mapping[str, list[Tensor]], correct: int, total: int) -> dict[str, float]:
@@ -67,36 +84,6 @@ def _reduce(per_image: Mapping[str, list[Tensor]], correct: int, total: int) -> 
         values = per_image.get(name)
         scores[name] = float(torch.cat(values).double().nanmean()) if values else math.nan
     return scores
-
-
-def _quality(
-    maps: Tensor,
-    data: EvalData,
-    index: slice,
-    images: Tensor,
-    model_fn: Callable[[Tensor], Tensor],
-    baseline: Tensor,
-    *,
-    topk: int,
-    auc_output: str,
-    auc_steps: int | None,
-    forward_batch_size: int,
-) -> dict[str, Tensor]:
-    device = images.device
-    return explanation_quality(
-        maps.to(device),
-        reference=data.reference[index].to(device),
-        k=topk,
-        model_fn=model_fn,
-        images=images,
-        classes=data.labels[index].to(device),
-        baseline=_chunk_baseline(baseline, index),
-        steps=auc_steps,
-        output=auc_output,
-        batch_size=forward_batch_size,
-        masks=None if data.masks is None else data.masks[index].to(device),
-        reduce=False,
-    )
 
 
 @torch.no_grad()
@@ -115,7 +102,7 @@ def evaluate_sem(
     sem: SelfExplainingCLIP,
     data: EvalData,
     *,
-    baseline: Tensor,
+    baseline: Baseline,
     topk: int = 5,
     auc_output: str = "prob",
     auc_steps: int | None = None,
@@ -131,7 +118,7 @@ def evaluate_sem(
     Args:
         sem: the model, in its current (possibly edited) weights.
         data: the split and its reference.
-        baseline: from :func:`baseline_tensor` over the split's images.
+        baseline: the split's :func:`split_baseline`.
         topk: cells of the top-k overlap.
         auc_output: ``"prob"`` or ``"logit"`` curves.
         auc_steps: insertion/deletion steps (None: one cell per step).
@@ -143,8 +130,8 @@ def evaluate_sem(
         where not measurable: ``pointing`` without masks).
     """
 
-    def explain(images: Tensor, labels: Tensor, index: Tensor, classifier: nn.Module):
-        return sem_label_maps(sem, images, labels)
+    def explain(batch: Batch, images: Tensor, base: Tensor, classifier: nn.Module):
+        return sem_label_maps(sem, images, batch.labels)
 
     return _evaluate(
         sem,
@@ -165,7 +152,7 @@ def evaluate_kernel_shap(
     data: EvalData,
     budget: int,
     *,
-    baseline: Tensor,
+    baseline: Baseline,
     output: str = "logit",
     seed: int = 1,
     topk: int = 5,
@@ -184,7 +171,7 @@ def evaluate_kernel_shap(
         model: theta_T as a SEM (its classifier is explained).
         data: the split and its reference.
         budget: model evaluations per image, empty and full coalitions included.
-        baseline: from :func:`baseline_tensor` over the split's images.
+        baseline: the split's :func:`split_baseline`.
         output: ``"logit"`` or ``"prob"`` value function.
         seed: global seed of the coalitions.
         topk: cells of the top-k overlap.
@@ -198,16 +185,16 @@ def evaluate_kernel_shap(
     """
     device = model.class_embeddings.device
 
-    def explain(images: Tensor, labels: Tensor, index: Tensor, classifier: nn.Module):
+    def explain(batch: Batch, images: Tensor, base: Tensor, classifier: nn.Module):
         result = kernel_shap_explain(
             classifier,
             images,
-            labels.to(device),
+            batch.labels.to(device),
             grid=data.grid,
             budget=budget,
-            baseline=_chunk_baseline(baseline.to(device), index),
+            baseline=base,
             output=output,
-            seed=[derive_seed(key, seed) for key in data.keys[index]],
+            seed=[derive_seed(key, seed) for key in batch.keys],
             batch_size=forward_batch_size,
         )
         return classifier(images), result.phi
@@ -228,47 +215,51 @@ def evaluate_kernel_shap(
 def _evaluate(
     model: SelfExplainingCLIP,
     data: EvalData,
-    explain: Callable[[Tensor, Tensor, Tensor, nn.Module], tuple[Tensor, Tensor]],
+    explain: Callable[[Batch, Tensor, Tensor, nn.Module], tuple[Tensor, Tensor]],
     *,
-    baseline: Tensor,
+    baseline: Baseline,
     topk: int,
     auc_output: str,
     auc_steps: int | None,
     batch_size: int,
     forward_batch_size: int,
 ) -> dict[str, float]:
-    """Accuracy and quality over a split, in chunks, of the maps ``explain`` returns.
+    """Accuracy and quality over a split, streamed batch by batch, of the maps ``explain`` gives.
 
-    ``explain(images, labels, index, classifier) -> (logits, label-class maps)``; the maps are
-    scored by :func:`_quality` with the model's own classifier for insertion/deletion.
+    ``explain(batch, images, baseline, classifier) -> (logits, label-class maps)``; the maps are
+    scored against the batch's reference with the model's own classifier for insertion/deletion
+    and accumulated per image.
     """
     was_training = model.training
     model.eval()
     device = model.class_embeddings.device
     classifier = model.as_classifier().eval()
     per_image: dict[str, list[Tensor]] = {}
-    correct = 0
-    for index in data.batches(batch_size):
-        images = data.float_images(index).to(device)
-        labels = data.labels[index]
-        logits, maps = explain(images, labels, index, classifier)
-        correct += round(accuracy(logits, labels) * len(images))
-        scores = _quality(
-            maps,
-            data,
-            index,
-            images,
-            classifier,
-            baseline.to(device),
-            topk=topk,
-            auc_output=auc_output,
-            auc_steps=auc_steps,
-            forward_batch_size=forward_batch_size,
+    correct, total = 0, 0
+    for batch in data.batches(batch_size):
+        images = batch.images.to(device)
+        base = baseline(images)
+        logits, maps = explain(batch, images, base, classifier)
+        correct += round(accuracy(logits, batch.labels) * len(images))
+        total += len(images)
+        scores = explanation_quality(
+            maps.to(device),
+            reference=batch.targets.to(device),
+            k=topk,
+            model_fn=classifier,
+            images=images,
+            classes=batch.labels.to(device),
+            baseline=base,
+            steps=auc_steps,
+            output=auc_output,
+            batch_size=forward_batch_size,
+            masks=None if batch.masks is None else batch.masks.to(device),
+            reduce=False,
         )
         for name, values in scores.items():
             per_image.setdefault(name, []).append(values.cpu())
     model.train(was_training)
-    return _reduce(per_image, correct, len(data))
+    return _reduce(per_image, correct, total)
 
 
 def table_row(
@@ -323,13 +314,7 @@ def evaluate_target(
         if progress is not None:
             progress(done, total)
 
-    device = model.sem.class_embeddings.device
-    baselines = {
-        split: baseline_tensor(
-            d.images.float().div(255.0).to(device), config.baseline, d.baseline_mean, d.grid
-        )
-        for split, d in data.items()
-    }
+    baselines = {split: split_baseline(d, config.baseline) for split, d in data.items()}
     common = dict(
         topk=config.topk,
         auc_output=config.auc_output,
@@ -356,7 +341,7 @@ def evaluate_target(
             logger.info("%s %s Kernel SHAP %d: %s", target, split, budget, scores)
             advance()
 
-    heat_index = slice(0, heatmap_images)
+    heat = data["test"].head(heatmap_images) if heatmap_images else None
     heat_maps: dict[float, Tensor] = {}
     for coef in config.lambdas:
         model.load_lambda(vector, coef, allow_different_base=config.allow_different_base)
@@ -365,10 +350,7 @@ def evaluate_target(
             rows.append(table_row(spec, "sem", coef, 1, split, scores))
             logger.info("%s %s lambda %g: %s", target, split, coef, scores)
             advance()
-        if heatmap_images:
-            test = data["test"]
-            _, maps = sem_label_maps(
-                model.sem, test.float_images(heat_index), test.labels[heat_index]
-            )
+        if heat is not None:
+            _, maps = sem_label_maps(model.sem, heat.images, heat.labels)
             heat_maps[coef] = maps.cpu()
     return rows, heat_maps

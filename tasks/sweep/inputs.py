@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from storage import layout, open_file, open_storage
 from storage.checkpoints import checkpoint_fingerprint
-from storage.shards import complete_shards, read_shard
 from tasks.algorithms.vectors import ExplainabilityVector
 from tasks.config import resolve_device
-from tasks.data.images import sample_to_tensor
+from tasks.data.stream import Batch, Decoder, OrderedStream, SplitShards, first_sample, list_split
 from tasks.model import SelfExplainingCLIP, load_sem
 from tasks.model.loading import weights_uri
 from tasks.sweep.config import SweepConfig, TargetSpec
@@ -42,59 +39,89 @@ def load_vector(uri: str) -> ExplainabilityVector:
 
 @dataclass
 class EvalData:
-    """One split of a target's Kernel SHAP reference, held in memory and sorted by key.
+    """One split of a target's Kernel SHAP reference, streamed from its shards batch by batch.
+
+    Batches come in shard order (the X-dataset builder keeps its input's order). A split of at
+    most ``cache_images`` samples is decoded once and kept, since a sweep reads each split once
+    per lambda; a larger one is streamed again each time, so memory never holds a large split.
 
     Attributes:
         uri: the reference dataset version folder.
         split: the split's name.
-        keys: sample keys, sorted.
-        images: ``[N, 3, s, s]`` uint8 images.
-        labels: ``[N]`` int64 labels.
-        reference: ``[N, gh, gw]`` float32 Kernel SHAP maps of the label class.
-        masks: ``[N, s, s]`` bool object masks, or None when the domain has none.
+        shards: the split's complete shards.
+        image_size: side the images are resized to.
+        grid: ``(gh, gw)`` of the reference maps.
+        has_masks: whether the samples carry object masks.
         class_names: the classes of the explained model's head.
         model_fingerprint: fingerprint of the model the reference explains.
         baseline_mean: the stored per-channel dataset mean (empty when not stored).
         label_seed: the global seed of the reference's labelling.
         budget: the reference's Kernel SHAP budget.
+        limit: read only the first ``limit`` samples (None: all).
+        cache_images: largest split kept in memory once decoded.
+        num_workers: ``DataLoader`` decoding workers of a streamed pass.
     """
 
     uri: str
     split: str
-    keys: list[str]
-    images: Tensor
-    labels: Tensor
-    reference: Tensor
-    masks: Tensor | None
+    shards: SplitShards
+    image_size: int
+    grid: tuple[int, int]
+    has_masks: bool
     class_names: list[str]
     model_fingerprint: str
     baseline_mean: list[float]
     label_seed: int
     budget: int
+    limit: int | None = None
+    cache_images: int = 4096
+    num_workers: int = 0
+    _cache: dict[int, list[Batch]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        total = self.shards.samples
+        return total if self.limit is None else min(self.limit, total)
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        """``(gh, gw)`` of the reference maps."""
-        return tuple(self.reference.shape[1:])
+    def _stream(self, size: int, limit: int | None) -> OrderedStream:
+        decoder = Decoder(
+            self.image_size,
+            targets="require",
+            masks=self.has_masks,
+            grid=self.grid,
+            check_classes=True,
+            where=self.uri,
+        )
+        return OrderedStream(
+            self.shards, decoder, batch_size=size, limit=limit, num_workers=self.num_workers
+        )
 
-    def batches(self, size: int) -> Iterator[slice]:
-        """Consecutive slices of at most ``size`` samples."""
-        for start in range(0, len(self), size):
-            yield slice(start, min(start + size, len(self)))
+    def batches(self, size: int) -> Iterator[Batch]:
+        """Consecutive batches of at most ``size`` samples, in shard order."""
+        if size in self._cache:
+            yield from self._cache[size]
+            return
+        loader = self._stream(size, self.limit).loader()
+        if len(self) > self.cache_images:
+            yield from loader
+            return
+        kept = []
+        for batch in loader:
+            kept.append(batch)
+            yield batch
+        self._cache[size] = kept
 
-    def float_images(self, index: slice) -> Tensor:
-        """The images at ``index`` in ``[0, 1]``."""
-        return self.images[index].float().div_(255.0)
+    def head(self, n: int) -> Batch:
+        """The first ``n`` samples as one batch."""
+        limit = n if self.limit is None else min(n, self.limit)
+        return next(iter(self._stream(max(1, limit), limit).loader()))
 
-
-def _decode_mask(data: bytes, size: int) -> Tensor:
-    mask = Image.open(io.BytesIO(data)).convert("L")
-    if mask.size != (size, size):
-        mask = mask.resize((size, size), Image.Resampling.NEAREST)
-    return torch.from_numpy(np.asarray(mask) > 127)
+    def channel_mean(self) -> list[float]:
+        """The per-channel mean of the split's images (one streamed pass)."""
+        total, count = torch.zeros(3, dtype=torch.float64), 0
+        for batch in self.batches(256):
+            total += batch.images.double().mean(dim=(2, 3)).sum(dim=0)
+            count += len(batch.keys)
+        return (total / max(1, count)).tolist()
 
 
 def has_reference(uri: str) -> bool:
@@ -105,16 +132,19 @@ def has_reference(uri: str) -> bool:
 def load_reference(
     uri: str, *, image_size: int | None = None, max_images: int | None = None
 ) -> EvalData:
-    """Read a Kernel SHAP reference (an X-dataset version folder) into memory.
+    """Open a Kernel SHAP reference (an X-dataset version folder) for streaming.
+
+    Reads the listing and the first sample (its grid and fields); the samples are decoded
+    batch by batch when evaluated.
 
     Args:
         uri: the version folder (holding ``config.json`` and complete shards).
         image_size: side the images are resized to (None: the labelling's image size).
-        max_images: keep only the first samples by key.
+        max_images: keep only the first samples in shard order.
 
     Raises:
         ValueError: no ``config.json``, no complete shard, or a sample without ``shap.npy`` or
-            whose first explained class is not its label.
+            whose first explained class is not its label (found when it is read).
     """
     storage = open_storage(uri)
     if not storage.exists(layout.DATASET_CONFIG_FILE):
@@ -123,43 +153,28 @@ def load_reference(
     build = meta["config"]
     name, split = build["name"], build["split"]
     size = int(image_size or build.get("image_size", 56))
-    shard_keys = complete_shards(storage, name, split)
-    if not shard_keys:
-        raise ValueError(f"reference {uri} has no complete shard of {name}-{split}")
-    samples: dict[str, tuple[Tensor, int, np.ndarray, Tensor | None]] = {}
-    for shard_key in shard_keys:
-        for sample in read_shard(storage, shard_key):
-            key = sample["__key__"]
-            if "shap.npy" not in sample:
-                raise ValueError(f"reference {uri}: sample {key} has no shap.npy")
-            phi = np.load(io.BytesIO(sample["shap.npy"]), allow_pickle=False)
-            info = sample.get("json")
-            info = json.loads(info) if isinstance(info, bytes | str) else (info or {})
-            classes = info.get("classes")
-            if classes and int(classes[0]) != int(sample["cls"]):
-                raise ValueError(
-                    f"reference {uri}: sample {key} explains class {classes[0]} first, "
-                    f"not its label {sample['cls']}"
-                )
-            mask = _decode_mask(sample["mask.png"], size) if "mask.png" in sample else None
-            image = (sample_to_tensor(sample, size) * 255.0).round().to(torch.uint8)
-            samples[key] = (image, int(sample["cls"]), phi[0].astype(np.float32), mask)
-    keys = sorted(samples)[:max_images]
-    masks = [samples[k][3] for k in keys]
+    try:
+        shards = list_split(storage.uri, split, name)
+    except ValueError as exc:
+        raise ValueError(f"reference {uri} has no complete shard of {name}-{split}") from exc
+    first = first_sample(shards)
+    if "shap.npy" not in first:
+        raise ValueError(f"reference {uri}: sample {first['__key__']} has no shap.npy")
+    phi = np.load(io.BytesIO(first["shap.npy"]), allow_pickle=False)
     label = build.get("label", {})
     data = EvalData(
         uri=storage.uri,
         split=split,
-        keys=keys,
-        images=torch.stack([samples[k][0] for k in keys]),
-        labels=torch.tensor([samples[k][1] for k in keys], dtype=torch.int64),
-        reference=torch.from_numpy(np.stack([samples[k][2] for k in keys])),
-        masks=torch.stack(masks) if all(m is not None for m in masks) else None,
+        shards=shards,
+        image_size=size,
+        grid=(int(phi.shape[1]), int(phi.shape[2])),
+        has_masks="mask.png" in first,
         class_names=list(meta.get("class_names", [])),
         model_fingerprint=str(meta.get("model_fingerprint", "")),
         baseline_mean=[float(v) for v in meta.get("baseline_mean") or []],
         label_seed=int(label.get("seed", 0)),
         budget=int(label.get("budget", 0)),
+        limit=max_images,
     )
     logger.info("reference %s (%s): %d images, grid %s", uri, split, len(data), data.grid)
     return data
@@ -257,8 +272,8 @@ def check_reference(data: EvalData, target: TargetModel, spec: TargetSpec, grid:
         )
     size = target.sem.clip.visual.image_size
     size = size if isinstance(size, int) else size[0]
-    if data.images.shape[-1] != size:
-        raise ValueError(f"{where}: images are {data.images.shape[-1]} px, the model takes {size}")
+    if data.image_size != size:
+        raise ValueError(f"{where}: images are {data.image_size} px, the model takes {size}")
 
 
 def _digest(parts: list[str]) -> str:

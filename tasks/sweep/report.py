@@ -104,10 +104,9 @@ def heatmap_png(data: EvalData, index: slice, maps: Mapping[float, Tensor], chos
     """
     from tasks.sweep.plots import heatmap_overlay
 
-    images = data.float_images(index)
-    names = [
-        data.class_names[int(c)] if data.class_names else str(int(c)) for c in data.labels[index]
-    ]
+    batch = data.head(index.stop)
+    images = batch.images
+    names = [data.class_names[int(c)] if data.class_names else str(int(c)) for c in batch.labels]
     shown = [0.0] if chosen == 0.0 else [0.0, chosen]
     return heatmap_overlay(
         torch.cat([images] * len(shown)),

@@ -35,7 +35,7 @@ def no_compute(monkeypatch: pytest.MonkeyPatch) -> None:
         raise _ComputeStarted("compute started before the configuration was checked")
 
     monkeypatch.setattr(tasks.build_dataset.stage, "explained_model_fingerprint", refuse)
-    monkeypatch.setattr(tasks.finetune, "load_training_data", refuse)
+    monkeypatch.setattr(tasks.finetune, "training_stream", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,9 @@ from storage import open_storage
 from storage.checkpoints import load_sidecar, load_state_dict, save_state_dict
 from storage.layout import shard_name
 from storage.shards import ShardWriter
+from tasks.data.stream import Decoder, OrderedStream, list_split
 from tasks.data.synthetic import make_split
-from tasks.finetune import (
-    FinetuneConfig,
-    epoch_order,
-    finetune,
-    load_training_data,
-    pearson_per_image,
-)
+from tasks.finetune import FinetuneConfig, finetune, pearson_per_image, training_stream
 from tasks.model import (
     DEFAULT_MODEL,
     load_clip,
@@ -50,7 +45,7 @@ def _write_dataset(root: str, split: str, per_class: int, shards: int, with_shap
     samples = list(make_split(DOMAIN, split, seed=0, per_class=per_class))
     for index in range(shards):
         with ShardWriter(storage, shard_name(DOMAIN, split, index)) as writer:
-            # Interleaved assignment: shard layout differs between the two datasets.
+            # Interleaved assignment: not the key order, which the streams must not need.
             for sample in samples[index::shards]:
                 record = {"__key__": sample["__key__"], "png": sample["png"], "cls": sample["cls"]}
                 if with_shap:
@@ -61,10 +56,10 @@ def _write_dataset(root: str, split: str, per_class: int, shards: int, with_shap
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A plain domain export (2 shards) and an X-dataset (3 shards) of the same 35 images."""
+    """A plain domain export and an X-dataset of the same 35 images in the same 3 shards."""
     root = tmp_path_factory.mktemp("finetune-data")
     plain, xdata = str(root / "plain"), str(root / "x")
-    _write_dataset(plain, "train", per_class=7, shards=2, with_shap=False)
+    _write_dataset(plain, "train", per_class=7, shards=3, with_shap=False)
     _write_dataset(xdata, "train", per_class=7, shards=3, with_shap=True)
     _write_dataset(xdata, "val", per_class=2, shards=1, with_shap=True)
     torch.manual_seed(0)
@@ -128,14 +123,53 @@ def test_x_mode_without_shap_targets_is_refused_before_training(data, tmp_path) 
     assert storage.list() == []
 
 
-def test_p_and_x_datasets_iterate_in_the_same_order(data) -> None:
-    plain = load_training_data(data["plain"], "train", 56)
-    xdata = load_training_data(data["x"], "train", 56, require_targets=True, grid=(7, 7))
-    assert plain.keys == xdata.keys == sorted(plain.keys)
-    assert torch.equal(plain.images, xdata.images) and torch.equal(plain.labels, xdata.labels)
-    assert plain.targets is None and xdata.targets.shape == (35, 7, 7)
-    assert torch.equal(epoch_order(35, 0, 1), epoch_order(35, 0, 1))
-    assert not torch.equal(epoch_order(35, 0, 0), epoch_order(35, 0, 1))
+def _epoch_batches(config: FinetuneConfig, epoch: int) -> list:
+    stream = training_stream(config)
+    stream.set_epoch(epoch)
+    return list(stream.loader())
+
+
+def test_p_and_x_datasets_stream_the_same_samples_in_the_same_order(data) -> None:
+    for workers in (0, 2):
+        orders = []
+        for epoch in (0, 1):
+            plain = _epoch_batches(_config(data, "P", loader_workers=workers), epoch)
+            xdata = _epoch_batches(_config(data, "X", loader_workers=workers), epoch)
+            assert [b.keys for b in plain] == [b.keys for b in xdata]
+            assert [len(b.keys) for b in plain] == [8, 8, 8, 8, 3]
+            for p_batch, x_batch in zip(plain, xdata, strict=True):
+                assert torch.equal(p_batch.images, x_batch.images)
+                assert torch.equal(p_batch.labels, x_batch.labels)
+                assert p_batch.targets is None
+                assert x_batch.targets.shape == (len(x_batch.keys), 7, 7)
+            orders.append([key for batch in plain for key in batch.keys])
+        assert orders[0] != orders[1]  # the order is drawn anew each epoch
+        if workers == 0:
+            # In one process every sample comes once per epoch; with workers an epoch is a
+            # fixed number of batches per worker (webdataset's with_epoch), see tasks.data.stream.
+            assert all(len(set(order)) == 35 for order in orders)
+
+
+def test_resuming_mid_epoch_skips_exactly_the_batches_taken(data) -> None:
+    config = _config(data, "X", loader_workers=2)
+    full = _epoch_batches(config, 1)
+    stream = training_stream(config)
+    stream.set_epoch(1, skip_batches=3)
+    rest = list(stream.loader())
+    assert [b.keys for b in rest] == [b.keys for b in full[3:]]
+    assert torch.equal(rest[0].targets, full[3].targets)
+
+
+def test_ordered_stream_batches_do_not_depend_on_the_workers(data) -> None:
+    split = list_split(data["x"], "train")
+    decoder = Decoder(56, targets="require", masks=False)
+    runs = [
+        list(OrderedStream(split, decoder, batch_size=6, num_workers=n).loader()) for n in (0, 2)
+    ]
+    assert [b.keys for b in runs[0]] == [b.keys for b in runs[1]]
+    assert [len(b.keys) for b in runs[0]] == [6] * 5 + [5]
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
 
 
 class _Crash(RuntimeError):
@@ -164,7 +198,8 @@ def test_resume_after_a_crash_reaches_the_same_weights(data, tmp_path) -> None:
 
 def test_x_mode_attributions_agree_with_targets_better_than_p_mode(data, tmp_path) -> None:
     storage = open_storage(str(tmp_path / "out"))
-    train = load_training_data(data["x"], "train", 56, require_targets=True, grid=(7, 7))
+    split = list_split(data["x"], "train")
+    [train] = OrderedStream(split, Decoder(56, targets="require"), batch_size=35).loader()
     agreement = {}
     for mode in "PX":
         # Both on the X-dataset: the same images, only the loss differs.
@@ -172,8 +207,8 @@ def test_x_mode_attributions_agree_with_targets_better_than_p_mode(data, tmp_pat
         result = finetune(config, storage, f"ft-{mode}")
         model = load_sem(storage.url(result["key"])).sem
         with torch.no_grad():
-            _, maps = model(train.images.float() / 255.0)
-        label_maps = maps[torch.arange(len(train)), train.labels]
+            _, maps = model(train.images)
+        label_maps = maps[torch.arange(len(train.keys)), train.labels]
         agreement[mode] = float(pearson_per_image(label_maps, train.targets).mean())
     # Measured: X 0.61, P -0.11 (10 steps from a random-init base).
     assert agreement["X"] > agreement["P"] + 0.3, agreement

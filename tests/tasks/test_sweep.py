@@ -26,7 +26,6 @@ from tasks.sweep import (
     SweepResult,
     TargetSpec,
     assemble_sweep,
-    baseline_tensor,
     evaluate_kernel_shap,
     evaluate_sem,
     load_reference,
@@ -34,6 +33,7 @@ from tasks.sweep import (
     load_target,
     load_vector,
     select_lambda,
+    split_baseline,
     sweep_target,
     target_fingerprint,
     validate_sweep,
@@ -220,14 +220,18 @@ def test_sem_and_kernel_shap_evaluations_measure_agreement_with_the_reference(wo
     spec = world["targets"][0]
     target = load_target(spec, grid=7)
     data = load_reference(spec.test_reference)
-    assert data.reference.shape == (10, 7, 7) and data.masks is not None
-    baseline = baseline_tensor(data.images.float() / 255, "mean", data.baseline_mean, data.grid)
+    assert len(data) == 10 and data.grid == (7, 7) and data.has_masks
+    baseline = split_baseline(data, "mean")
     common = dict(baseline=baseline, auc_output="prob", auc_steps=7)
 
     # Against its own maps, the SEM agrees perfectly: the label class is the one compared.
+    own_batches = []
     with torch.no_grad():
-        _, maps = target.sem(data.float_images(slice(None)))
-    data.reference = maps[torch.arange(len(data)), data.labels]
+        for batch in data.batches(4):
+            _, maps = target.sem(batch.images)
+            label_maps = maps[torch.arange(len(batch.keys)), batch.labels]
+            own_batches.append(batch._replace(targets=label_maps))
+    data.batches = lambda size: iter(own_batches)
     own = evaluate_sem(target.sem, data, **common, batch_size=4)
     assert own["pearson"] == pytest.approx(1.0) and own["topk"] == pytest.approx(1.0)
     assert 0.0 <= own["insertion_auc"] <= 1.0 and 0.0 <= own["deletion_auc"] <= 1.0
