@@ -235,9 +235,7 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
     )
 
     x_data = _build(
-        _build_config(
-            config, source, f"{source}-x", "train", theta_p["uri"], config.label
-        ),
+        _build_config(config, source, f"{source}-x", "train", theta_p["uri"], config.label),
         config,
     )
     theta_x = finetune_flow(

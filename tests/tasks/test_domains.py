@@ -56,9 +56,7 @@ def test_image_folder_with_split_folders_maps_class_ids_by_folder_name(tmp_path:
     (root / "test" / "n01").rmdir()
     names = tmp_path / "names.txt"
     names.write_text("n01 tench, Tinca tinca\nn02 goldfish\n")
-    spec = DomainSpec(
-        name="fish", kind="imagefolder", uri=str(root), class_names_file=str(names)
-    )
+    spec = DomainSpec(name="fish", kind="imagefolder", uri=str(root), class_names_file=str(names))
     plan = check_domain(spec)
     assert plan.class_names == ("tench", "goldfish")
     out = open_storage(tmp_path / "data" / "fish")
@@ -84,7 +82,9 @@ def test_carved_image_folder_covers_every_file_once_and_caps_per_class(tmp_path:
     everything = [f for split in plan.units.values() for f in split]
     assert len(everything) == len(set(everything)) == 60
     for split, files in plan.units.items():
-        assert all(carve_split == split for carve_split in (spec.carve.split_of(f[1]) for f in files))
+        assert all(
+            carve_split == split for carve_split in (spec.carve.split_of(f[1]) for f in files)
+        )
 
     capped = check_domain(spec.model_copy(update={"per_class": {"train": 4}}))
     assert Counter(f[2] for f in capped.units["train"]) == {0: 4, 1: 4}
@@ -125,12 +125,21 @@ def test_webdataset_domain_is_reexported_with_markers_and_its_classes(tmp_path: 
             "1 class names for 2 class folders",
         ),
         (
-            {"kind": "imagefolder", "uri": "{tmp}/flat", "carve": {}, "class_names_file": "{tmp}/n.txt"},
+            {
+                "kind": "imagefolder",
+                "uri": "{tmp}/flat",
+                "carve": {},
+                "class_names_file": "{tmp}/n.txt",
+            },
             "has no name for 1 class folders",
         ),
         (
-            {"kind": "imagefolder", "uri": "{tmp}/flat", "per_class": {"val": 1}, "carve": {
-                "fractions": {"train": 0.98, "val": 0.01, "test": 0.01}}},
+            {
+                "kind": "imagefolder",
+                "uri": "{tmp}/flat",
+                "per_class": {"val": 1},
+                "carve": {"fractions": {"train": 0.98, "val": 0.01, "test": 0.01}},
+            },
             "split 'val' is empty",
         ),
         ({"kind": "webdataset", "uri": "{tmp}/flat"}, "no shards d-train-NNNNNN.tar"),
