@@ -86,7 +86,7 @@ def test_pipeline_runs_with_digits_as_a_carved_image_folder_target(tmp_path: Pat
     assert {r["lambda"] for r in sem} == {0.0, 1.0}
     assert all(r["images"] == len(carved[r["split"]]) for r in sem)
     # theta_T's head is the digits' own: "zero" .. "nine" with the spec's prompts.
-    theta_t = [p for p in (tmp_path / "out").rglob("model.safetensors") if "digits" in str(p)]
-    loaded = load_sem(str(theta_t[0]), device="cpu")
+    (theta_t,) = (tmp_path / "out" / "models").glob("digits-P-*/model.safetensors")
+    loaded = load_sem(str(theta_t), device="cpu")
     assert loaded.class_names[:3] == ["zero", "one", "two"]
     assert loaded.sidecar["config"]["templates"] == ["a photo of the digit {}."]
