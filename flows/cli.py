@@ -102,16 +102,22 @@ def _print_json(value: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.cli_checks import check_image_size, check_output, check_scheduler
-    from flows.pipeline import PipelineConfig, explain_transfer_pipeline
+    from flows.pipeline import PipelineConfig, check_domains, explain_transfer_pipeline
     from flows.progress import enable_console_progress
 
-    out = _root_uri(args.out)
-    make = PipelineConfig.miniature if args.miniature else PipelineConfig
-    config = make(**{**_load_json(args.config), "out_uri": out})
+    fields = _load_json(args.config)
+    out = args.out or fields.pop("out_uri", None)
+    if out is None:
+        raise ValueError(f"config {args.config}: give out_uri in it, or --out")
+    out = _root_uri(out)
+    fields.pop("out_uri", None)
+    make = PipelineConfig.miniature if getattr(args, "miniature", False) else PipelineConfig
+    config = make(out_uri=out, **fields)
     check_output(out)
     check_image_size(config.model_name, config.image_size)
     if config.runner.address:
         check_scheduler(config.runner.address)
+    check_domains(config)  # a missing path or an empty split fails here, before any compute
     enable_console_progress()
     started = time.perf_counter()
     with _flows(out, args.verbose) as logs:
@@ -302,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--miniature", action="store_true", help="a tiny run (about a minute)")
     demo.add_argument("--config", help="JSON file of PipelineConfig fields to override")
     demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="run the whole pipeline from a PipelineConfig JSON file")
+    run.add_argument("--config", required=True, help="e.g. configs/embedded-default.json")
+    run.add_argument("--out", help="output root URI (default: the config's out_uri)")
+    run.set_defaults(func=cmd_demo)
 
     export = sub.add_parser("export", help="export a synthetic domain to WebDataset shards")
     export.add_argument("--domain", required=True)

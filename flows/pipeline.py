@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from flows.artifacts import artifact_key, publish_markdown
 from flows.build_dataset import build_explanation_dataset
-from flows.export import export_domain_flow
+from flows.export import export_domain_spec_flow
 from flows.finetune import finetune_flow
 from flows.pretrain import pretrain_base_flow
 from flows.runners import RunnerConfig
@@ -27,7 +27,7 @@ from flows.vector import compute_vector_flow
 from storage import layout, open_storage
 from tasks.build_dataset import BuildConfig, LabelConfig
 from tasks.config import Device, StageConfig
-from tasks.data.synthetic import SYNTHETIC_DOMAINS
+from tasks.data.domains import DomainPlan, DomainSpec, as_domain_spec, check_domain
 from tasks.finetune import FinetuneConfig
 from tasks.pretrain import PretrainConfig
 from tasks.sweep import SweepConfig, TargetSpec
@@ -45,8 +45,8 @@ class PipelineConfig(StageConfig):
     """
 
     out_uri: str
-    source: str = "shapes"
-    targets: tuple[str, ...] = ("glyphs", "colours", "textures", "scenes")
+    source: str | DomainSpec = "shapes"
+    targets: tuple[str | DomainSpec, ...] = ("glyphs", "colours", "textures", "scenes")
     model_name: str = "tiny-vit-56"
     base: str | None = Field(None, description="pretrained weights URI; None pretrains one")
     pretrain: PretrainConfig = PretrainConfig(per_class=64, epochs=20)
@@ -71,22 +71,42 @@ class PipelineConfig(StageConfig):
 
     @field_validator("source")
     @classmethod
-    def _known_source(cls, value: str) -> str:
-        if value not in SYNTHETIC_DOMAINS:
-            raise ValueError(
-                f"unknown source domain {value!r}; built in: {sorted(SYNTHETIC_DOMAINS)}"
-            )
+    def _known_source(cls, value: str | DomainSpec) -> str | DomainSpec:
+        as_domain_spec(value)
         return value
 
     @field_validator("targets")
     @classmethod
-    def _known_targets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [t for t in value if t not in SYNTHETIC_DOMAINS]
-        if unknown or not value:
-            raise ValueError(
-                f"unknown target domains {unknown}; built in: {sorted(SYNTHETIC_DOMAINS)}"
-            )
+    def _known_targets(cls, value: tuple[str | DomainSpec, ...]) -> tuple[str | DomainSpec, ...]:
+        if not value:
+            raise ValueError("targets: give at least one target domain")
+        names = [as_domain_spec(t).name for t in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"targets: domain names must be unique, got {names}")
         return value
+
+    @model_validator(mode="after")
+    def _one_spec_per_name(self) -> PipelineConfig:
+        source = as_domain_spec(self.source)
+        for target in self.target_specs:
+            if target.name == source.name and target != source:
+                raise ValueError(f"domain {source.name!r} is given two different specs")
+        return self
+
+    @property
+    def source_spec(self) -> DomainSpec:
+        """The source domain as a spec (a bare name is a built-in synthetic domain)."""
+        return as_domain_spec(self.source)
+
+    @property
+    def target_specs(self) -> tuple[DomainSpec, ...]:
+        """The target domains as specs, in order."""
+        return tuple(as_domain_spec(t) for t in self.targets)
+
+    def domain_specs(self) -> list[DomainSpec]:
+        """Every domain once: the source, then the targets that are not the source."""
+        source = self.source_spec
+        return [source, *[t for t in self.target_specs if t.name != source.name]]
 
     @classmethod
     def miniature(cls, out_uri: str, **changes: Any) -> PipelineConfig:
@@ -113,9 +133,22 @@ def _data_uri(config: PipelineConfig, domain: str) -> str:
     return open_storage(config.out_uri).url(layout.data_key(domain))
 
 
+def check_domains(config: PipelineConfig) -> dict[str, DomainPlan]:
+    """Check every domain of the pipeline from listings alone, before any compute.
+
+    Raises:
+        ValueError: one line naming the domain and what is wrong (missing path, unknown
+            classes, empty split).
+    """
+    return {spec.name: check_domain(spec) for spec in config.domain_specs()}
+
+
 def _finetune_config(
-    config: PipelineConfig, domain: str, mode: str, base: str, data: str
+    config: PipelineConfig, plan: DomainPlan, mode: str, base: str, data: str
 ) -> FinetuneConfig:
+    domain = plan.spec.name
+    # Built-in domains name their own classes: their configs (and fingerprints) stay as before.
+    builtin = plan.spec.kind == "synthetic"
     return FinetuneConfig(
         domain=domain,
         mode=mode,
@@ -123,6 +156,8 @@ def _finetune_config(
         base=base,
         data=data,
         data_name=domain if mode == "P" else None,
+        class_names=None if builtin else plan.class_names,
+        templates=plan.spec.templates,
         val_data=_data_uri(config, domain),
         epochs=config.epochs,
         batch_size=config.batch_size,
@@ -182,48 +217,49 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
         The URIs of everything produced and the sweep summary.
     """
     logger = get_run_logger()
-    domains = [config.source, *[t for t in config.targets if t != config.source]]
-    for domain in domains:
-        export_domain_flow(
-            domain,
-            _data_uri(config, domain),
+    plans = check_domains(config)
+    for spec in config.domain_specs():
+        export_domain_spec_flow(
+            spec,
+            _data_uri(config, spec.name),
             per_class=config.per_class,
             image_size=config.image_size,
             seed=config.data_seed,
         )
+    source = config.source_spec.name
 
     base = config.base or pretrain_base_flow(
         config.pretrain.model_copy(update={"model_name": config.model_name}), config.out_uri
     )
-    source_data = _data_uri(config, config.source)
+    source_data = _data_uri(config, source)
     theta_p = finetune_flow(
-        _finetune_config(config, config.source, "P", base, source_data), config.out_uri
+        _finetune_config(config, plans[source], "P", base, source_data), config.out_uri
     )
 
     x_data = _build(
-        _build_config(
-            config, config.source, f"{config.source}-x", "train", theta_p["uri"], config.label
-        ),
+        _build_config(config, source, f"{source}-x", "train", theta_p["uri"], config.label),
         config,
     )
     theta_x = finetune_flow(
-        _finetune_config(config, config.source, "X", base, x_data["dataset_uri"]), config.out_uri
+        _finetune_config(config, plans[source], "X", base, x_data["dataset_uri"]), config.out_uri
     )
     vector = compute_vector_flow(
-        config.source,
+        source,
         theta_x["uri"],
         theta_p["uri"],
         config.out_uri,
-        key=layout.vector_key(config.source, theta_x["fingerprint"], theta_p["fingerprint"]),
+        key=layout.vector_key(source, theta_x["fingerprint"], theta_p["fingerprint"]),
     )
 
     reference_label = config.label.model_copy(
         update={"budget": config.reference_budget, "top_k": 0, "seed": config.label.seed + 1000}
     )
     targets = []
-    for target in config.targets:
+    for target_spec in config.target_specs:
+        target = target_spec.name
         theta_t = finetune_flow(
-            _finetune_config(config, target, "P", base, _data_uri(config, target)), config.out_uri
+            _finetune_config(config, plans[target], "P", base, _data_uri(config, target)),
+            config.out_uri,
         )
         references = {
             split: _build(
@@ -240,7 +276,7 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
                 model=theta_t["uri"],
                 val_reference=references["val"],
                 test_reference=references["test"],
-                related=SYNTHETIC_DOMAINS[target].related,
+                related=target_spec.is_related,
             )
         )
 
@@ -265,7 +301,7 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
     chosen = ", ".join(f"{t}: {lam:g}" for t, lam in sweep["chosen"].items())
     publish_markdown(
         f"# Pipeline `{config.sweep_name}`\n\n"
-        f"- base model: `{base}`\n- theta_P ({config.source}): `{theta_p['uri']}`\n"
+        f"- base model: `{base}`\n- theta_P ({source}): `{theta_p['uri']}`\n"
         f"- X-dataset: `{x_data['dataset_uri']}`\n- theta_X: `{theta_x['uri']}`\n"
         f"- vector: `{vector['uri']}` (norm {vector['norm']:.4f})\n"
         + "".join(f"- theta_T ({t.domain}): `{t.model}`\n" for t in targets)
