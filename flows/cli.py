@@ -64,12 +64,12 @@ def _load_json(path: str | None) -> dict[str, Any]:
     """The fields of a JSON config file (a path or a storage URI such as ``s3://b/c.json``)."""
     if not path:
         return {}
-    from storage import StorageError, open_storage
+    from storage import StorageError, open_file
 
     try:
         if "://" in path:
-            parent, _, name = path.rpartition("/")
-            data = json.loads(open_storage(parent).read_bytes(name))
+            storage, key = open_file(path)
+            data = json.loads(storage.read_bytes(key))
         else:
             data = json.loads(Path(path).read_text())
     except (OSError, StorageError, json.JSONDecodeError, UnicodeDecodeError) as exc:
