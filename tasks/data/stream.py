@@ -32,6 +32,7 @@ crop, values in ``[0, 1]``); the model applies CLIP's mean and std itself.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -39,8 +40,11 @@ import logging
 import math
 import multiprocessing
 import multiprocessing.context
+import os
 import random
 import re
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -237,6 +241,48 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
+def _process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie, killed but not yet reaped, has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc (not Linux): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+def _watch_trainer(trainer_pid: int, worker_id: int) -> None:
+    """``worker_init_fn``: end this decoding worker as soon as the trainer that owns it ends.
+
+    Workers start from the fork server, so their parent is the server, not the trainer, and
+    torch's own watchdog (which watches the parent) never fires: a SIGKILLed trainer would
+    leave its workers, and through them the server, running forever (and holding its output
+    pipes open).
+    """
+
+    def watch() -> None:
+        while not _process_gone(trainer_pid):
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name=f"watch-trainer-{worker_id}", daemon=True).start()
+
+
+def _worker_options(num_workers: int) -> dict[str, Any]:
+    """``DataLoader`` options of the decoding workers (none without workers)."""
+    if not num_workers:
+        return {}
+    return {
+        "multiprocessing_context": _worker_context(),
+        "worker_init_fn": functools.partial(_watch_trainer, os.getpid()),
+    }
+
+
 def _worker() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -357,7 +403,7 @@ class TrainStream(IterableDataset):
             batch_size=None,
             num_workers=self.num_workers,
             collate_fn=_identity,
-            multiprocessing_context=_worker_context() if self.num_workers else None,
+            **_worker_options(self.num_workers),
         )
         return itertools.islice(loader, self.skip % max(1, self.num_workers), None)
 
@@ -425,5 +471,5 @@ class OrderedStream(IterableDataset):
             batch_size=None,
             num_workers=self.num_workers,
             collate_fn=_identity,
-            multiprocessing_context=_worker_context() if self.num_workers else None,
+            **_worker_options(self.num_workers),
         )
