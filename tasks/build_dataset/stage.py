@@ -1,5 +1,8 @@
 """Stage 1: build an explanation dataset (an "X-dataset") with Kernel SHAP labels.
 
+(About 600 lines: plan, label a shard and finalize share the :class:`BuildPlan` and its
+completion rules; the config, the input listing and the batching live beside it.)
+
 The builder turns any image-classification input (a synthetic domain, an ImageNet-style folder,
 or existing WebDataset shards) into WebDataset shards whose samples carry, beside the original
 image bytes and the label, the Kernel SHAP attributions of the explained model (``shap.npy``) and

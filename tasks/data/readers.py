@@ -1,5 +1,8 @@
 """Readers: one per input kind (ImageNet-style folders, WebDataset shards), used by every stage.
 
+(About 600 lines: the two readers share the key rules, the image normalisation and the sample
+checks that make their outputs interchangeable; apart they would drift, as they once did.)
+
 Every reader yields WebDataset sample dicts (``__key__``, ``jpg`` or ``png``, ``cls``, extra
 fields) and reads only through :mod:`storage`, so a local folder and an ``s3://`` prefix behave
 the same. Nothing here crashes on a bad input: a file or sample that cannot be used is skipped and
