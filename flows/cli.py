@@ -76,6 +76,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = make(out_uri=out, **_load_json(args.config))
     enable_console_progress()
     started = time.perf_counter()
+    if args.seeds > 1:
+        from flows.seeds import run_seeds
+
+        print(run_seeds(config, args.seeds))
+        print(f"\nall outputs under {out} ({(time.perf_counter() - started) / 60:.1f} min)")
+        return 0
     result = explain_transfer_pipeline(config)
     minutes = (time.perf_counter() - started) / 60
     print(_sweep_table(result["sweep"]))
@@ -132,7 +138,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from tasks.pretrain import PretrainConfig
 
     enable_console_progress()
-    print(pretrain_base_flow(PretrainConfig(**_load_json(args.config)), args.out))
+    if not args.shipped:
+        print(pretrain_base_flow(PretrainConfig(**_load_json(args.config)), args.out))
+        return 0
+    import torch
+
+    from tasks.pretrain import SHIPPED_PRETRAIN, compare_to_shipped
+
+    # The shipped file was trained on one CPU thread; another thread count reorders sums.
+    torch.set_num_threads(1)
+    uri = pretrain_base_flow(SHIPPED_PRETRAIN, args.out)
+    _print_json({"uri": uri, "against_shipped": compare_to_shipped(uri)})
     return 0
 
 
@@ -229,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="output folder (default: ./demo-out)")
     demo.add_argument("--miniature", action="store_true", help="a tiny run (about a minute)")
     demo.add_argument("--config", help="JSON file of PipelineConfig fields to override")
+    demo.add_argument("--seeds", type=int, default=1, help="repeat the study over N seeds")
     demo.set_defaults(func=cmd_demo)
 
     export = sub.add_parser("export", help="export a synthetic domain to WebDataset shards")
@@ -244,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = sub.add_parser("pretrain", help="pretrain the embedded default's base model")
     pretrain.add_argument("--out", required=True, help="output root URI")
     pretrain.add_argument("--config", help="JSON file of PretrainConfig fields")
+    pretrain.add_argument(
+        "--shipped", action="store_true", help="rebuild the shipped base and report its drift"
+    )
     pretrain.set_defaults(func=cmd_pretrain)
 
     build = sub.add_parser("build-dataset", help="label a dataset with Kernel SHAP (an X-dataset)")

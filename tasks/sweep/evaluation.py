@@ -61,11 +61,15 @@ def _chunk_baseline(baseline: Tensor, index: slice) -> Tensor:
     return baseline[index] if baseline.dim() == 4 else baseline
 
 
-def _reduce(per_image: Mapping[str, list[Tensor]], correct: int, total: int) -> dict[str, float]:
-    scores = {"accuracy": correct / total if total else math.nan, "images": total}
+def _reduce(per_image: Mapping[str, list[Tensor]], correct: int, total: int) -> dict[str, Any]:
+    scores: dict[str, Any] = {"accuracy": correct / total if total else math.nan, "images": total}
     for name in QUALITY_METRICS:
         values = per_image.get(name)
         scores[name] = float(torch.cat(values).double().nanmean()) if values else math.nan
+    # Per-image values, image order kept, for paired intervals (tasks.sweep.statistics).
+    scores["per_image"] = {
+        name: torch.cat(values).double().tolist() for name, values in per_image.items() if values
+    }
     return scores
 
 
@@ -236,7 +240,7 @@ def _evaluate(
     auc_steps: int | None,
     batch_size: int,
     forward_batch_size: int,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Accuracy and quality over a split, in chunks, of the maps ``explain`` returns.
 
     ``explain(images, labels, index, classifier) -> (logits, label-class maps)``; the maps are
@@ -253,6 +257,9 @@ def _evaluate(
         labels = data.labels[index]
         logits, maps = explain(images, labels, index, classifier)
         correct += round(accuracy(logits, labels) * len(images))
+        per_image.setdefault("correct", []).append(
+            (logits.argmax(dim=1).cpu() == labels.cpu()).double()
+        )
         scores = _quality(
             maps,
             data,
@@ -287,6 +294,8 @@ def table_row(
         "chosen": False,
     }
     row.update({name: float(scores[name]) for name in QUALITY_METRICS})
+    if "per_image" in scores:
+        row["per_image"] = scores["per_image"]
     return row
 
 
