@@ -227,6 +227,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from storage import layout, open_storage
+    from tasks.sweep.markdown import compose_results
+
+    sweep = open_storage(args.out).child(layout.sweep_key(args.sweep))
+    report = sweep.read_bytes(layout.SWEEP_REPORT_FILE).decode()
+    print(compose_results(Path(args.preamble).read_text(), report), end="")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from flows.serve_cli import serve
 
@@ -246,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--miniature", action="store_true", help="a tiny run (about a minute)")
     demo.add_argument("--config", help="JSON file of PipelineConfig fields to override")
     demo.add_argument("--seeds", type=int, default=1, help="repeat the study over N seeds")
+
+    results = sub.add_parser("results", help="print docs/results.md: a preamble + a sweep report")
+    results.add_argument("--out", default="demo-out", help="the demo's output folder")
+    results.add_argument("--sweep", default="embedded-default", help="sweep name")
+    results.add_argument("--preamble", default="docs/results-preamble.md")
+    results.set_defaults(func=cmd_results)
     demo.set_defaults(func=cmd_demo)
 
     export = sub.add_parser("export", help="export a synthetic domain to WebDataset shards")
