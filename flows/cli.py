@@ -121,6 +121,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     enable_console_progress()
     started = time.perf_counter()
     with _flows(out, args.verbose) as logs:
+        if getattr(args, "seeds", 1) > 1:
+            from flows.seeds import run_seeds
+
+            print(run_seeds(config, args.seeds))
+            print(f"\nall outputs under {out} ({(time.perf_counter() - started) / 60:.1f} min)")
+            return 0
         result = explain_transfer_pipeline(config)
     minutes = (time.perf_counter() - started) / 60
     print(_sweep_table(result["sweep"]))
@@ -187,7 +193,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     check_output(args.out)
     enable_console_progress()
     with _flows(args.out, args.verbose):
-        print(pretrain_base_flow(config, args.out))
+        if not args.shipped:
+            print(pretrain_base_flow(config, args.out))
+            return 0
+        import torch
+
+        from tasks.pretrain import SHIPPED_PRETRAIN, compare_to_shipped
+
+        # The shipped file was trained on one CPU thread; another thread count reorders sums.
+        torch.set_num_threads(1)
+        uri = pretrain_base_flow(SHIPPED_PRETRAIN, args.out)
+        _print_json({"uri": uri, "against_shipped": compare_to_shipped(uri)})
     return 0
 
 
@@ -289,6 +305,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from storage import layout, open_storage
+    from tasks.sweep.markdown import compose_results
+
+    sweep = open_storage(args.out).child(layout.sweep_key(args.sweep))
+    report = sweep.read_bytes(layout.SWEEP_REPORT_FILE).decode()
+    print(compose_results(Path(args.preamble).read_text(), report), end="")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from flows.serve_cli import serve
 
@@ -307,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="output folder (default: ./demo-out)")
     demo.add_argument("--miniature", action="store_true", help="a tiny run (about a minute)")
     demo.add_argument("--config", help="JSON file of PipelineConfig fields to override")
+    demo.add_argument("--seeds", type=int, default=1, help="repeat the study over N seeds")
+
+    results = sub.add_parser("results", help="print docs/results.md: a preamble + a sweep report")
+    results.add_argument("--out", default="demo-out", help="the demo's output folder")
+    results.add_argument("--sweep", default="embedded-default", help="sweep name")
+    results.add_argument("--preamble", default="docs/results-preamble.md")
+    results.set_defaults(func=cmd_results)
     demo.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="run the whole pipeline from a PipelineConfig JSON file")
@@ -327,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = sub.add_parser("pretrain", help="pretrain the embedded default's base model")
     pretrain.add_argument("--out", required=True, help="output root URI")
     pretrain.add_argument("--config", help="JSON file of PretrainConfig fields")
+    pretrain.add_argument(
+        "--shipped", action="store_true", help="rebuild the shipped base and report its drift"
+    )
     pretrain.set_defaults(func=cmd_pretrain)
 
     build = sub.add_parser("build-dataset", help="label a dataset with Kernel SHAP (an X-dataset)")

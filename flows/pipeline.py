@@ -29,7 +29,7 @@ from tasks.build_dataset import BuildConfig, LabelConfig
 from tasks.config import Device, StageConfig
 from tasks.data.domains import DomainPlan, DomainSpec, as_domain_spec, check_domain
 from tasks.finetune import FinetuneConfig
-from tasks.pretrain import PretrainConfig
+from tasks.pretrain import SHIPPED, SHIPPED_PRETRAIN, PretrainConfig, resolve_base
 from tasks.sweep import SweepConfig, TargetSpec
 
 
@@ -48,9 +48,18 @@ class PipelineConfig(StageConfig):
     source: str | DomainSpec = "shapes"
     targets: tuple[str | DomainSpec, ...] = ("glyphs", "colours", "textures", "scenes")
     model_name: str = "tiny-vit-56"
-    base: str | None = Field(None, description="pretrained weights URI; None pretrains one")
-    pretrain: PretrainConfig = PretrainConfig(per_class=64, epochs=20)
-    per_class: dict[str, int] = {"train": 64, "val": 6, "test": 12}
+    base: str | None = Field(
+        SHIPPED,
+        description="pretrained weights URI; 'shipped': the packaged base; None pretrains one",
+    )
+    pretrain: PretrainConfig = SHIPPED_PRETRAIN
+    # The goal is 0.9; the shipped base gets shapes to about 0.53 and glyphs to about 0.7
+    # (docs/results.md), so the default floor is twice chance, not the goal.
+    min_target_accuracy: float = Field(
+        0.4, ge=0, le=1, description="val accuracy every prediction-only model must reach"
+    )
+    # Test: 100 images per 5-class target for the explanation metrics (80 on 4-class textures).
+    per_class: dict[str, int] = {"train": 64, "val": 8, "test": 20}
     image_size: int = 56
     data_seed: int = 0
     epochs: int = Field(12, ge=1)
@@ -61,8 +70,10 @@ class PipelineConfig(StageConfig):
     label: LabelConfig = LabelConfig()
     reference_budget: int = Field(400, ge=2)
     num_shards: int = Field(2, ge=1)
-    lambdas: tuple[float, ...] = _lambda_grid()
-    kernel_shap_budgets: tuple[int, ...] = (25, 50, 100, 150, 300)
+    lambdas: tuple[float, ...] = _lambda_grid(step=0.5)
+    # 150: the paper's comparison; 400 (the reference budget, another seed): the reference's
+    # reliability, the ceiling of agreement scores. 25 and 100 told nothing (docs/results.md).
+    kernel_shap_budgets: tuple[int, ...] = (50, 150, 400)
     accuracy_tolerance: float = Field(1.0, ge=0)
     auc_steps: int | None = Field(16, ge=1, description="insertion/deletion steps (None: per cell)")
     sweep_name: str = "embedded-default"
@@ -114,7 +125,9 @@ class PipelineConfig(StageConfig):
         fields: dict[str, Any] = dict(
             out_uri=out_uri,
             targets=("glyphs", "scenes"),
+            base=None,
             pretrain=PretrainConfig(per_class=8, val_per_class=4, epochs=1, batch_size=32),
+            min_target_accuracy=0.0,
             per_class={"train": 4, "val": 2, "test": 2},
             epochs=1,
             batch_size=8,
@@ -206,6 +219,22 @@ def _build(build: BuildConfig, config: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
+def _check_accuracy(result: dict[str, Any], config: PipelineConfig) -> None:
+    """Stop the run when a prediction-only model is below ``config.min_target_accuracy``.
+
+    References of a model that has not learnt its task describe noise: nothing downstream of it
+    could show a transfer either way.
+    """
+    last = result["metrics"][-1] if result.get("metrics") else {}
+    accuracy = last.get("val_accuracy")
+    if accuracy is not None and accuracy < config.min_target_accuracy:
+        raise RuntimeError(
+            f"model {result['uri']} reaches val accuracy {accuracy:.3f}, below "
+            f"min_target_accuracy {config.min_target_accuracy:g}: train it longer or from a "
+            "better base, or lower min_target_accuracy to run anyway"
+        )
+
+
 @flow(name="explain-transfer-pipeline", flow_run_name="pipeline-{config.sweep_name}")
 def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Run every stage: data, base, source P, source X-dataset, source X, vector, targets, sweep.
@@ -228,13 +257,14 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
         )
     source = config.source_spec.name
 
-    base = config.base or pretrain_base_flow(
+    base = resolve_base(config.base) or pretrain_base_flow(
         config.pretrain.model_copy(update={"model_name": config.model_name}), config.out_uri
     )
     source_data = _data_uri(config, source)
     theta_p = finetune_flow(
         _finetune_config(config, plans[source], "P", base, source_data), config.out_uri
     )
+    _check_accuracy(theta_p, config)
 
     x_data = _build(
         _build_config(config, source, f"{source}-x", "train", theta_p["uri"], config.label),
@@ -261,6 +291,7 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
             _finetune_config(config, plans[target], "P", base, _data_uri(config, target)),
             config.out_uri,
         )
+        _check_accuracy(theta_t, config)
         references = {
             split: _build(
                 _build_config(
@@ -295,6 +326,7 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
             seed=config.seed,
             device=config.device,
             output_uri=config.out_uri,
+            reference_budget=config.reference_budget,
         )
     )
     logger.info("pipeline %s complete under %s", config.sweep_name, config.out_uri)

@@ -36,6 +36,7 @@ MANIFEST_FILE = "manifest.parquet"
 SWEEP_RESULTS_FILE = "results.parquet"
 SWEEP_SUMMARY_FILE = "summary.json"
 SWEEP_PLOT_FILE = "sweep.png"
+SWEEP_REPORT_FILE = "report.md"
 
 # One shard-name rule for writers and readers: six or more digits (webdataset's ShardWriter pads
 # to six; a dataset of a million shards still parses).
@@ -126,6 +127,11 @@ def sweep_key(name: str) -> str:
 def sweep_target_rows_key(target: str) -> str:
     """A sweep's rows of one target, relative to the sweep's folder."""
     return f"targets/{target}.parquet"
+
+
+def sweep_target_per_image_key(target: str) -> str:
+    """A sweep's per-image scores of one target (for intervals), relative to the sweep's folder."""
+    return f"targets/{target}-per-image.json"
 
 
 def sweep_heatmap_key(target: str) -> str:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import open_clip
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -56,6 +58,13 @@ class PretrainConfig(StageConfig):
         weight_decay: AdamW weight decay on matrices.
         seed: seeds the initialisation, the data order and the synthetic data.
         template: caption template with one ``{}`` for the class name.
+        fresh_steps: when positive, train this many steps on freshly generated images instead
+            of epochs over a fixed pool: step ``t`` draws train-split samples
+            ``t * batch_size ... (t + 1) * batch_size - 1`` round-robin over the domains, so no
+            image is seen twice and the data depend only on (seed, step); ``per_class`` and
+            ``epochs`` are then unused.
+        augment_shift: random translation of each training image by up to this many pixels
+            (reflect-padded), drawn from (seed, step).
     """
 
     model_name: str = DEFAULT_MODEL
@@ -70,6 +79,56 @@ class PretrainConfig(StageConfig):
     weight_decay: float = Field(default=0.05, ge=0)
     seed: int = 0
     template: str = DEFAULT_TEMPLATES[0]
+    fresh_steps: int = Field(default=0, ge=0)
+    augment_shift: int = Field(default=0, ge=0)
+
+
+# The base model shipped with the package: trained once by ``explain-transfer pretrain --shipped``
+# with :data:`SHIPPED_PRETRAIN`; its sidecar holds that config and the measured accuracies.
+SHIPPED = "shipped"
+SHIPPED_BASE_FILE = Path(__file__).parent / "model" / "weights" / "tiny-vit-56-base.safetensors"
+SHIPPED_PRETRAIN = PretrainConfig(
+    fresh_steps=2400,
+    batch_size=32,
+    lr=1e-3,
+    warmup_steps=100,
+    augment_shift=3,
+    val_per_class=100,
+)
+
+
+def resolve_base(base: str | None) -> str | None:
+    """The weights URI that ``base`` names: :data:`SHIPPED` is the packaged base model."""
+    if base != SHIPPED:
+        return base
+    if not SHIPPED_BASE_FILE.exists():
+        raise FileNotFoundError(
+            f"the shipped base model {SHIPPED_BASE_FILE.name} is missing from the package; "
+            "rebuild it with `explain-transfer pretrain --shipped --out DIR` or set base to None"
+        )
+    return str(SHIPPED_BASE_FILE)
+
+
+def compare_to_shipped(uri: str) -> dict[str, Any]:
+    """How far the weights at ``uri`` are from the shipped base (the drift of a rebuild).
+
+    Returns:
+        ``identical`` (every tensor bit-equal), ``max_abs_diff`` over all tensors and the number
+        of ``differing`` tensors.
+    """
+    from storage import open_file
+
+    storage, key = open_file(uri)
+    rebuilt = safetensors.torch.load(storage.read_bytes(key))
+    shipped = safetensors.torch.load_file(str(SHIPPED_BASE_FILE))
+    if rebuilt.keys() != shipped.keys():
+        raise ValueError(f"{uri} and the shipped base have different tensors")
+    differing, worst = 0, 0.0
+    for name, tensor in shipped.items():
+        if not torch.equal(tensor, rebuilt[name]):
+            differing += 1
+            worst = max(worst, float((tensor.double() - rebuilt[name].double()).abs().max()))
+    return {"identical": differing == 0, "max_abs_diff": worst, "differing": differing}
 
 
 def base_key(config: PretrainConfig) -> str:
@@ -105,6 +164,99 @@ def _load_split(
             labels.append(int(sample["cls"]))
         data[domain] = (torch.stack(images), torch.tensor(labels, dtype=torch.int64))
     return data
+
+
+def _caption_ids(domain: str, labels: torch.Tensor, vocabulary: list[str]) -> torch.Tensor:
+    from tasks.data.synthetic import SYNTHETIC_DOMAINS
+
+    names = SYNTHETIC_DOMAINS[domain].class_names
+    return torch.tensor([vocabulary.index(names[int(y)]) for y in labels], dtype=torch.int64)
+
+
+def _shift(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each uint8 image by up to ``shift`` pixels (reflect padding), from ``generator``."""
+    if shift == 0:
+        return images
+    size = images.shape[-1]
+    padded = F.pad(images.float(), (shift, shift, shift, shift), mode="reflect")
+    offsets = torch.randint(0, 2 * shift + 1, (len(images), 2), generator=generator)
+    return torch.stack(
+        [
+            padded[i, :, dy : dy + size, dx : dx + size]
+            for i, (dy, dx) in enumerate(offsets.tolist())
+        ]
+    ).to(torch.uint8)
+
+
+class FreshBatches(torch.utils.data.IterableDataset):
+    """Batches of freshly generated train images: step ``t`` is a pure function of (seed, t).
+
+    Sample ``g = t * batch_size + j`` of the stream is image ``g // D`` of domain ``g % D`` (``D``
+    domains), so domains and classes stay balanced in every batch and no image repeats.
+    """
+
+    def __init__(self, config: PretrainConfig, domains: list[str], vocabulary: list[str]):
+        self.config = config
+        self.domains = domains
+        self.vocabulary = vocabulary
+
+    def __len__(self) -> int:
+        return self.config.fresh_steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from tasks.data.synthetic import SYNTHETIC_DOMAINS, render_sample
+
+        config, count = self.config, len(self.domains)
+        for step in range(config.fresh_steps):
+            images, captions = [], []
+            for j in range(config.batch_size):
+                index = step * config.batch_size + j
+                domain = self.domains[index % count]
+                sample = render_sample(
+                    domain, "train", index // count, seed=config.seed, image_size=config.image_size
+                )
+                images.append(torch.from_numpy(sample.image).permute(2, 0, 1))
+                captions.append(
+                    self.vocabulary.index(SYNTHETIC_DOMAINS[domain].class_names[sample.cls])
+                )
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            yield (
+                _shift(torch.stack(images), config.augment_shift, generator),
+                torch.tensor(captions, dtype=torch.int64),
+            )
+
+
+def _training_batches(
+    config: PretrainConfig, domains: list[str], vocabulary: list[str]
+) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
+    """The training batches of ``config`` and their number."""
+    if config.fresh_steps:
+        # One worker renders the next batches while the main process trains; the batches are the
+        # same with or without it.
+        loader = torch.utils.data.DataLoader(
+            FreshBatches(config, domains, vocabulary),
+            batch_size=None,
+            num_workers=1,
+            prefetch_factor=4,
+        )
+        return loader, config.fresh_steps
+    train = _load_split(domains, "train", config.per_class, config)
+    images = torch.cat([train[domain][0] for domain in domains])
+    captions = torch.cat([_caption_ids(d, train[d][1], vocabulary) for d in domains])
+    steps_per_epoch = math.ceil(len(captions) / config.batch_size)
+
+    def epochs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(config.seed)
+        for epoch in range(config.epochs):
+            order = torch.randperm(len(captions), generator=generator)
+            for start in range(0, len(order), config.batch_size):
+                index = order[start : start + config.batch_size]
+                shift_generator = torch.Generator().manual_seed(
+                    config.seed * 1_000_003 + epoch * steps_per_epoch + start
+                )
+                yield _shift(images[index], config.augment_shift, shift_generator), captions[index]
+
+    return epochs(), config.epochs * steps_per_epoch
 
 
 def contrastive_loss(
@@ -192,21 +344,7 @@ def pretrain_base(
         for name in SYNTHETIC_DOMAINS[domain].class_names:
             if name not in vocabulary:
                 vocabulary.append(name)
-    train = _load_split(domains, "train", config.per_class, config)
-    images = torch.cat([train[domain][0] for domain in domains])
-    captions = torch.cat(
-        [
-            torch.tensor(
-                [
-                    vocabulary.index(SYNTHETIC_DOMAINS[domain].class_names[y])
-                    for y in train[domain][1]
-                ],
-                dtype=torch.int64,
-            )
-            for domain in domains
-        ]
-    )
-
+    batches, total = _training_batches(config, domains, vocabulary)
     torch.manual_seed(config.seed)
     clip_model = load_clip(config.model_name).train()
     tokenizer = open_clip.get_tokenizer(config.model_name)
@@ -230,34 +368,35 @@ def pretrain_base(
         betas=(0.9, 0.98),
         eps=1e-6,
     )
-    steps_per_epoch = math.ceil(len(captions) / config.batch_size)
-    total = config.epochs * steps_per_epoch
-    generator = torch.Generator().manual_seed(config.seed)
+    log_every = max(1, total // 20)
     step, losses = 0, []
-    for _ in range(config.epochs):
-        order = torch.randperm(len(captions), generator=generator)
-        for start in range(0, len(order), config.batch_size):
-            index = order[start : start + config.batch_size]
-            warmup = (step + 1) / config.warmup_steps if step < config.warmup_steps else 1.0
-            cosine = 0.5 * (1 + math.cos(math.pi * step / total))
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * min(warmup, cosine)
-            batch = (images[index].float().div_(255.0) - mean) / std
-            image_features = clip_model.encode_image(batch, normalize=True)
-            caption_features = clip_model.encode_text(tokens, normalize=True)
-            loss = contrastive_loss(
-                image_features, caption_features, captions[index], clip_model.logit_scale
+    for batch_images, batch_captions in batches:
+        warmup = (step + 1) / config.warmup_steps if step < config.warmup_steps else 1.0
+        cosine = 0.5 * (1 + math.cos(math.pi * step / total))
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(warmup, cosine)
+        batch = (batch_images.float().div_(255.0) - mean) / std
+        image_features = clip_model.encode_image(batch, normalize=True)
+        caption_features = clip_model.encode_text(tokens, normalize=True)
+        loss = contrastive_loss(
+            image_features, caption_features, batch_captions, clip_model.logit_scale
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            clip_model.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss.detach()))
+        step += 1
+        if progress is not None:
+            progress(step, total)
+        if step % log_every == 0:
+            logger.info(
+                "pretraining step %d/%d loss %.4f",
+                step,
+                total,
+                sum(losses[-log_every:]) / log_every,
             )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                clip_model.logit_scale.clamp_(0, math.log(100))
-            losses.append(float(loss.detach()))
-            step += 1
-            if progress is not None:
-                progress(step, total)
-        logger.info("pretraining epoch loss %.4f", sum(losses[-steps_per_epoch:]) / steps_per_epoch)
     train_seconds = time.perf_counter() - started
 
     clip_model.eval()
@@ -288,7 +427,9 @@ def pretrain_base(
                 "zero_shot": zero_shot,
                 "final_loss": losses[-1],
                 "steps": step,
-                "train_samples": len(captions),
+                "train_samples": step * config.batch_size
+                if config.fresh_steps
+                else config.per_class * len(vocabulary),
                 "train_seconds": train_seconds,
             },
         },

@@ -290,6 +290,77 @@ def pointing_game(attributions: Tensor, masks: Tensor, *, tolerance: int = 0) ->
     return touched.reshape(n, -1).gather(1, best[:, None]).squeeze(1)
 
 
+def cell_coverage(masks: Tensor, grid: tuple[int, int]) -> Tensor:
+    """The fraction of each grid cell's pixels on the mask: ``[N, gh, gw]`` in [0, 1].
+
+    Uses the pixel-to-cell convention of :func:`cells_touching_mask`.
+    """
+    gh, gw = grid
+    height, width = masks.shape[-2:]
+    m = (masks != 0).float()
+    rows = F.one_hot(torch.arange(height, device=m.device) * gh // height, gh).T.to(m.dtype)
+    cols = F.one_hot(torch.arange(width, device=m.device) * gw // width, gw).to(m.dtype)
+    area = rows.sum(dim=1)[:, None] * cols.sum(dim=0)[None, :]
+    return (rows @ m @ cols) / area
+
+
+def pointing_chance(masks: Tensor, grid: tuple[int, int], *, tolerance: int = 0) -> Tensor:
+    """Per image, the pointing-game hit probability of a uniformly random top cell.
+
+    The chance level against which :func:`pointing_game` must be read: on a domain whose
+    evidence covers most cells (the background of ``scenes``) a random map already scores high.
+
+    Returns:
+        ``[N]`` fraction of cells that touch the (dilated) mask.
+    """
+    touched = cells_touching_mask(masks != 0, grid, tolerance)
+    return touched.flatten(1).float().mean(dim=1)
+
+
+def energy_pointing(attributions: Tensor, masks: Tensor) -> Tensor:
+    """Share of the positive attribution that falls on the evidence mask (energy-based pointing).
+
+    Each cell's positive attribution is split by the fraction of its pixels on the mask. Unlike
+    the pointing game it uses the whole map, not only its arg-max; its chance level is the mask's
+    share of the image (a flat map scores exactly that).
+
+    Returns:
+        ``[N]`` in [0, 1]; NaN for a map with no positive cell.
+    """
+    n, gh, gw = attributions.shape
+    coverage = cell_coverage(masks.to(attributions.device), (gh, gw)).to(attributions.dtype)
+    positive = attributions.clamp(min=0).reshape(n, -1)
+    total = positive.sum(dim=1)
+    inside = (positive * coverage.reshape(n, -1)).sum(dim=1)
+    return torch.where(total > 0, inside / total.clamp(min=1e-12), torch.nan)
+
+
+def topk_off_evidence(attributions: Tensor, masks: Tensor, k: int = 5) -> Tensor:
+    """Share of the ``k`` top cells lying mostly (over half their pixels) off the evidence mask.
+
+    On ``scenes`` the evidence is the background, so this is the share of top cells on the
+    distractor object: the signal of a vector that moves attention onto the object there.
+
+    Returns:
+        ``[N]`` in [0, 1].
+    """
+    n, gh, gw = attributions.shape
+    coverage = cell_coverage(masks.to(attributions.device), (gh, gw)).reshape(n, -1)
+    k = min(k, gh * gw)
+    top = attributions.reshape(n, -1).topk(k, dim=1).indices
+    return (coverage.gather(1, top) < 0.5).float().mean(dim=1)
+
+
+@torch.no_grad()
+def label_output(
+    model_fn: ModelFn, images: Tensor, classes: Tensor, output: Literal["prob", "logit"] = "prob"
+) -> Tensor:
+    """The model's output for ``classes`` on the full images (the start of the deletion curve)."""
+    logits = model_fn(images)
+    values = logits.softmax(dim=-1) if output == "prob" else logits
+    return values.gather(1, classes.to(values.device).long()[:, None]).squeeze(1)
+
+
 def explanation_quality(
     attributions: Tensor,
     *,
@@ -313,7 +384,9 @@ def explanation_quality(
     - ``pearson``, ``spearman``, ``topk``: when a ``reference`` (Kernel SHAP) is given;
     - ``insertion_auc``, ``deletion_auc``: when ``model_fn``, ``images``, ``classes`` and
       ``baseline`` are given;
-    - ``pointing``: when object ``masks`` are given;
+    - ``pointing``, ``pointing_chance``, ``energy_pointing``, ``topk_off_evidence``: when
+      evidence ``masks`` are given;
+    - ``deletion_normalised``: deletion AUC over the full image's probability (``prob`` only);
     - ``accuracy``: when ``logits`` and ``labels`` are given.
 
     Args:
@@ -356,10 +429,19 @@ def explanation_quality(
             batch_size=batch_size,
         )
         per_image["insertion_auc"], per_image["deletion_auc"] = ins, dele
+        if output == "prob":
+            # Deletion relative to where it starts: a confident model's curve has further to fall.
+            full = label_output(model_fn, images, classes, output)
+            per_image["deletion_normalised"] = dele / full.clamp(min=1e-6).to(dele.dtype)
     elif any(v is not None for v in faithfulness_inputs):
         raise ValueError("insertion/deletion needs model_fn, images, classes and baseline")
     if masks is not None:
         per_image["pointing"] = pointing_game(attributions, masks, tolerance=tolerance)
+        per_image["pointing_chance"] = pointing_chance(
+            masks.to(attributions.device), attributions.shape[1:], tolerance=tolerance
+        )
+        per_image["energy_pointing"] = energy_pointing(attributions, masks)
+        per_image["topk_off_evidence"] = topk_off_evidence(attributions, masks, k)
     if logits is not None and labels is not None:
         per_image["accuracy"] = logits.argmax(dim=-1) == labels.to(logits.device)
     if not reduce:

@@ -515,7 +515,9 @@ def _render_textures(canvas: _Canvas, cls: int) -> tuple[np.ndarray, np.ndarray]
     angle = canvas.uniform(0, math.pi)
     u = (canvas.xs - cx) * math.cos(angle) + (canvas.ys - cy) * math.sin(angle)
     v = -(canvas.xs - cx) * math.sin(angle) + (canvas.ys - cy) * math.cos(angle)
-    period = canvas.uniform(4.5, 7.0) * canvas.scale
+    # At least one 8-px patch per period (the tiny ViT's patch at 56 px): a finer pattern aliases
+    # inside a patch and cannot be told apart by its tokens.
+    period = canvas.uniform(9.0, 13.0) * canvas.scale
     if cls == 0:
         pattern = np.mod(u, period) < period / 2
     elif cls == 1:

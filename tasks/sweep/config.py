@@ -17,7 +17,14 @@ QUALITY_METRICS = ("pearson", "spearman", "topk", "insertion_auc", "deletion_auc
 # Lower is better for these; every other quality metric is "higher is better".
 LOWER_IS_BETTER = frozenset({"deletion_auc"})
 # Settings that change where or how fast the sweep runs, never its numbers.
-_RESULT_NEUTRAL_FIELDS = ("device", "batch_size", "forward_batch_size", "output_uri", "name")
+_RESULT_NEUTRAL_FIELDS = (
+    "device",
+    "batch_size",
+    "forward_batch_size",
+    "output_uri",
+    "name",
+    "reference_budget",
+)
 
 TABLE_SCHEMA = pa.schema(
     [
@@ -90,6 +97,8 @@ class SweepConfig(StageConfig):
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
         output_uri: root of the outputs.
         allow_different_base: apply the vector to a theta_T from another pretrained base.
+        reference_budget: the references' Kernel SHAP budget, for the report only: a Kernel SHAP
+            row at that budget (another seed) measures the reference's reliability.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -116,6 +125,7 @@ class SweepConfig(StageConfig):
     device: Device = "auto"
     output_uri: str
     allow_different_base: bool = False
+    reference_budget: int | None = None
 
     @field_validator("lambdas")
     @classmethod

@@ -78,11 +78,15 @@ def split_baseline(data: EvalData, name: str) -> Baseline:
     return baseline
 
 
-def _reduce(per_image: Mapping[str, list[Tensor]], correct: int, total: int) -> dict[str, float]:
-    scores = {"accuracy": correct / total if total else math.nan, "images": total}
+def _reduce(per_image: Mapping[str, list[Tensor]], correct: int, total: int) -> dict[str, Any]:
+    scores: dict[str, Any] = {"accuracy": correct / total if total else math.nan, "images": total}
     for name in QUALITY_METRICS:
         values = per_image.get(name)
         scores[name] = float(torch.cat(values).double().nanmean()) if values else math.nan
+    # Per-image values, image order kept, for paired intervals (tasks.sweep.statistics).
+    scores["per_image"] = {
+        name: torch.cat(values).double().tolist() for name, values in per_image.items() if values
+    }
     return scores
 
 
@@ -223,7 +227,7 @@ def _evaluate(
     auc_steps: int | None,
     batch_size: int,
     forward_batch_size: int,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Accuracy and quality over a split, streamed batch by batch, of the maps ``explain`` gives.
 
     ``explain(batch, images, baseline, classifier) -> (logits, label-class maps)``; the maps are
@@ -242,6 +246,9 @@ def _evaluate(
         logits, maps = explain(batch, images, base, classifier)
         correct += round(accuracy(logits, batch.labels) * len(images))
         total += len(images)
+        per_image.setdefault("correct", []).append(
+            (logits.argmax(dim=1).cpu() == batch.labels.cpu()).double()
+        )
         scores = explanation_quality(
             maps.to(device),
             reference=batch.targets.to(device),
@@ -278,6 +285,8 @@ def table_row(
         "chosen": False,
     }
     row.update({name: float(scores[name]) for name in QUALITY_METRICS})
+    if "per_image" in scores:
+        row["per_image"] = scores["per_image"]
     return row
 
 

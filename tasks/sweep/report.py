@@ -20,12 +20,14 @@ from torch import Tensor
 from storage import layout, open_file
 from tasks.sweep.config import QUALITY_METRICS, TABLE_SCHEMA, SweepConfig, sweep_storage
 from tasks.sweep.inputs import EvalData, inputs_fingerprint
+from tasks.sweep.markdown import render_report
 
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = layout.SWEEP_RESULTS_FILE
 PLOT_FILE = layout.SWEEP_PLOT_FILE
 SUMMARY_FILE = layout.SWEEP_SUMMARY_FILE
+REPORT_FILE = layout.SWEEP_REPORT_FILE
 RESULTS_UNIT = "results"
 
 
@@ -197,6 +199,7 @@ def assemble_sweep(config: SweepConfig, outcomes: Sequence[TargetOutcome]) -> Sw
         "table": out.url(RESULTS_FILE),
         "plot": out.url(PLOT_FILE),
         "summary": out.url(SUMMARY_FILE),
+        "report": out.url(REPORT_FILE),
         "heatmaps": {o.target: out.url(o.heatmap_key) for o in ordered if o.heatmap_key},
     }
     summary = {
@@ -213,6 +216,12 @@ def assemble_sweep(config: SweepConfig, outcomes: Sequence[TargetOutcome]) -> Sw
         "config": config.to_dict(),
     }
     out.write_json(SUMMARY_FILE, _json_safe(summary))
+    out.write_bytes(
+        REPORT_FILE,
+        render_report(
+            rows, chosen, reference_budget=config.reference_budget, title=f"Sweep `{config.name}`"
+        ).encode(),
+    )
     out.publish_done(
         RESULTS_UNIT,
         config.result_fingerprint(),

@@ -1,4 +1,11 @@
-"""Selecting lambda on validation: the best explanation quality within an accuracy tolerance."""
+"""Selecting lambda on validation: the best explanation quality within an accuracy tolerance.
+
+With per-image scores on the rows (``per_image``), the choice follows the one-standard-error rule:
+among the lambdas within the accuracy tolerance, the smallest edit whose mean score is within
+one standard error (of the best lambda's mean, over validation images) of the best. On small
+validation splits the plain arg-max drifts to the grid's edge on noise; the rule only moves away
+from lambda 0 when the gain is larger than the noise.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +20,19 @@ def _better(metric: str, a: float, b: float) -> bool:
     return a < b if metric in LOWER_IS_BETTER else a > b
 
 
+def _standard_error(row: Mapping[str, Any], metric: str) -> float:
+    from tasks.sweep.statistics import standard_error
+
+    values = (row.get("per_image") or {}).get(metric)
+    return math.nan if values is None else standard_error(values)
+
+
 def select_lambda(
-    rows: Sequence[Mapping[str, Any]], *, metric: str = "pearson", tolerance: float = 1.0
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    metric: str = "pearson",
+    tolerance: float = 1.0,
+    one_se: bool = True,
 ) -> float:
     """The lambda of best ``metric`` whose accuracy is at most ``tolerance`` points below lambda 0.
 
@@ -23,6 +41,7 @@ def select_lambda(
             fraction, ``metric``).
         metric: the quality metric to optimise (lower is better for ``deletion_auc``).
         tolerance: accepted accuracy drop in accuracy points (1.0 = one percentage point).
+        one_se: apply the one-standard-error rule where the best row carries per-image scores.
 
     Returns:
         The selected lambda; ties go to the smaller ``|lambda|`` (the smaller edit), and lambda 0
@@ -47,6 +66,19 @@ def select_lambda(
             or _better(metric, score, best_score)
         ):
             best_lambda, best_score = float(row["lambda"]), score
+    if not one_se or best_lambda == 0.0:
+        return best_lambda
+    best_row = next(r for r in rows if r["lambda"] == best_lambda)
+    error = _standard_error(best_row, metric)
+    if not math.isfinite(error):
+        return best_lambda
+    bound = best_score + error if metric in LOWER_IS_BETTER else best_score - error
+    for row in sorted(rows, key=lambda r: (abs(r["lambda"]), r["lambda"])):
+        score = row.get(metric, math.nan)
+        if row["accuracy"] < floor or score is None or not math.isfinite(score):
+            continue
+        if (score <= bound) if metric in LOWER_IS_BETTER else (score >= bound):
+            return float(row["lambda"])
     return best_lambda
 
 

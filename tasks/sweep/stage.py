@@ -101,9 +101,14 @@ def sweep_target(
     if not overwrite and out.is_done(unit, fingerprint, rows_key):
         info = out.completion_info(unit)
         logger.info("sweep %s: target %s already complete, skipped", config.name, target)
+        rows = out.read_parquet(rows_key).to_pylist()
+        per_image_key = layout.sweep_target_per_image_key(target)
+        if out.exists(per_image_key):
+            for row, values in zip(rows, out.read_json(per_image_key), strict=True):
+                row["per_image"] = values
         return TargetOutcome(
             target=target,
-            rows=out.read_parquet(rows_key).to_pylist(),
+            rows=rows,
             chosen_lambda=float(info["chosen_lambda"]),
             heatmap_key=info.get("heatmap_key"),
             seconds=float(info.get("seconds", 0.0)),
@@ -131,6 +136,9 @@ def sweep_target(
         heatmap_key = layout.sweep_heatmap_key(target)
         out.write_bytes(heatmap_key, heatmap_png(data["test"], slice(0, n_heat), heat_maps, chosen))
     out.write_parquet(rows_key, pa.Table.from_pylist(rows, schema=TABLE_SCHEMA))
+    out.write_json(
+        layout.sweep_target_per_image_key(target), [row.get("per_image") for row in rows]
+    )
     seconds = time.perf_counter() - started
     out.publish_done(
         unit, fingerprint, chosen_lambda=chosen, heatmap_key=heatmap_key, seconds=seconds

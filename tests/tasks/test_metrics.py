@@ -196,3 +196,32 @@ def test_accuracy_and_quality_summary(additive_case):
     assert per_image["pearson"].shape == (3,)
     with pytest.raises(ValueError, match="needs"):
         explanation_quality(exact, model_fn=model)
+
+
+def test_pointing_chance_energy_and_off_evidence():
+    from tasks.algorithms.metrics import (
+        cell_coverage,
+        energy_pointing,
+        pointing_chance,
+        topk_off_evidence,
+    )
+
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[:, :4, :4] = True  # the top-left cell of a 2x2 grid
+    assert torch.equal(cell_coverage(masks, (2, 2))[0], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert torch.allclose(pointing_chance(masks, (2, 2)), torch.tensor([0.25, 0.25]))
+    maps = torch.tensor([[[3.0, 1.0], [0.0, -5.0]], [[0.0, 1.0], [1.0, 2.0]]])
+    energy = energy_pointing(maps, masks)
+    assert torch.allclose(energy, torch.tensor([0.75, 0.0]))
+    assert torch.isnan(energy_pointing(-maps.abs(), masks)).all()
+    off = topk_off_evidence(maps, masks, k=2)
+    assert torch.allclose(off, torch.tensor([0.5, 1.0]))
+
+
+def test_deletion_normalised_by_the_full_image(additive_case):
+    model, images, baseline, exact, classes = additive_case
+    per_image = explanation_quality(
+        exact, model_fn=model, images=images, classes=classes, baseline=baseline, reduce=False
+    )
+    full = model(images).softmax(dim=-1).gather(1, classes[:, None]).squeeze(1)
+    assert torch.allclose(per_image["deletion_normalised"], per_image["deletion_auc"] / full)

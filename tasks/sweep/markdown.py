@@ -1,0 +1,236 @@
+"""The sweep's markdown report: every claim with a paired bootstrap interval.
+
+``report.md`` is written by :func:`tasks.sweep.report.assemble_sweep` next to the table, and
+``docs/results.md`` is that file under a hand-written preamble, so the documented numbers are
+always the ones the code produced. Differences are paired over the same test images
+(:func:`tasks.sweep.statistics.paired_difference`); rows read back without per-image scores
+show their means without intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tasks.sweep.statistics import Interval, paired_difference
+
+# Per-image metrics reported beyond the table's columns (see tasks.algorithms.metrics).
+EXTRA_METRICS = ("deletion_normalised", "energy_pointing", "pointing_chance", "topk_off_evidence")
+
+
+def _row(rows: Sequence[Mapping[str, Any]], **match: Any) -> Mapping[str, Any] | None:
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def _values(row: Mapping[str, Any] | None, metric: str) -> list[float] | None:
+    if row is None:
+        return None
+    per_image = row.get("per_image") or {}
+    if metric == "accuracy":
+        return per_image.get("correct")
+    return per_image.get(metric)
+
+
+def mean_of(row: Mapping[str, Any] | None, metric: str) -> float:
+    """A row's mean of ``metric``: its column, else the mean of its per-image values."""
+    if row is None:
+        return math.nan
+    value = row.get(metric)
+    if value is not None and not (isinstance(value, float) and math.isnan(value)):
+        return float(value)
+    values = [v for v in (_values(row, metric) or []) if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def difference(
+    a: Mapping[str, Any] | None, b: Mapping[str, Any] | None, metric: str
+) -> Interval | None:
+    """Paired ``a - b`` of ``metric`` over the same images; None without per-image scores."""
+    first, second = _values(a, metric), _values(b, metric)
+    if first is None or second is None or len(first) != len(second):
+        return None
+    nan = math.nan
+    return paired_difference(
+        [nan if v is None else v for v in first], [nan if v is None else v for v in second]
+    )
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _fmt_diff(interval: Interval | None, digits: int = 3) -> str:
+    if interval is None:
+        return "n/a"
+    mark = " *" if interval.excludes_zero else ""
+    return interval.format(digits) + mark
+
+
+def target_claims(
+    rows: Sequence[Mapping[str, Any]], target: str, chosen: float, reference_budget: int | None
+) -> dict[str, Any]:
+    """The differences the docs claim for one target, on test: chosen lambda against lambda 0."""
+    zero = _row(rows, target=target, method="sem", split="test", **{"lambda": 0.0})
+    picked = _row(rows, target=target, method="sem", split="test", **{"lambda": chosen})
+    claims: dict[str, Any] = {"lambda_0": zero, "chosen": picked}
+    for metric in ("accuracy", "pearson", "deletion_auc", "deletion_normalised", *EXTRA_METRICS):
+        claims[f"d_{metric}"] = difference(picked, zero, metric)
+    ceiling = None
+    if reference_budget is not None:
+        ceiling = _row(
+            rows, target=target, method="kernel_shap", split="test", inferences=reference_budget
+        )
+    claims["ceiling"] = ceiling
+    return claims
+
+
+def render_report(
+    rows: Sequence[Mapping[str, Any]],
+    chosen: Mapping[str, float],
+    *,
+    reference_budget: int | None = None,
+    compare_budget: int = 150,
+    title: str = "Sweep report",
+) -> str:
+    """The markdown report of one sweep.
+
+    Args:
+        rows: the sweep's rows (with ``per_image`` where available).
+        chosen: target -> lambda chosen on validation.
+        reference_budget: the references' budget; the Kernel SHAP row at that budget with
+            another seed is the reference's reliability (the ceiling of agreement scores).
+        compare_budget: the Kernel SHAP budget the single SEM pass is compared with.
+        title: the first heading.
+    """
+    lines = [f"## {title}", ""]
+    lines += [
+        "Test split. Differences are chosen lambda minus lambda 0 on the same images, with "
+        "paired bootstrap 95% intervals (2,000 resamples over images); `*` marks an interval "
+        "that excludes zero. Accuracy in points of fraction (0.010 = 1 point).",
+        "",
+        "| target | images | lambda* | accuracy at 0 | d accuracy | Pearson at 0 | d Pearson "
+        "| ceiling | deletion at 0 | d deletion | d deletion / p(full) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    targets = list(chosen)
+    claims = {t: target_claims(rows, t, chosen[t], reference_budget) for t in targets}
+    for target in targets:
+        c = claims[target]
+        zero = c["lambda_0"]
+        images = int(zero["images"]) if zero else 0
+        lines.append(
+            f"| {target} | {images} | {chosen[target]:g} | {_fmt(mean_of(zero, 'accuracy'))} "
+            f"| {_fmt_diff(c['d_accuracy'])} | {_fmt(mean_of(zero, 'pearson'))} "
+            f"| {_fmt_diff(c['d_pearson'])} | {_fmt(mean_of(c['ceiling'], 'pearson'))} "
+            f"| {_fmt(mean_of(zero, 'deletion_auc'))} | {_fmt_diff(c['d_deletion_auc'])} "
+            f"| {_fmt_diff(c['d_deletion_normalised'])} |"
+        )
+    lines += [
+        "",
+        "`ceiling`: Pearson between the reference and an independent Kernel SHAP estimate at the "
+        "reference's own budget (another seed): the agreement a perfect method could show.",
+        "",
+        "### Where the maps point (test; evidence mask = the object, for `scenes` the background)",
+        "",
+        "| target | pointing at 0 | at lambda* | chance | energy at 0 | d energy "
+        "| top-5 off evidence at 0 | d off evidence |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for target in targets:
+        c = claims[target]
+        lines.append(
+            f"| {target} | {_fmt(mean_of(c['lambda_0'], 'pointing'))} "
+            f"| {_fmt(mean_of(c['chosen'], 'pointing'))} "
+            f"| {_fmt(mean_of(c['lambda_0'], 'pointing_chance'))} "
+            f"| {_fmt(mean_of(c['lambda_0'], 'energy_pointing'))} "
+            f"| {_fmt_diff(c['d_energy_pointing'])} "
+            f"| {_fmt(mean_of(c['lambda_0'], 'topk_off_evidence'))} "
+            f"| {_fmt_diff(c['d_topk_off_evidence'])} |"
+        )
+    lines += [
+        "",
+        "### The single SEM pass at lambda* against Kernel SHAP of theta_T (test, Pearson)",
+        "",
+        "| target | SEM | "
+        + " | ".join(f"KS-{b}" for b in _budgets(rows))
+        + f" | SEM - KS-{compare_budget} |",
+        "|---|---|" + "---|" * len(_budgets(rows)) + "---|",
+    ]
+    for target in targets:
+        picked = claims[target]["chosen"]
+        shap = {
+            b: _row(rows, target=target, method="kernel_shap", split="test", inferences=b)
+            for b in _budgets(rows)
+        }
+        lines.append(
+            f"| {target} | {_fmt(mean_of(picked, 'pearson'))} | "
+            + " | ".join(_fmt(mean_of(shap[b], "pearson")) for b in _budgets(rows))
+            + f" | {_fmt_diff(difference(picked, shap.get(compare_budget), 'pearson'))} |"
+        )
+    lines += ["", "### Every row", "", _table(rows), ""]
+    return "\n".join(lines)
+
+
+def _budgets(rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    return sorted(
+        {
+            int(r["inferences"])
+            for r in rows
+            if r["method"] == "kernel_shap" and r["split"] == "test"
+        }
+    )
+
+
+def _table(rows: Sequence[Mapping[str, Any]]) -> str:
+    columns = ("accuracy", "pearson", "insertion_auc", "deletion_auc", "pointing")
+    out = [
+        "| target | split | method | lambda | inferences | images | "
+        + " | ".join(columns)
+        + " | chosen |",
+        "|---|---|---|---|---|---|" + "---|" * len(columns) + "---|",
+    ]
+    for row in rows:
+        coef = row["lambda"]
+        out.append(
+            f"| {row['target']} | {row['split']} | {row['method']} "
+            f"| {'' if coef is None or math.isnan(coef) else f'{coef:g}'} | {row['inferences']} "
+            f"| {row['images']} | "
+            + " | ".join(_fmt(mean_of(row, c)) for c in columns)
+            + f" | {'yes' if row.get('chosen') else ''} |"
+        )
+    return "\n".join(out)
+
+
+def render_seeds_report(reports: Mapping[int, Mapping[str, Any]]) -> str:
+    """Mean and Student-t interval over seeds of each target's claimed differences.
+
+    Args:
+        reports: seed -> ``{target: {"chosen": lambda, "d_pearson": x, "d_deletion_auc": y,
+            "d_accuracy": z}}`` (point estimates of one seed's sweep).
+    """
+    from tasks.sweep.statistics import over_seeds
+
+    targets = sorted({t for r in reports.values() for t in r})
+    metrics = ("d_accuracy", "d_pearson", "d_deletion_auc")
+    lines = [
+        f"## Over {len(reports)} seeds (mean [95% t-interval])",
+        "",
+        "| target | lambda* per seed | " + " | ".join(metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
+    for target in targets:
+        per_seed = [r[target] for r in reports.values() if target in r]
+        lambdas = ", ".join(f"{p['chosen']:g}" for p in per_seed)
+        cells = [over_seeds([p[m] for p in per_seed]).format() for m in metrics]
+        lines.append(f"| {target} | {lambdas} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compose_results(preamble: str, report: str) -> str:
+    """``docs/results.md``: the hand-written preamble, then the sweep's report unchanged."""
+    marker = "<!-- generated by the sweep (report.md); do not edit below -->"
+    return f"{preamble.rstrip()}\n\n{marker}\n\n{report.lstrip()}"

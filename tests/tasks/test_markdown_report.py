@@ -1,0 +1,68 @@
+"""The sweep's markdown report: intervals on the claimed differences, the ceiling, seeds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from flows.seeds import seed_claims
+from tasks.sweep.markdown import render_report, render_seeds_report, target_claims
+
+
+def _row(method, coef, inferences, pearson, correct, split="test"):
+    return {
+        "target": "colours",
+        "related": True,
+        "method": method,
+        "lambda": coef,
+        "inferences": inferences,
+        "split": split,
+        "images": len(pearson),
+        "accuracy": float(np.mean(correct)),
+        "pearson": float(np.mean(pearson)),
+        "spearman": math.nan,
+        "topk": math.nan,
+        "insertion_auc": 0.5,
+        "deletion_auc": 0.3,
+        "pointing": 0.5,
+        "chosen": False,
+        "per_image": {"pearson": list(pearson), "correct": list(correct)},
+    }
+
+
+def _rows():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.2, 0.3, 120)
+    correct = [1.0] * 110 + [0.0] * 10
+    return [
+        _row("sem", 0.0, 1, base, correct),
+        _row("sem", 1.0, 1, base + 0.2 + rng.normal(0, 0.05, 120), correct),
+        _row("kernel_shap", math.nan, 150, base + 0.4, correct),
+        _row("kernel_shap", math.nan, 400, np.full(120, 0.85), correct),
+    ]
+
+
+def test_claims_are_paired_differences_with_intervals():
+    claims = target_claims(_rows(), "colours", 1.0, 400)
+    assert claims["d_pearson"].estimate > 0.15 and claims["d_pearson"].excludes_zero
+    assert claims["d_accuracy"].estimate == 0.0 and not claims["d_accuracy"].excludes_zero
+    assert claims["ceiling"]["pearson"] == pytest.approx(0.85)
+
+
+def test_report_shows_intervals_the_ceiling_and_every_row():
+    text = render_report(_rows(), {"colours": 1.0}, reference_budget=400)
+    assert "| colours | 120 | 1 |" in text
+    assert " *" in text  # the Pearson gain excludes zero
+    assert "0.850" in text  # the ceiling
+    assert "KS-150" in text and "KS-400" in text
+    assert text.count("| colours | test |") == 4
+
+
+def test_seeds_report_averages_the_point_estimates():
+    rows = [{k: v for k, v in r.items() if k != "per_image"} for r in _rows()]
+    one = seed_claims(rows, {"colours": 1.0})
+    assert one["colours"]["d_pearson"] > 0.15
+    text = render_seeds_report({0: one, 1: one})
+    assert "Over 2 seeds" in text and "| colours | 1, 1 |" in text

@@ -1,0 +1,81 @@
+"""Fresh-image pretraining data, the shipped base model and the accuracy floor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tasks.pretrain import (
+    SHIPPED,
+    SHIPPED_BASE_FILE,
+    FreshBatches,
+    PretrainConfig,
+    _shift,
+    resolve_base,
+)
+
+DOMAINS = ["colours", "shapes"]
+VOCABULARY = [
+    "red",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "circle",
+    "square",
+    "triangle",
+    "cross",
+    "star",
+]
+
+
+def _batches(**changes):
+    config = PretrainConfig(fresh_steps=3, batch_size=10, image_size=32, **changes)
+    return list(FreshBatches(config, DOMAINS, VOCABULARY))
+
+
+def test_fresh_batches_are_deterministic_new_and_balanced():
+    first, again = _batches(augment_shift=2), _batches(augment_shift=2)
+    assert len(first) == 3
+    for (a, ca), (b, cb) in zip(first, again, strict=True):
+        assert torch.equal(a, b) and torch.equal(ca, cb)
+    images = torch.cat([b for b, _ in first])
+    # No image is drawn twice across steps.
+    assert len({bytes(image.numpy()) for image in images}) == len(images)
+    captions = torch.cat([c for _, c in first])
+    # Round-robin over domains: every other sample is a colour caption, every class present.
+    assert (captions[0::2] < 5).all() and (captions[1::2] >= 5).all()
+    assert set(captions.tolist()) == set(range(10))
+    # A seed changes the images.
+    other = _batches(augment_shift=2, seed=1)
+    assert not torch.equal(other[0][0], first[0][0])
+
+
+def test_shift_translates_within_bounds():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8).to(torch.uint8)
+    assert torch.equal(_shift(images, 0, torch.Generator()), images)
+    shifted = _shift(images, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
+
+
+def test_the_shipped_base_is_in_the_package_with_its_config_and_accuracies():
+    assert resolve_base(None) is None and resolve_base("s3://b/k") == "s3://b/k"
+    path = resolve_base(SHIPPED)
+    assert path == str(SHIPPED_BASE_FILE) and SHIPPED_BASE_FILE.exists()
+    sidecar = json.loads(SHIPPED_BASE_FILE.with_suffix(".json").read_text())
+    assert PretrainConfig(**sidecar["config"]).fresh_steps > 0
+    accuracy = sidecar["metrics"]["zero_shot"]
+    assert set(accuracy) == {"colours", "glyphs", "scenes", "shapes", "textures"}
+    assert all(v["accuracy"] > v["chance"] for v in accuracy.values())
+
+
+def test_a_model_below_the_accuracy_floor_stops_the_pipeline(tmp_path):
+    from flows.pipeline import PipelineConfig, _check_accuracy
+
+    config = PipelineConfig(out_uri=str(tmp_path), min_target_accuracy=0.9)
+    assert config.base == SHIPPED
+    _check_accuracy({"uri": "m", "metrics": [{"val_accuracy": 0.95}]}, config)
+    with pytest.raises(RuntimeError, match="below min_target_accuracy 0.9"):
+        _check_accuracy({"uri": "m", "metrics": [{"val_accuracy": 0.5}]}, config)
