@@ -93,6 +93,9 @@ def test_vit_b_32_runs_the_whole_pipeline_and_its_checkpoints_load_into_open_cli
         auc_steps=4,
         sweep_name="vit-b-32",
         device="cpu",
+        # A random-init ViT-B-32 after one epoch on a handful of images is at chance: the test
+        # proves the architecture's path, not its accuracy.
+        min_target_accuracy=0.0,
     )
     result = explain_transfer_pipeline(config)
 
