@@ -45,6 +45,7 @@ from tasks.model import (
     standardize_per_image,
     zero_shot_head,
 )
+from tasks.model.loading import resolve_class_names
 
 logger = logging.getLogger(__name__)
 
@@ -218,16 +219,6 @@ def pearson_per_image(maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return (a * b).mean(dim=1)
 
 
-def _class_names(config: FinetuneConfig) -> list[str]:
-    if config.class_names is not None:
-        return list(config.class_names)
-    from tasks.data.synthetic import SYNTHETIC_DOMAINS
-
-    if config.domain not in SYNTHETIC_DOMAINS:
-        raise ValueError(f"domain {config.domain!r} is not synthetic: set class_names")
-    return list(SYNTHETIC_DOMAINS[config.domain].class_names)
-
-
 def build_optimizer(model: SelfExplainingCLIP, config: FinetuneConfig) -> torch.optim.AdamW:
     """AdamW over the trainable image-encoder parameters, weight decay on matrices only."""
     decay, no_decay = [], []
@@ -369,7 +360,10 @@ class Finetuner:
         clip_model = load_clip(config.model_name, config.base)
         base_fingerprint = model_fingerprint(clip_model)
         head = zero_shot_head(
-            clip_model, _class_names(config), config.templates, model_name=config.model_name
+            clip_model,
+            resolve_class_names(config.class_names, {}, config.domain),
+            config.templates,
+            model_name=config.model_name,
         )
         device = resolve_device(config.device)
         if distributed and device.type == "cuda":
