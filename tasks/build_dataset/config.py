@@ -68,6 +68,12 @@ class BuildConfig(StageConfig):
     class_names_file: str | None = None
     synthetic_seed: int = 0
     synthetic_per_class: int | None = Field(None, ge=1)
+    max_per_class: int | None = Field(
+        None,
+        ge=1,
+        description="label only the first N images of each class of the input split, in input "
+        "order (None: all); part of the dataset version when set",
+    )
     image_size: int = Field(56, ge=16, le=1024)
     model_name: str = "tiny-vit-56"
     checkpoint: str | None = Field(
@@ -97,6 +103,10 @@ class BuildConfig(StageConfig):
     def _layout_needs_shards(self) -> BuildConfig:
         if self.preserve_layout and self.input_kind != "webdataset":
             raise ValueError("preserve_layout needs WebDataset input (input_kind='webdataset')")
+        if self.preserve_layout and self.max_per_class is not None:
+            raise ValueError(
+                "preserve_layout keeps whole input shards; it cannot be combined with max_per_class"
+            )
         return self
 
     @property

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from storage import Storage, open_storage
+from storage import Storage, StorageError, open_storage
 from storage.shards import complete_shards, read_shard
 from tasks.build_dataset.config import BuildConfig
 from tasks.data.images import BadImageError, decode_image, image_to_tensor, sample_image_bytes
@@ -23,6 +24,8 @@ from tasks.data.readers import (
 )
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: How many input images are read to estimate the dataset-mean baseline.
 MEAN_SAMPLE_SIZE = 256
@@ -39,7 +42,9 @@ class InputListing:
     Attributes:
         units: for a synthetic domain the sample indices, for an image folder
             ``"{class_id}:{key}:{path}"`` per file, for WebDataset input ``"{shard}@{samples}"``
-            per complete input shard; sorted.
+            per complete input shard (with ``max_per_class``: ``"{shard}@{start}:{stop}"`` per
+            run of kept samples); sorted. With ``max_per_class`` only the first images of each
+            class, in this order, are listed.
         class_names: the classes, in label order.
         renames: WebDataset input only: new keys of samples whose key was used earlier in the
             listing, by ``"{shard}@{position}"`` (:func:`webdataset_key_renames`).
@@ -67,10 +72,12 @@ def list_input(config: BuildConfig) -> InputListing:
                 f"available: {', '.join(sorted(SYNTHETIC_DOMAINS))}"
             )
         total = split_length(config.input_uri, config.source_split, config.synthetic_per_class)
-        return InputListing(
-            [f"{i:08d}" for i in range(total)],
-            list(SYNTHETIC_DOMAINS[config.input_uri].class_names),
+        names = list(SYNTHETIC_DOMAINS[config.input_uri].class_names)
+        # Class index % C sits at position index (tasks.data.synthetic).
+        indices = _first_per_class(
+            range(total), [i % len(names) for i in range(total)], config.max_per_class
         )
+        return InputListing([f"{i:08d}" for i in indices], names)
     storage = _input_storage(config)
     report = QuarantineReport()
     if config.input_kind == "imagefolder":
@@ -81,6 +88,9 @@ def list_input(config: BuildConfig) -> InputListing:
             f"{class_id}:{key}:{path}"
             for (path, class_id), key in zip(listing.files, listing.keys, strict=True)
         ]
+        units = _first_per_class(
+            units, [class_id for _, class_id in listing.files], config.max_per_class
+        )
         for path, reason in listing.skipped:
             report.quarantine(path, reason, stage="list")
         return InputListing(units, list(listing.class_names), report=report)
@@ -92,32 +102,90 @@ def list_input(config: BuildConfig) -> InputListing:
         raise ValueError(
             f"no complete shards {name}-{config.source_split}-*.tar under {storage.uri}"
         )
-    units = []
-    for shard in shards:
-        samples = storage.completion_info(shard).get("samples")
-        if not isinstance(samples, int):
-            samples = sum(1 for _ in read_shard(storage, shard))
-        units.append(f"{shard}@{samples}")
+    if config.max_per_class is not None:
+        units = _webdataset_first_per_class(storage, shards, config.max_per_class)
+    else:
+        units = []
+        for shard in shards:
+            samples = storage.completion_info(shard).get("samples")
+            if not isinstance(samples, int):
+                samples = sum(1 for _ in read_shard(storage, shard))
+            units.append(f"{shard}@{samples}")
     renames = webdataset_key_renames(storage, shards, report)
     return InputListing(units, read_class_names(storage), renames=renames, report=report)
 
 
+def _first_per_class(units: Sequence[T], classes: Sequence[int], limit: int | None) -> list[T]:
+    """The units whose class has not yet been seen ``limit`` times before them, in order."""
+    if limit is None:
+        return list(units)
+    seen: Counter[int] = Counter()
+    kept = []
+    for unit, cls in zip(units, classes, strict=True):
+        seen[cls] += 1
+        if seen[cls] <= limit:
+            kept.append(unit)
+    return kept
+
+
+def _webdataset_first_per_class(storage: Storage, shards: Sequence[str], limit: int) -> list[str]:
+    """Units ``"{shard}@{start}:{stop}"`` covering the first ``limit`` samples of each class.
+
+    Every shard is read for its labels (the images are not decoded), in listing order. A
+    sample without a usable label is kept: it counts for no class and is quarantined, with
+    its reason, when read.
+    """
+    units = []
+    seen: Counter[int] = Counter()
+    for shard in shards:
+        try:
+            labels = [sample.get("cls") for sample in read_shard(storage, shard)]
+        except StorageError as exc:
+            # Listed whole: reading it quarantines the shard (with its reason), as without limit.
+            logger.warning("input shard %s unreadable while listing labels: %s", shard, exc)
+            units.append(f"{shard}@0:{int(storage.completion_info(shard).get('samples', 0))}")
+            continue
+        keep = []
+        for label in labels:
+            if isinstance(label, int) and not isinstance(label, bool):
+                seen[label] += 1
+                keep.append(seen[label] <= limit)
+            else:
+                keep.append(True)
+        start = None
+        for position, kept in enumerate([*keep, False]):
+            if kept and start is None:
+                start = position
+            elif not kept and start is not None:
+                units.append(f"{shard}@{start}:{position}")
+                start = None
+    return units
+
+
+def _unit_span(unit: str) -> tuple[str, int, int]:
+    """``(shard, start, stop)`` of a WebDataset unit: ``shard@start:stop``, or ``shard@count``."""
+    shard, _, span = unit.rpartition("@")
+    start, colon, stop = span.partition(":")
+    return (shard, int(start), int(stop)) if colon else (shard, 0, int(start))
+
+
 def _range_size(unit: str) -> int:
     """Samples in a WebDataset unit: ``shard@start:stop``, or ``shard@count``."""
-    start, colon, stop = unit.rpartition("@")[2].partition(":")
-    return int(stop) - int(start) if colon else int(start)
+    _, start, stop = _unit_span(unit)
+    return stop - start
 
 
 def _sample_ranges(units: Sequence[str], shard_index: int, num_shards: int) -> list[str]:
     """Sample ranges ``"{shard}@{start}:{stop}"`` of output shard ``shard_index``."""
-    counts = [(unit.rsplit("@", 1)[0], int(unit.rsplit("@", 1)[1])) for unit in units]
-    total = sum(count for _, count in counts)
+    spans = [_unit_span(unit) for unit in units]
+    total = sum(stop - start for _, start, stop in spans)
     low, high = shard_index * total // num_shards, (shard_index + 1) * total // num_shards
     ranges, offset = [], 0
-    for shard, count in counts:
+    for shard, first, last in spans:
+        count = last - first
         start, stop = max(low - offset, 0), min(high - offset, count)
         if start < stop:
-            ranges.append(f"{shard}@{start}:{stop}")
+            ranges.append(f"{shard}@{first + start}:{first + stop}")
         offset += count
     return ranges
 

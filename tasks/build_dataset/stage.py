@@ -228,6 +228,9 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     if listing.renames:
         # Renamed keys change the samples' keys and seeds, so they are part of the version.
         listed += "\n" + json.dumps(listing.renames, sort_keys=True)
+    if config.max_per_class is not None:
+        # A limit that happens to keep every image still names another build.
+        listed += f"\nmax_per_class={config.max_per_class}"
     input_digest = hashlib.sha256(listed.encode()).hexdigest()
     version = "v-" + config.label.fingerprint(
         fingerprint,
