@@ -14,12 +14,14 @@ lambda = 0. Outputs live under ``{output_uri}/sweeps/{name}/``.
 - :mod:`tasks.sweep.inputs`: reading the vector, theta_T and the references; their checks and
   fingerprints.
 - :mod:`tasks.sweep.evaluation`: the evaluation engine (SEM and Kernel SHAP rows).
+- :mod:`tasks.sweep.accuracy`: accuracy on a target's whole split (forward passes only).
 - :mod:`tasks.sweep.selection`: selecting lambda on validation.
 - :mod:`tasks.sweep.report`: the table, plot and summary; reading a done sweep back.
 - :mod:`tasks.sweep.plots`: the PNG figures.
 - :mod:`tasks.sweep.stage`: the steps an orchestrator runs (validate, one target, assemble).
 """
 
+from tasks.sweep.accuracy import AccuracyData, load_accuracy_data, measure_accuracy
 from tasks.sweep.config import (
     LOWER_IS_BETTER,
     QUALITY_METRICS,
@@ -66,6 +68,7 @@ __all__ = [
     "RESULTS_FILE",
     "SUMMARY_FILE",
     "TABLE_SCHEMA",
+    "AccuracyData",
     "EvalData",
     "ProgressCallback",
     "SweepConfig",
@@ -80,10 +83,12 @@ __all__ = [
     "evaluate_kernel_shap",
     "evaluate_sem",
     "evaluate_target",
+    "load_accuracy_data",
     "load_reference",
     "load_sweep",
     "load_target",
     "load_vector",
+    "measure_accuracy",
     "read_output",
     "select_lambda",
     "sem_label_maps",

@@ -26,6 +26,9 @@ _RESULT_NEUTRAL_FIELDS = (
     "reference_budget",
 )
 
+# TargetSpec fields added later: left out of fingerprints while unset.
+_OPTIONAL_TARGET_FIELDS = ("accuracy_data", "accuracy_name")
+
 TABLE_SCHEMA = pa.schema(
     [
         ("target", pa.string()),
@@ -35,6 +38,7 @@ TABLE_SCHEMA = pa.schema(
         ("inferences", pa.int64()),
         ("split", pa.string()),
         ("images", pa.int64()),
+        ("accuracy_images", pa.int64()),
         ("accuracy", pa.float64()),
         ("pearson", pa.float64()),
         ("spearman", pa.float64()),
@@ -59,6 +63,10 @@ class TargetSpec(StageConfig):
             theta_T on the validation split.
         test_reference: the same for the test split.
         related: whether the domain is related to the source (informational, kept in the table).
+        accuracy_data: URI of the target's labelled WebDataset folder (what theta_T was
+            fine-tuned and validated on): accuracy is then measured on its whole val and test
+            splits, forward passes only, instead of on the reference's images (None).
+        accuracy_name: the shard dataset name in ``accuracy_data`` (None: the only one).
     """
 
     domain: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -67,6 +75,17 @@ class TargetSpec(StageConfig):
     val_reference: str
     test_reference: str
     related: bool = True
+    accuracy_data: str | None = None
+    accuracy_name: str | None = None
+
+    def fingerprint_dict(self) -> dict:
+        """:meth:`to_dict` without the optional fields left unset, so that specs written
+        before those fields existed keep their fingerprints."""
+        fields = self.to_dict()
+        for name in _OPTIONAL_TARGET_FIELDS:
+            if fields.get(name) is None:
+                fields.pop(name, None)
+        return fields
 
 
 class SweepConfig(StageConfig):
@@ -192,7 +211,9 @@ class SweepConfig(StageConfig):
             fields.pop(name)
         if target is not None:
             fields.pop("heatmap_images")
-            fields["targets"] = [self.target(target).to_dict()]
+            fields["targets"] = [self.target(target).fingerprint_dict()]
+        else:
+            fields["targets"] = [spec.fingerprint_dict() for spec in self.targets]
         # Kept byte-for-byte as before so that sweeps stored by earlier versions still match.
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -21,6 +21,7 @@ from tasks.algorithms.metrics import accuracy, explanation_quality
 from tasks.algorithms.vectors import ExplainabilityVector
 from tasks.data.stream import Batch
 from tasks.model import SelfExplainingCLIP
+from tasks.sweep.accuracy import AccuracyData, measure_accuracy
 from tasks.sweep.config import QUALITY_METRICS, SweepConfig, TargetSpec
 from tasks.sweep.inputs import EvalData, TargetModel
 
@@ -281,6 +282,7 @@ def table_row(
         "inferences": inferences,
         "split": split,
         "images": int(scores["images"]),
+        "accuracy_images": int(scores.get("accuracy_images", scores["images"])),
         "accuracy": float(scores["accuracy"]),
         "chosen": False,
     }
@@ -288,6 +290,19 @@ def table_row(
     if "per_image" in scores:
         row["per_image"] = scores["per_image"]
     return row
+
+
+def with_accuracy(scores: Mapping[str, Any], measured: Mapping[str, Any]) -> dict[str, Any]:
+    """``scores`` with accuracy from :func:`tasks.sweep.accuracy.measure_accuracy` instead.
+
+    ``accuracy``, ``accuracy_images`` and ``per_image["correct"]`` then describe the larger
+    accuracy set; the explanation metrics stay on the reference's images.
+    """
+    out = dict(scores)
+    out["accuracy"] = measured["accuracy"]
+    out["accuracy_images"] = measured["images"]
+    out["per_image"] = {**scores.get("per_image", {}), "correct": list(measured["correct"])}
+    return out
 
 
 def evaluate_target(
@@ -299,6 +314,7 @@ def evaluate_target(
     *,
     heatmap_images: int = 0,
     progress: ProgressCallback | None = None,
+    accuracy_data: Mapping[str, AccuracyData] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[float, Tensor]]:
     """Every evaluation of one target: Kernel SHAP of theta_T per budget, the SEM per lambda.
 
@@ -310,6 +326,9 @@ def evaluate_target(
         data: ``{"val": ..., "test": ...}``, checked against ``model``.
         heatmap_images: the first test images whose SEM maps are kept at every lambda.
         progress: called as ``progress(done, config.evaluations_per_target)`` after each one.
+        accuracy_data: ``{"val": ..., "test": ...}`` whole splits on which accuracy is measured
+            (forward passes only) instead of on the reference's images; Kernel SHAP rows carry
+            theta_T's (lambda 0) accuracy on them.
 
     Returns:
         ``(rows, maps)``: the table rows (none chosen yet) and lambda -> ``[n, gh, gw]`` label-
@@ -331,6 +350,18 @@ def evaluate_target(
         batch_size=config.batch_size,
         forward_batch_size=config.forward_batch_size,
     )
+    measured: dict[tuple[float, str], dict[str, Any]] = {}
+
+    def accurate(scores: dict[str, Any], coef: float, split: str) -> dict[str, Any]:
+        """``scores`` with accuracy on the split's accuracy set at ``coef`` (when there is one)."""
+        if accuracy_data is None:
+            return scores
+        if (coef, split) not in measured:
+            measured[coef, split] = measure_accuracy(
+                model.sem, accuracy_data[split], batch_size=config.batch_size
+            )
+        return with_accuracy(scores, measured[coef, split])
+
     rows: list[dict[str, Any]] = []
     model.load_lambda(vector, 0.0, allow_different_base=config.allow_different_base)
     for split in config.kernel_shap_splits:
@@ -346,6 +377,7 @@ def evaluate_target(
                 seed=d.label_seed + 1 + config.seed,
                 **common,
             )
+            scores = accurate(scores, 0.0, split)
             rows.append(table_row(spec, "kernel_shap", math.nan, budget, split, scores))
             logger.info("%s %s Kernel SHAP %d: %s", target, split, budget, scores)
             advance()
@@ -356,6 +388,7 @@ def evaluate_target(
         model.load_lambda(vector, coef, allow_different_base=config.allow_different_base)
         for split in ("val", "test"):
             scores = evaluate_sem(model.sem, data[split], baseline=baselines[split], **common)
+            scores = accurate(scores, coef, split)
             rows.append(table_row(spec, "sem", coef, 1, split, scores))
             logger.info("%s %s lambda %g: %s", target, split, coef, scores)
             advance()

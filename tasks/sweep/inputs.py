@@ -284,16 +284,20 @@ def target_fingerprint(config: SweepConfig, target: str) -> str:
     """What a target's rows depend on: its settings and the content of the vector and theta_T.
 
     URIs alone would not do: a vector or model rewritten in place must not reuse stale rows.
-    (Reference datasets are versioned by content already, so their URIs suffice.)
+    (Reference datasets are versioned by content already, so their URIs suffice; the accuracy
+    data, re-exported in place, counts by its shards' completion markers.)
     """
     spec = config.target(target)
-    return _digest(
-        [
-            config.result_fingerprint(target=target),
-            checkpoint_fingerprint(config.vector),
-            checkpoint_fingerprint(weights_uri(spec.model)),
-        ]
-    )
+    parts = [
+        config.result_fingerprint(target=target),
+        checkpoint_fingerprint(config.vector),
+        checkpoint_fingerprint(weights_uri(spec.model)),
+    ]
+    if spec.accuracy_data is not None:
+        from tasks.sweep.accuracy import accuracy_data_fingerprint
+
+        parts.append(accuracy_data_fingerprint(spec.accuracy_data, spec.accuracy_name))
+    return _digest(parts)
 
 
 def inputs_fingerprint(config: SweepConfig) -> str:

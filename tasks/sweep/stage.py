@@ -17,6 +17,8 @@ import pyarrow as pa
 
 from storage import layout
 from tasks.algorithms.vectors import ExplainabilityVector
+from tasks.data.stream import list_split
+from tasks.sweep.accuracy import load_accuracy_data
 from tasks.sweep.config import TABLE_SCHEMA, SweepConfig, sweep_storage
 from tasks.sweep.evaluation import ProgressCallback, evaluate_target
 from tasks.sweep.inputs import (
@@ -64,6 +66,12 @@ def validate_sweep(config: SweepConfig) -> dict[str, Any]:
         for uri in (spec.val_reference, spec.test_reference):
             if not has_reference(uri):
                 raise ValueError(f"target {spec.domain!r}: no reference dataset at {uri}")
+        if spec.accuracy_data is not None:
+            for split in ("val", "test"):
+                try:
+                    list_split(spec.accuracy_data, split, spec.accuracy_name)
+                except ValueError as exc:
+                    raise ValueError(f"target {spec.domain!r}: accuracy data: {exc}") from exc
         fingerprints[spec.domain] = target.fingerprint
     return {"vector": repr(vector), "targets": fingerprints}
 
@@ -124,9 +132,28 @@ def sweep_target(
     }
     for split_data in data.values():
         check_reference(split_data, model, spec, config.grid)
+    accuracy = None
+    if spec.accuracy_data is not None:
+        accuracy = {
+            split: load_accuracy_data(
+                spec.accuracy_data,
+                split,
+                name=spec.accuracy_name,
+                image_size=data[split].image_size,
+                max_images=config.max_images,
+            )
+            for split in ("val", "test")
+        }
     n_heat = min(config.heatmap_images, len(data["test"]))
     rows, heat_maps = evaluate_target(
-        config, spec, model, vector, data, heatmap_images=n_heat, progress=progress
+        config,
+        spec,
+        model,
+        vector,
+        data,
+        heatmap_images=n_heat,
+        progress=progress,
+        accuracy_data=accuracy,
     )
     chosen = mark_chosen(rows, metric=config.selection_metric, tolerance=config.accuracy_tolerance)
     logger.info("sweep %s: target %s chose lambda %g on validation", config.name, target, chosen)

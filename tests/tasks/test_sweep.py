@@ -264,11 +264,15 @@ def test_sweep_writes_table_plot_heatmaps_and_summary(world, swept) -> None:
     assert summary["chosen"] == swept.chosen and set(swept.chosen) == set(DOMAINS)
     report = out.read_bytes("report.md").decode()
     assert all(f"| {d} |" in report for d in DOMAINS) and "paired bootstrap" in report
+    assert "### At the largest lambda" in report and "accuracy images" in report
     for domain in DOMAINS:
         per_image = out.read_json(f"targets/{domain}-per-image.json")
         rows = [r for r in swept.rows if r["target"] == domain]
         assert [p["pearson"] for p in per_image] == [r["per_image"]["pearson"] for r in rows]
-        assert all(len(p["correct"]) == r["images"] for p, r in zip(per_image, rows, strict=True))
+        assert all(
+            len(p["correct"]) == r["accuracy_images"] == r["images"]
+            for p, r in zip(per_image, rows, strict=True)
+        )
     assert out.is_complete("results")
 
     for row in swept.rows:
@@ -402,3 +406,76 @@ def test_a_reference_of_another_model_is_refused(world) -> None:
     config = sweep_config(world, name="wrong-reference", targets=(wrong,))
     with pytest.raises(ValueError, match="reference explains model"):
         sweep_target(config, "shapes")
+
+
+ACCURACY_PER_CLASS = 6
+
+
+def _accuracy_data(world: dict, domain: str) -> str:
+    """The target's labelled val and test splits, 6 images per class in two shards each: the
+    reference's 2 per class are their first images (class ``index % C`` at ``index``)."""
+    data = open_storage(world["root"]).child(f"accuracy/{domain}")
+    for split in ("val", "test"):
+        samples = list(make_split(domain, split, per_class=ACCURACY_PER_CLASS))
+        half = len(samples) // 2
+        for index, part in enumerate((samples[:half], samples[half:])):
+            if data.is_complete(shard_name(domain, split, index)):
+                continue
+            with ShardWriter(data, shard_name(domain, split, index)) as writer:
+                for sample in part:
+                    writer.write({k: sample[k] for k in ("__key__", "png", "cls")})
+    return data.uri
+
+
+def _direct_accuracy(sem, domain: str, split: str) -> tuple[float, int]:
+    """Accuracy over the whole split by one plain forward pass, without the sweep's reader."""
+    samples = list(make_split(domain, split, per_class=ACCURACY_PER_CLASS))
+    images = torch.stack([sample_to_tensor(s, 56) for s in samples])
+    labels = torch.tensor([s["cls"] for s in samples])
+    with torch.no_grad():
+        logits, _ = sem(images)
+    correct = int((logits.argmax(dim=1) == labels).sum())
+    return correct / len(samples), len(samples)
+
+
+def test_accuracy_is_measured_on_the_whole_split_of_the_accuracy_data(world, tmp_path) -> None:
+    spec = world["targets"][0]
+    with_data = spec.model_copy(
+        update={"accuracy_data": _accuracy_data(world, spec.domain), "accuracy_name": spec.domain}
+    )
+    config = sweep_config(
+        world,
+        name="accuracy",
+        targets=(with_data,),
+        kernel_shap_budgets=(25,),
+        heatmap_images=0,
+    )
+    plain = sweep_config(world, name="accuracy", targets=(spec,), kernel_shap_budgets=(25,))
+    assert target_fingerprint(config, spec.domain) != target_fingerprint(plain, spec.domain)
+    classes = len(SYNTHETIC_DOMAINS[spec.domain].class_names)
+    outcome = sweep_target(config, spec.domain)
+
+    target = load_target(spec, grid=7)
+    for row in outcome.rows:
+        # Explanation metrics on the reference (2 per class), accuracy on all 6 per class.
+        assert row["images"] == 2 * classes
+        assert row["accuracy_images"] == ACCURACY_PER_CLASS * classes
+        assert len(row["per_image"]["correct"]) == row["accuracy_images"]
+        assert len(row["per_image"]["pearson"]) == row["images"]
+        assert row["accuracy"] == pytest.approx(
+            sum(row["per_image"]["correct"]) / row["accuracy_images"], abs=1e-12
+        )
+        coef = 0.0 if row["method"] == "kernel_shap" else row["lambda"]
+        target.load_lambda(world["vector_object"], coef)
+        expected, images = _direct_accuracy(target.sem, spec.domain, row["split"])
+        assert images == row["accuracy_images"]
+        assert row["accuracy"] == pytest.approx(expected, abs=1e-12), row
+    assert outcome.rows[0]["method"] == "kernel_shap"
+
+    # Without accuracy data, accuracy stays on the reference's images.
+    [kernel_shap] = [
+        r
+        for r in run_sweep(sweep_config(world)).rows
+        if r["target"] == spec.domain and r["method"] == "kernel_shap" and r["inferences"] == 25
+    ]
+    assert kernel_shap["accuracy_images"] == kernel_shap["images"] == 2 * classes
