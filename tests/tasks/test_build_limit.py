@@ -124,3 +124,19 @@ def test_imagefolder_and_synthetic_listings_keep_the_first_images_of_each_class(
 def test_preserve_layout_refuses_a_limit(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot be combined with max_per_class"):
         _config(tmp_path, "x", preserve_layout=True, max_per_class=2)
+
+
+def test_pipeline_references_hold_whole_classes_and_accuracy_reads_the_export() -> None:
+    from flows.pipeline import PipelineConfig, _build_config, reference_per_class
+
+    config = PipelineConfig(out_uri="out")
+    assert config.per_class == {"train": 64, "val": 100, "test": 100}
+    # textures has 4 classes: 100 test images are 25 per class; 40 val images of 5 classes, 8.
+    assert reference_per_class(config, "test", 4) == 25
+    assert reference_per_class(config, "val", 5) == 8
+    assert reference_per_class(config, "val", 3) == 14  # rounded up to whole classes
+    build = _build_config(config, "textures", "textures-ref", "test", "m", LabelConfig(), 25)
+    assert build.max_per_class == 25 and not build.preserve_layout
+    # The source X-dataset keeps P's layout, as before.
+    assert _build_config(config, "shapes", "shapes-x", "train", "m", LabelConfig()).preserve_layout
+    assert reference_per_class(PipelineConfig.miniature("out"), "test", 5) is None
