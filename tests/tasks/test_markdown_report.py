@@ -12,6 +12,7 @@ from tasks.sweep.markdown import render_report, render_seeds_report, target_clai
 
 
 def _row(method, coef, inferences, pearson, correct, split="test"):
+    # Accuracy on a larger set than the explanation metrics, as with a target's accuracy data.
     return {
         "target": "colours",
         "related": True,
@@ -20,6 +21,7 @@ def _row(method, coef, inferences, pearson, correct, split="test"):
         "inferences": inferences,
         "split": split,
         "images": len(pearson),
+        "accuracy_images": len(correct),
         "accuracy": float(np.mean(correct)),
         "pearson": float(np.mean(pearson)),
         "spearman": math.nan,
@@ -35,10 +37,13 @@ def _row(method, coef, inferences, pearson, correct, split="test"):
 def _rows():
     rng = np.random.default_rng(0)
     base = rng.normal(0.2, 0.3, 120)
-    correct = [1.0] * 110 + [0.0] * 10
+    correct = [1.0] * 450 + [0.0] * 50
+    # At the largest lambda: Pearson falls and 40 of the 450 correct images are lost.
+    worse = [1.0] * 410 + [0.0] * 90
     return [
         _row("sem", 0.0, 1, base, correct),
         _row("sem", 1.0, 1, base + 0.2 + rng.normal(0, 0.05, 120), correct),
+        _row("sem", 2.0, 1, base - 0.1 + rng.normal(0, 0.05, 120), worse),
         _row("kernel_shap", math.nan, 150, base + 0.4, correct),
         _row("kernel_shap", math.nan, 400, np.full(120, 0.85), correct),
     ]
@@ -53,11 +58,29 @@ def test_claims_are_paired_differences_with_intervals():
 
 def test_report_shows_intervals_the_ceiling_and_every_row():
     text = render_report(_rows(), {"colours": 1.0}, reference_budget=400)
-    assert "| colours | 120 | 1 |" in text
+    # Explanation metrics on 120 reference images, accuracy on 500.
+    assert "| colours | 120 | 500 | 1 |" in text
     assert " *" in text  # the Pearson gain excludes zero
     assert "0.850" in text  # the ceiling
     assert "KS-150" in text and "KS-400" in text
-    assert text.count("| colours | test |") == 4
+    assert text.count("| colours | test |") == 5
+    assert "| colours | test | sem | 2 | 1 | 120 | 500 |" in text
+
+
+def test_report_shows_the_largest_lambda_with_intervals_even_when_zero_is_chosen():
+    rows = _rows()
+    claims = target_claims(rows, "colours", 0.0, 400)
+    assert claims["lambda_max"] == 2.0
+    assert claims["max_d_accuracy"].estimate == pytest.approx(-0.08)
+    assert claims["max_d_accuracy"].n == 500 and claims["max_d_accuracy"].high < 0
+    assert claims["max_d_pearson"].estimate < -0.05 and claims["max_d_pearson"].excludes_zero
+    text = render_report(rows, {"colours": 0.0}, reference_budget=400)
+    assert "### At the chosen lambda" in text and "### At the largest lambda" in text
+    [line] = [row for row in text.splitlines() if row.startswith("| colours | 2 |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "500"
+    assert cells[3].startswith("-0.080 [") and cells[3].endswith("*")
+    assert cells[4].startswith("-0.") and cells[4].endswith("*")
 
 
 def test_seeds_report_averages_the_point_estimates():
