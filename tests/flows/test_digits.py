@@ -62,7 +62,10 @@ def test_pipeline_runs_with_digits_as_a_carved_image_folder_target(tmp_path: Pat
         "templates": ["a photo of the digit {}."],
         "carve": {"fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 0},
     }
-    config = PipelineConfig.miniature(str(tmp_path / "out"), targets=(digits,))
+    # References of one image per class; accuracy on every carved val and test image.
+    config = PipelineConfig.miniature(
+        str(tmp_path / "out"), targets=(digits,), reference_images={"val": 10, "test": 10}
+    )
     config_file = tmp_path / "pipeline.json"
     config_file.write_text(
         json.dumps({k: v for k, v in config.to_dict().items() if k != "out_uri"})
@@ -84,7 +87,8 @@ def test_pipeline_runs_with_digits_as_a_carved_image_folder_target(tmp_path: Pat
     table = rows[0].read_parquet(rows[1]).to_pylist()
     sem = [r for r in table if r["target"] == "digits" and r["method"] == "sem"]
     assert {r["lambda"] for r in sem} == {0.0, 1.0}
-    assert all(r["images"] == len(carved[r["split"]]) for r in sem)
+    assert all(r["accuracy_images"] == len(carved[r["split"]]) for r in sem)
+    assert all(r["images"] <= 10 < r["accuracy_images"] for r in sem)
     # theta_T's head is the digits' own: "zero" .. "nine" with the spec's prompts.
     (theta_t,) = (tmp_path / "out" / "models").glob("digits-P-*/model.safetensors")
     loaded = load_sem(str(theta_t), device="cpu")
