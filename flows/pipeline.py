@@ -341,6 +341,31 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
             )
         )
 
+    # The paper's in-domain claim: theta_X's single pass against Kernel SHAP of theta_X itself
+    # (a sweep names each domain once: skipped when the source is also swept as a target).
+    if source not in {t.domain for t in targets}:
+        source_reference = _build(
+            _build_config(
+                config,
+                source,
+                f"{source}-xref",
+                "test",
+                theta_x["uri"],
+                reference_label,
+                max_per_class=reference_per_class(config, "test", len(plans[source].class_names)),
+            ),
+            config,
+        )["dataset_uri"]
+        targets.append(
+            TargetSpec(
+                domain=source,
+                model=theta_x["uri"],
+                test_reference=source_reference,
+                role="source",
+                accuracy_data=source_data,
+                accuracy_name=source,
+            )
+        )
     sweep = transfer_sweep(
         SweepConfig(
             name=config.sweep_name,
@@ -366,7 +391,7 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
         f"- base model: `{base}`\n- theta_P ({source}): `{theta_p['uri']}`\n"
         f"- X-dataset: `{x_data['dataset_uri']}`\n- theta_X: `{theta_x['uri']}`\n"
         f"- vector: `{vector['uri']}` (norm {vector['norm']:.4f})\n"
-        + "".join(f"- theta_T ({t.domain}): `{t.model}`\n" for t in targets)
+        + "".join(f"- theta_T ({t.domain}): `{t.model}`\n" for t in targets if t.role == "target")
         + f"- sweep table: `{sweep['table_uri']}`\n- plot: `{sweep['plot_uri']}`\n"
         f"- chosen lambda per target: {chosen}\n",
         key=artifact_key("pipeline", config.sweep_name),
@@ -378,6 +403,6 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
         "x_dataset": x_data["dataset_uri"],
         "theta_x": theta_x["uri"],
         "vector": vector["uri"],
-        "targets": [t.to_dict() for t in targets],
+        "targets": [t.to_dict() for t in targets if t.role == "target"],
         "sweep": sweep,
     }

@@ -6,7 +6,7 @@ from typing import Any
 
 from flows.pipeline import PipelineConfig, explain_transfer_pipeline
 from storage import open_file, open_storage
-from tasks.sweep.markdown import mean_of, render_seeds_report, target_claims
+from tasks.sweep.markdown import is_source, mean_of, render_seeds_report, target_claims
 
 SEEDS_REPORT = "seeds-report.md"
 
@@ -15,6 +15,8 @@ def seed_claims(rows: list[dict[str, Any]], chosen: dict[str, float]) -> dict[st
     """One seed's point estimates: chosen lambda minus lambda 0 on test, per target."""
     out = {}
     for target, coef in chosen.items():
+        if is_source(rows, target):
+            continue
         claims = target_claims(rows, target, coef, None)
         out[target] = {
             "chosen": coef,

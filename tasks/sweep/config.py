@@ -47,6 +47,7 @@ TABLE_SCHEMA = pa.schema(
         ("deletion_auc", pa.float64()),
         ("pointing", pa.float64()),
         ("chosen", pa.bool_()),
+        ("role", pa.string()),
     ]
 )
 
@@ -60,32 +61,56 @@ class TargetSpec(StageConfig):
         class_names: the head's classes in label order (None: from theta_T's fine-tuning config,
             else the synthetic domain's).
         val_reference: URI of the X-dataset version folder holding the Kernel SHAP reference of
-            theta_T on the validation split.
+            theta_T on the validation split (None only for the source role).
         test_reference: the same for the test split.
         related: whether the domain is related to the source (informational, kept in the table).
         accuracy_data: URI of the target's labelled WebDataset folder (what theta_T was
             fine-tuned and validated on): accuracy is then measured on its whole val and test
             splits, forward passes only, instead of on the reference's images (None).
         accuracy_name: the shard dataset name in ``accuracy_data`` (None: the only one).
+        role: ``"target"``: a transfer target, evaluated at every lambda with lambda chosen on
+            val; ``"source"``: the source domain's own theta_X (``model``), evaluated in domain
+            at lambda 0 only (no vector is added), on test only: how well the SEM explains the
+            model it was trained on, against Kernel SHAP of the same model.
     """
 
     domain: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: str
     class_names: tuple[str, ...] | None = None
-    val_reference: str
+    val_reference: str | None = None
     test_reference: str
     related: bool = True
     accuracy_data: str | None = None
     accuracy_name: str | None = None
+    role: Literal["target", "source"] = "target"
 
     def fingerprint_dict(self) -> dict:
-        """:meth:`to_dict` without the optional fields left unset, so that specs written
-        before those fields existed keep their fingerprints."""
+        """:meth:`to_dict` without the optional fields left at their defaults, so that specs
+        written before those fields existed keep their fingerprints."""
         fields = self.to_dict()
         for name in _OPTIONAL_TARGET_FIELDS:
             if fields.get(name) is None:
                 fields.pop(name, None)
+        if fields.get("role") == "target":
+            fields.pop("role")
         return fields
+
+    @model_validator(mode="after")
+    def _val_reference_of_targets(self) -> TargetSpec:
+        if self.role == "target" and self.val_reference is None:
+            raise ValueError(
+                f"target {self.domain!r}: val_reference is required (lambda is chosen on val)"
+            )
+        return self
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits this target is evaluated on."""
+        return ("test",) if self.role == "source" else ("val", "test")
+
+    def lambdas(self, grid: tuple[float, ...]) -> tuple[float, ...]:
+        """The lambdas this target is evaluated at: the sweep's grid, or 0 alone for a source."""
+        return (0.0,) if self.role == "source" else grid
 
 
 class SweepConfig(StageConfig):
@@ -195,14 +220,17 @@ class SweepConfig(StageConfig):
                 return spec
         raise KeyError(f"sweep {self.name!r} has no target {domain!r}")
 
-    @property
-    def evaluations_per_target(self) -> int:
+    def evaluations_per_target(self, target: str) -> int:
         """Evaluations of one target, the unit of the sweep's progress.
 
-        The SEM at each lambda on val and test, and Kernel SHAP at each budget on each of
-        ``kernel_shap_splits``.
+        The SEM at each of the target's lambdas on each of its splits, and Kernel SHAP at each
+        budget on each of ``kernel_shap_splits`` it has.
         """
-        return 2 * len(self.lambdas) + len(self.kernel_shap_budgets) * len(self.kernel_shap_splits)
+        spec = self.target(target)
+        shap_splits = [s for s in self.kernel_shap_splits if s in spec.splits]
+        return len(spec.splits) * len(spec.lambdas(self.lambdas)) + len(
+            self.kernel_shap_budgets
+        ) * len(shap_splits)
 
     def result_fingerprint(self, *, target: str | None = None) -> str:
         """Fingerprint of what determines the numbers (of one target's rows when given)."""

@@ -277,6 +277,7 @@ def table_row(
     row = {
         "target": spec.domain,
         "related": spec.related,
+        "role": spec.role,
         "method": method,
         "lambda": coef,
         "inferences": inferences,
@@ -323,9 +324,10 @@ def evaluate_target(
         spec: the target.
         model: theta_T (its weights are edited in place, lambda by lambda).
         vector: the explainability vector tau.
-        data: ``{"val": ..., "test": ...}``, checked against ``model``.
+        data: split -> its data (``spec.splits``), checked against ``model``.
         heatmap_images: the first test images whose SEM maps are kept at every lambda.
-        progress: called as ``progress(done, config.evaluations_per_target)`` after each one.
+        progress: called as ``progress(done, config.evaluations_per_target(target))`` after
+            each one.
         accuracy_data: ``{"val": ..., "test": ...}`` whole splits on which accuracy is measured
             (forward passes only) instead of on the reference's images; Kernel SHAP rows carry
             theta_T's (lambda 0) accuracy on them.
@@ -334,7 +336,8 @@ def evaluate_target(
         ``(rows, maps)``: the table rows (none chosen yet) and lambda -> ``[n, gh, gw]`` label-
         class maps of the first ``heatmap_images`` test images (CPU).
     """
-    target, total, done = spec.domain, config.evaluations_per_target, 0
+    target, done = spec.domain, 0
+    total = config.evaluations_per_target(target)
 
     def advance() -> None:
         nonlocal done
@@ -364,7 +367,7 @@ def evaluate_target(
 
     rows: list[dict[str, Any]] = []
     model.load_lambda(vector, 0.0, allow_different_base=config.allow_different_base)
-    for split in config.kernel_shap_splits:
+    for split in (s for s in config.kernel_shap_splits if s in spec.splits):
         d = data[split]
         for budget in config.kernel_shap_budgets:
             scores = evaluate_kernel_shap(
@@ -384,9 +387,9 @@ def evaluate_target(
 
     heat = data["test"].head(heatmap_images) if heatmap_images else None
     heat_maps: dict[float, Tensor] = {}
-    for coef in config.lambdas:
+    for coef in spec.lambdas(config.lambdas):
         model.load_lambda(vector, coef, allow_different_base=config.allow_different_base)
-        for split in ("val", "test"):
+        for split in spec.splits:
             scores = evaluate_sem(model.sem, data[split], baseline=baselines[split], **common)
             scores = accurate(scores, coef, split)
             rows.append(table_row(spec, "sem", coef, 1, split, scores))

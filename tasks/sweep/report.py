@@ -151,6 +151,7 @@ def summarise_target(rows: list[dict[str, Any]], chosen: float) -> dict[str, Any
                 matched = int(budget)
     return {
         "related": rows[0]["related"] if rows else None,
+        "role": rows[0].get("role", "target") if rows else None,
         "chosen_lambda": chosen,
         "val": {"lambda_0": _metrics(sem("val", 0.0)), "chosen": _metrics(sem("val", chosen))},
         "test": {"lambda_0": _metrics(sem("test", 0.0)), "chosen": _metrics(test_chosen)},

@@ -64,10 +64,10 @@ def validate_sweep(config: SweepConfig) -> dict[str, Any]:
                 f"vector {config.vector} cannot be applied to {spec.domain!r}: {exc}"
             ) from exc
         for uri in (spec.val_reference, spec.test_reference):
-            if not has_reference(uri):
+            if uri is not None and not has_reference(uri):
                 raise ValueError(f"target {spec.domain!r}: no reference dataset at {uri}")
         if spec.accuracy_data is not None:
-            for split in ("val", "test"):
+            for split in spec.splits:
                 try:
                     list_split(spec.accuracy_data, split, spec.accuracy_name)
                 except ValueError as exc:
@@ -95,8 +95,8 @@ def sweep_target(
         config: the sweep.
         target: the domain of one of ``config.targets``.
         vector: the loaded vector (None: read from ``config.vector``).
-        progress: called as ``progress(done, config.evaluations_per_target)`` after each
-            evaluation.
+        progress: called as ``progress(done, config.evaluations_per_target(target))`` after
+            each evaluation.
         overwrite: recompute even when done.
 
     Raises:
@@ -126,9 +126,10 @@ def sweep_target(
     vector = vector if vector is not None else load_vector(config.vector)
     model = load_target(spec, config.grid, config.device)
     check_vector(vector, model, allow_different_base=config.allow_different_base)
+    references = {"val": spec.val_reference, "test": spec.test_reference}
     data = {
-        "val": load_reference(spec.val_reference, max_images=config.max_images),
-        "test": load_reference(spec.test_reference, max_images=config.max_images),
+        split: load_reference(references[split], max_images=config.max_images)
+        for split in spec.splits
     }
     for split_data in data.values():
         check_reference(split_data, model, spec, config.grid)
@@ -142,7 +143,7 @@ def sweep_target(
                 image_size=data[split].image_size,
                 max_images=config.max_images,
             )
-            for split in ("val", "test")
+            for split in spec.splits
         }
     n_heat = min(config.heatmap_images, len(data["test"]))
     rows, heat_maps = evaluate_target(
@@ -155,7 +156,15 @@ def sweep_target(
         progress=progress,
         accuracy_data=accuracy,
     )
-    chosen = mark_chosen(rows, metric=config.selection_metric, tolerance=config.accuracy_tolerance)
+    if spec.role == "source":
+        # Evaluated in domain at lambda 0 only: nothing to choose.
+        chosen = 0.0
+        for row in rows:
+            row["chosen"] = row["method"] == "sem"
+    else:
+        chosen = mark_chosen(
+            rows, metric=config.selection_metric, tolerance=config.accuracy_tolerance
+        )
     logger.info("sweep %s: target %s chose lambda %g on validation", config.name, target, chosen)
 
     heatmap_key = None

@@ -479,3 +479,58 @@ def test_accuracy_is_measured_on_the_whole_split_of_the_accuracy_data(world, tmp
         if r["target"] == spec.domain and r["method"] == "kernel_shap" and r["inferences"] == 25
     ]
     assert kernel_shap["accuracy_images"] == kernel_shap["images"] == 2 * classes
+
+
+def test_a_target_without_a_val_reference_is_refused_but_a_source_needs_none(world) -> None:
+    spec = world["targets"][0]
+    with pytest.raises(ValidationError, match="val_reference is required"):
+        TargetSpec(domain=spec.domain, model=spec.model, test_reference=spec.test_reference)
+    source = TargetSpec(
+        domain=spec.domain, model=spec.model, test_reference=spec.test_reference, role="source"
+    )
+    assert source.splits == ("test",) and source.lambdas((0.0, 1.0, 2.0)) == (0.0,)
+
+
+def test_the_source_role_is_evaluated_in_domain_at_lambda_0_and_reported_apart(
+    world, tmp_path
+) -> None:
+    """theta_X of the source (here a theta_T stands in) is scored at lambda 0 on test only,
+    against Kernel SHAP of the same model: the paper's in-domain claim, in its own table."""
+    target, stand_in = world["targets"]
+    source = TargetSpec(
+        domain=stand_in.domain,
+        model=stand_in.model,
+        test_reference=stand_in.test_reference,
+        role="source",
+    )
+    config = sweep_config(
+        world, targets=(target, source), kernel_shap_budgets=(25, 150), output_uri=str(tmp_path)
+    )
+    assert config.evaluations_per_target(source.domain) == 1 + 2
+    assert config.evaluations_per_target(target.domain) == 2 * 2 + 2
+    result = run_sweep(config)
+    rows = [r for r in result.rows if r["target"] == source.domain]
+    assert {(r["method"], r["split"], r["inferences"]) for r in rows} == {
+        ("sem", "test", 1),
+        ("kernel_shap", "test", 25),
+        ("kernel_shap", "test", 150),
+    }
+    [sem] = [r for r in rows if r["method"] == "sem"]
+    assert sem["lambda"] == 0.0 and sem["chosen"] and sem["role"] == "source"
+    # No vector is added at lambda 0: the same numbers as the target's own lambda-0 test row.
+    [own] = [
+        r
+        for r in run_sweep(sweep_config(world)).rows
+        if (r["target"], r["method"], r["split"], r["lambda"])
+        == (source.domain, "sem", "test", 0.0)
+    ]
+    assert sem["pearson"] == pytest.approx(own["pearson"])
+    assert sem["accuracy"] == own["accuracy"]
+    assert result.chosen[source.domain] == 0.0
+    report = open_storage(str(tmp_path)).child("sweeps/mini").read_bytes("report.md").decode()
+    main_table, in_domain = report.split("### In domain")
+    assert f"| {source.domain} |" not in main_table.split("### Every row")[0]
+    assert f"| {target.domain} |" in main_table
+    in_domain = in_domain.split("### Every row")[0]
+    [line] = [x for x in in_domain.splitlines() if x.startswith(f"| {source.domain} |")]
+    assert "[" in line  # SEM - KS-b carries a paired interval
