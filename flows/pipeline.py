@@ -153,7 +153,7 @@ class PipelineConfig(StageConfig):
 
 
 def _data_uri(config: PipelineConfig, domain: str) -> str:
-    return open_storage(config.out_uri).url(layout.data_key(domain))
+    return open_storage(config.out_uri).url(layout.data_key(domain, config.data_seed))
 
 
 def check_domains(config: PipelineConfig) -> dict[str, DomainPlan]:

@@ -86,9 +86,10 @@ def shards_of(keys: Iterable[str], name: str | None, split: str | None) -> list[
     return sorted(found)
 
 
-def data_key(domain: str) -> str:
-    """The folder of a domain's exported shards."""
-    return f"{DATA_PREFIX}/{domain}"
+def data_key(domain: str, seed: int = 0) -> str:
+    """The folder of a domain's exported shards (of data seed ``seed``: each seed of a
+    ``--seeds`` study keeps its own images instead of rewriting another seed's)."""
+    return f"{DATA_PREFIX}/{domain}" if seed == 0 else f"{DATA_PREFIX}/{domain}-seed{seed}"
 
 
 def base_model_key(fingerprint: str) -> str:

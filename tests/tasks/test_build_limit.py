@@ -140,3 +140,12 @@ def test_pipeline_references_hold_whole_classes_and_accuracy_reads_the_export() 
     # The source X-dataset keeps P's layout, as before.
     assert _build_config(config, "shapes", "shapes-x", "train", "m", LabelConfig()).preserve_layout
     assert reference_per_class(PipelineConfig.miniature("out"), "test", 5) is None
+
+
+def test_each_data_seed_exports_into_its_own_folder() -> None:
+    """A ``--seeds`` study must not rewrite seed 0's images with seed 1's under the same key."""
+    from flows.pipeline import PipelineConfig, _data_uri
+
+    uris = {_data_uri(PipelineConfig(out_uri="out", data_seed=s), "shapes") for s in (0, 1, 2)}
+    assert len(uris) == 3
+    assert _data_uri(PipelineConfig(out_uri="out"), "shapes").endswith("data/shapes")
