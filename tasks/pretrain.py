@@ -231,13 +231,17 @@ def _training_batches(
 ) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
     """The training batches of ``config`` and their number."""
     if config.fresh_steps:
+        from tasks.data.stream import worker_context
+
         # One worker renders the next batches while the main process trains; the batches are the
-        # same with or without it.
+        # same with or without it. It starts from the fork server, not as a fork of a process
+        # that runs an orchestrator (such forks died at exit and failed the finished run).
         loader = torch.utils.data.DataLoader(
             FreshBatches(config, domains, vocabulary),
             batch_size=None,
             num_workers=1,
             prefetch_factor=4,
+            multiprocessing_context=worker_context(),
         )
         return loader, config.fresh_steps
     train = _load_split(domains, "train", config.per_class, config)

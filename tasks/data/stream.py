@@ -229,7 +229,7 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
-def _worker_context() -> multiprocessing.context.BaseContext:
+def worker_context() -> multiprocessing.context.BaseContext:
     """Where decoding workers start: a fork server, not a fork of the caller.
 
     A plain fork copies whatever the caller runs (an orchestrator's threads, its exit handlers),
@@ -278,7 +278,7 @@ def _worker_options(num_workers: int) -> dict[str, Any]:
     if not num_workers:
         return {}
     return {
-        "multiprocessing_context": _worker_context(),
+        "multiprocessing_context": worker_context(),
         "worker_init_fn": functools.partial(_watch_trainer, os.getpid()),
     }
 

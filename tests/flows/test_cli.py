@@ -35,3 +35,19 @@ def test_bad_configuration_is_a_clear_error_and_exit_code_2(
     assert main([*argv, "--budget", "10", "--out", str(tmp_path)]) == 2
     assert "budget 10 is not larger than the number of players 49" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_pretrain_command_on_fresh_images_writes_the_base_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The shipped base's recipe (fresh images rendered by a loader worker) runs to the end under
+    the command's orchestrator: its worker once died at exit and failed the finished run."""
+    config = tmp_path / "pretrain.json"
+    config.write_text(
+        json.dumps({"fresh_steps": 6, "batch_size": 8, "warmup_steps": 2, "val_per_class": 2})
+    )
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "out")]) == 0
+    uri = capsys.readouterr().out.strip().splitlines()[-1]
+    assert uri.endswith("model.safetensors") and Path(uri).stat().st_size > 0
+    sidecar = json.loads(Path(uri).with_suffix(".json").read_text())
+    assert sidecar["metrics"]["steps"] == 6
