@@ -6,7 +6,13 @@ from typing import Any
 
 from flows.pipeline import PipelineConfig, explain_transfer_pipeline
 from storage import open_file, open_storage
-from tasks.sweep.markdown import is_source, mean_of, render_seeds_report, target_claims
+from tasks.sweep.markdown import (
+    in_domain_claims,
+    is_source,
+    mean_of,
+    render_seeds_report,
+    target_claims,
+)
 
 SEEDS_REPORT = "seeds-report.md"
 
@@ -16,6 +22,7 @@ def seed_claims(rows: list[dict[str, Any]], chosen: dict[str, float]) -> dict[st
     out = {}
     for target, coef in chosen.items():
         if is_source(rows, target):
+            out[target] = {"role": "source", **in_domain_claims(rows, target)}
             continue
         claims = target_claims(rows, target, coef, None)
         out[target] = {

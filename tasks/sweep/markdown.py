@@ -230,6 +230,20 @@ def is_source(rows: Sequence[Mapping[str, Any]], target: str) -> bool:
     return any(r["target"] == target and r.get("role") == "source" for r in rows)
 
 
+def in_domain_claims(
+    rows: Sequence[Mapping[str, Any]], source: str, compare_budget: int = 150
+) -> dict[str, float]:
+    """One seed's in-domain point estimates: theta_X's SEM and KS-``compare_budget`` Pearson."""
+    sem = _row(rows, target=source, method="sem", split="test", **{"lambda": 0.0})
+    shap = _row(rows, target=source, method="kernel_shap", split="test", inferences=compare_budget)
+    sem_pearson, shap_pearson = mean_of(sem, "pearson"), mean_of(shap, "pearson")
+    return {
+        "sem_pearson": sem_pearson,
+        "kernel_shap_pearson": shap_pearson,
+        "sem_minus_kernel_shap": sem_pearson - shap_pearson,
+    }
+
+
 def _in_domain(
     rows: Sequence[Mapping[str, Any]], sources: Sequence[str], compare_budget: int
 ) -> list[str]:
@@ -297,11 +311,17 @@ def render_seeds_report(reports: Mapping[int, Mapping[str, Any]]) -> str:
 
     Args:
         reports: seed -> ``{target: {"chosen": lambda, "d_pearson": x, "d_deletion_auc": y,
-            "d_accuracy": z}}`` (point estimates of one seed's sweep).
+            "d_accuracy": z}}`` (point estimates of one seed's sweep); a source's entry is
+            ``{"role": "source", **in_domain_claims(...)}``.
     """
     from tasks.sweep.statistics import over_seeds
 
-    targets = sorted({t for r in reports.values() for t in r})
+    targets = sorted(
+        {t for r in reports.values() for t, c in r.items() if c.get("role") != "source"}
+    )
+    sources = sorted(
+        {t for r in reports.values() for t, c in r.items() if c.get("role") == "source"}
+    )
     metrics = ("d_accuracy", "d_pearson", "d_deletion_auc")
     lines = [
         f"## Over {len(reports)} seeds (mean [95% t-interval])",
@@ -314,6 +334,20 @@ def render_seeds_report(reports: Mapping[int, Mapping[str, Any]]) -> str:
         lambdas = ", ".join(f"{p['chosen']:g}" for p in per_seed)
         cells = [over_seeds([p[m] for p in per_seed]).format() for m in metrics]
         lines.append(f"| {target} | {lambdas} | " + " | ".join(cells) + " |")
+    if sources:
+        in_domain = ("sem_pearson", "kernel_shap_pearson", "sem_minus_kernel_shap")
+        lines += [
+            "",
+            "In domain (the source's theta_X, test, Pearson with the reference of theta_X; "
+            "Kernel SHAP at 150 evaluations):",
+            "",
+            "| source | SEM | Kernel SHAP | SEM - Kernel SHAP |",
+            "|---|---|---|---|",
+        ]
+        for source in sources:
+            per_seed = [r[source] for r in reports.values() if source in r]
+            cells = [over_seeds([p[m] for p in per_seed]).format() for m in in_domain]
+            lines.append(f"| {source} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

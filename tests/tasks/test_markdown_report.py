@@ -89,3 +89,35 @@ def test_seeds_report_averages_the_point_estimates():
     assert one["colours"]["d_pearson"] > 0.15
     text = render_seeds_report({0: one, 1: one})
     assert "Over 2 seeds" in text and "| colours | 1, 1 |" in text
+
+
+def test_seeds_report_has_the_in_domain_claim_of_the_source_apart():
+    rows = [
+        {
+            "target": "shapes",
+            "role": "source",
+            "method": "sem",
+            "split": "test",
+            "lambda": 0.0,
+            "inferences": 1,
+            "pearson": 0.80,
+        },
+        {
+            "target": "shapes",
+            "role": "source",
+            "method": "kernel_shap",
+            "split": "test",
+            "lambda": float("nan"),
+            "inferences": 150,
+            "pearson": 0.75,
+        },
+    ]
+    one = seed_claims(rows, {"shapes": 0.0})
+    assert one["shapes"]["role"] == "source"
+    assert one["shapes"]["sem_minus_kernel_shap"] == pytest.approx(0.05)
+    other = {"shapes": {**one["shapes"], "sem_minus_kernel_shap": 0.07}}
+    text = render_seeds_report({0: one, 1: other})
+    main_table, in_domain = text.split("In domain")
+    assert "| shapes |" not in main_table
+    [line] = [x for x in in_domain.splitlines() if x.startswith("| shapes |")]
+    assert "0.060 [" in line
