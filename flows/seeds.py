@@ -39,7 +39,9 @@ def seed_claims(rows: list[dict[str, Any]], chosen: dict[str, float]) -> dict[st
 def run_seeds(config: PipelineConfig, seeds: int) -> str:
     """Run the pipeline with seeds ``0 .. seeds - 1`` (training, labelling and data) and report.
 
-    Each seed gets its own sweep name (``{sweep_name}-seed{s}``) under the same output root;
+    The first seed is the configured run (its sweep name unchanged, so a finished run of the same
+    config is reused); each further seed gets its own sweep name (``{sweep_name}-seed{s}``) and
+    data folders under the same output root;
     ``seeds-report.md`` there holds the mean and t-interval over seeds of each claimed difference.
 
     Returns:
@@ -51,7 +53,10 @@ def run_seeds(config: PipelineConfig, seeds: int) -> str:
             update={
                 "seed": config.seed + seed,
                 "data_seed": config.data_seed + seed,
-                "sweep_name": f"{config.sweep_name}-seed{config.seed + seed}",
+                # The first seed is the configured run itself (a demo already run is reused).
+                "sweep_name": config.sweep_name
+                if seed == 0
+                else f"{config.sweep_name}-seed{config.seed + seed}",
             }
         )
         sweep = explain_transfer_pipeline(run)["sweep"]
