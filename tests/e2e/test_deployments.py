@@ -208,7 +208,8 @@ def test_pipeline_deployment_runs_every_stage_to_completion(stack, pipeline_run)
     table = by_key["sweep-miniature-table"]["data"]
     rows = json.loads(table) if isinstance(table, str) else table
     targets = {row["target"] for row in rows}
-    assert targets == {"glyphs", "scenes"}
+    # The two targets, and the source's theta_X scored in domain.
+    assert targets == {"glyphs", "scenes", "shapes"}
 
     sweep = stack.data_root / "miniature" / "sweeps" / "miniature"
     assert (sweep / "results.parquet").stat().st_size > 0 and (sweep / "sweep.png").exists()

@@ -122,7 +122,12 @@ def test_vit_b_32_runs_the_whole_pipeline_and_its_checkpoints_load_into_open_cli
     sweep = result["sweep"]
     rows = open_file(sweep["table_uri"])[0].read_parquet(open_file(sweep["table_uri"])[1])
     rows = rows.to_pylist()
-    sem = [r for r in rows if r["method"] == "sem" and r["split"] == "test"]
+    sem = [
+        r for r in rows if r["method"] == "sem" and r["split"] == "test" and r["role"] == "target"
+    ]
     assert sorted(r["lambda"] for r in sem) == [0.0, 1.0]
+    # The source's theta_X, scored in domain at lambda 0 only.
+    [source] = [r for r in rows if r["method"] == "sem" and r["role"] == "source"]
+    assert source["target"] == "drawn" and source["lambda"] == 0.0 and source["split"] == "test"
     assert all(r["images"] == 5 and 0.0 <= r["accuracy"] <= 1.0 for r in sem)
     assert all(np.isfinite(r["pearson"]) for r in sem)
