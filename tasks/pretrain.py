@@ -231,7 +231,7 @@ def _training_batches(
 ) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
     """The training batches of ``config`` and their number."""
     if config.fresh_steps:
-        from tasks.data.stream import worker_context
+        from tasks.data.stream import worker_options
 
         # One worker renders the next batches while the main process trains; the batches are the
         # same with or without it. It starts from the fork server, not as a fork of a process
@@ -241,7 +241,7 @@ def _training_batches(
             batch_size=None,
             num_workers=1,
             prefetch_factor=4,
-            multiprocessing_context=worker_context(),
+            **worker_options(1),
         )
         return loader, config.fresh_steps
     train = _load_split(domains, "train", config.per_class, config)

@@ -256,8 +256,29 @@ def _process_gone(pid: int) -> bool:
         return False
 
 
+# The environment that decides where and how storage is reached (boto3's and this project's).
+STORAGE_ENV_PREFIXES = ("AWS_", "EXPLAIN_TRANSFER_")
+
+
+def _storage_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
+
+
+def _init_worker(trainer_pid: int, environ: dict[str, str], worker_id: int) -> None:
+    """``worker_init_fn``: take the trainer's storage settings, and end with the trainer.
+
+    Workers start from the fork server, which was started once, with the environment of that
+    moment: the storage settings the trainer has now (``AWS_ENDPOINT_URL``, credentials, the
+    project's S3 timeouts) replace the server's before the worker opens any storage.
+    """
+    for name in [k for k in os.environ if k.startswith(STORAGE_ENV_PREFIXES)]:
+        del os.environ[name]
+    os.environ.update(environ)
+    _watch_trainer(trainer_pid, worker_id)
+
+
 def _watch_trainer(trainer_pid: int, worker_id: int) -> None:
-    """``worker_init_fn``: end this decoding worker as soon as the trainer that owns it ends.
+    """End this decoding worker as soon as the trainer that owns it ends.
 
     Workers start from the fork server, so their parent is the server, not the trainer, and
     torch's own watchdog (which watches the parent) never fires: a SIGKILLed trainer would
@@ -273,13 +294,14 @@ def _watch_trainer(trainer_pid: int, worker_id: int) -> None:
     threading.Thread(target=watch, name=f"watch-trainer-{worker_id}", daemon=True).start()
 
 
-def _worker_options(num_workers: int) -> dict[str, Any]:
-    """``DataLoader`` options of the decoding workers (none without workers)."""
+def worker_options(num_workers: int) -> dict[str, Any]:
+    """``DataLoader`` options of workers started from the fork server (none without workers):
+    each takes the caller's current storage settings and ends when the caller ends."""
     if not num_workers:
         return {}
     return {
         "multiprocessing_context": worker_context(),
-        "worker_init_fn": functools.partial(_watch_trainer, os.getpid()),
+        "worker_init_fn": functools.partial(_init_worker, os.getpid(), _storage_environment()),
     }
 
 
@@ -403,7 +425,7 @@ class TrainStream(IterableDataset):
             batch_size=None,
             num_workers=self.num_workers,
             collate_fn=_identity,
-            **_worker_options(self.num_workers),
+            **worker_options(self.num_workers),
         )
         return itertools.islice(loader, self.skip % max(1, self.num_workers), None)
 
@@ -471,5 +493,5 @@ class OrderedStream(IterableDataset):
             batch_size=None,
             num_workers=self.num_workers,
             collate_fn=_identity,
-            **_worker_options(self.num_workers),
+            **worker_options(self.num_workers),
         )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,17 +39,20 @@ def test_bad_configuration_is_a_clear_error_and_exit_code_2(
     assert not any(tmp_path.iterdir())
 
 
-def test_pretrain_command_on_fresh_images_writes_the_base_model(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_pretrain_command_on_fresh_images_writes_the_base_model(tmp_path: Path) -> None:
     """The shipped base's recipe (fresh images rendered by a loader worker) runs to the end under
-    the command's orchestrator: its worker once died at exit and failed the finished run."""
+    the command's orchestrator: its worker once died at exit and failed the finished run. Run as
+    the command itself, in its own process, as users run it."""
     config = tmp_path / "pretrain.json"
     config.write_text(
         json.dumps({"fresh_steps": 6, "batch_size": 8, "warmup_steps": 2, "val_per_class": 2})
     )
-    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "out")]) == 0
-    uri = capsys.readouterr().out.strip().splitlines()[-1]
+    argv = ["pretrain", "--config", str(config), "--out", str(tmp_path / "out")]
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *argv], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    uri = done.stdout.strip().splitlines()[-1]
     assert uri.endswith("model.safetensors") and Path(uri).stat().st_size > 0
     sidecar = json.loads(Path(uri).with_suffix(".json").read_text())
     assert sidecar["metrics"]["steps"] == 6
