@@ -51,19 +51,15 @@ class AccuracyData:
 
     def batches(self, size: int) -> Iterator[Batch]:
         """Consecutive batches of at most ``size`` samples (images and labels), in shard order."""
-        if size in self._cache:
-            yield from self._cache[size]
-            return
+        from tasks.sweep.inputs import cached_batches
+
         decoder = Decoder(self.image_size, targets="no", where=self.shards.uri)
-        loader = OrderedStream(self.shards, decoder, batch_size=size, limit=self.limit).loader()
-        if len(self) > self.cache_images:
-            yield from loader
-            return
-        kept = []
-        for batch in loader:
-            kept.append(batch)
-            yield batch
-        self._cache[size] = kept
+        yield from cached_batches(
+            self._cache,
+            size,
+            lambda: OrderedStream(self.shards, decoder, batch_size=size, limit=self.limit).loader(),
+            keep=len(self) <= self.cache_images,
+        )
 
 
 def load_accuracy_data(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,28 @@ from tasks.model.loading import weights_uri
 from tasks.sweep.config import SweepConfig, TargetSpec
 
 logger = logging.getLogger(__name__)
+
+
+def cached_batches(
+    cache: dict[int, list[Batch]],
+    size: int,
+    loader: Callable[[], Iterable[Batch]],
+    *,
+    keep: bool,
+) -> Iterator[Batch]:
+    """A split's batches of ``size``: from ``cache`` when kept, else streamed from ``loader()``
+    and, when ``keep`` (a small split), kept in ``cache`` for the sweep's next pass."""
+    if size in cache:
+        yield from cache[size]
+        return
+    if not keep:
+        yield from loader()
+        return
+    kept = []
+    for batch in loader():
+        kept.append(batch)
+        yield batch
+    cache[size] = kept
 
 
 def load_vector(uri: str) -> ExplainabilityVector:
@@ -97,18 +119,12 @@ class EvalData:
 
     def batches(self, size: int) -> Iterator[Batch]:
         """Consecutive batches of at most ``size`` samples, in shard order."""
-        if size in self._cache:
-            yield from self._cache[size]
-            return
-        loader = self._stream(size, self.limit).loader()
-        if len(self) > self.cache_images:
-            yield from loader
-            return
-        kept = []
-        for batch in loader:
-            kept.append(batch)
-            yield batch
-        self._cache[size] = kept
+        yield from cached_batches(
+            self._cache,
+            size,
+            lambda: self._stream(size, self.limit).loader(),
+            keep=len(self) <= self.cache_images,
+        )
 
     def head(self, n: int) -> Batch:
         """The first ``n`` samples as one batch."""
