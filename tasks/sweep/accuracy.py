@@ -21,6 +21,7 @@ import torch
 from storage import open_storage
 from tasks.data.stream import Batch, Decoder, OrderedStream, SplitShards, list_split
 from tasks.model import SelfExplainingCLIP
+from tasks.sweep.inputs import cached_batches
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ class AccuracyData:
 
     def batches(self, size: int) -> Iterator[Batch]:
         """Consecutive batches of at most ``size`` samples (images and labels), in shard order."""
-        from tasks.sweep.inputs import cached_batches
-
         decoder = Decoder(self.image_size, targets="no", where=self.shards.uri)
         yield from cached_batches(
             self._cache,
