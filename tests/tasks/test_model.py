@@ -110,6 +110,36 @@ def test_token_protocol_equals_predict(sem: SelfExplainingCLIP, images: torch.Te
         torch.testing.assert_close(sem.as_classifier()(images), sem.predict(images))
 
 
+@pytest.mark.parametrize("variant", ["plain", "avg_pool", "grad_checkpointing", "subclass"])
+def test_forward_from_patches_equals_the_open_clip_tower(
+    clip_model: torch.nn.Module, images: torch.Tensor, variant: str
+) -> None:
+    """The class-token shortcut of the last block (plain blocks, token pooling) and the full
+    path it falls back to (any other case) both give ``visual(x)``."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    from tasks.model import vit
+
+    visual = copy.deepcopy(clip_model.visual).eval()
+    if variant == "avg_pool":
+        visual.pool_type = "avg"
+    elif variant == "grad_checkpointing":
+        visual.transformer.grad_checkpointing = True
+    elif variant == "subclass":
+
+        class Block(ResidualAttentionBlock):
+            pass
+
+        visual.transformer.resblocks[-1].__class__ = Block
+    assert vit._class_token_shortcut(visual) == (variant == "plain")
+    x = _normalise(images)
+    with torch.no_grad():
+        expected = visual(x)
+        got = vit.vit_forward_from_patches(visual, vit.vit_embed_patches(visual, x))
+    assert not torch.equal(expected, torch.zeros_like(expected))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_shap_token_masking_equals_pixel_masking(
     sem: SelfExplainingCLIP, images: torch.Tensor
 ) -> None:
