@@ -123,6 +123,10 @@ class SweepConfig(StageConfig):
         lambdas: the scales of the vector; finite, increasing, 0 included.
         kernel_shap_budgets: Kernel SHAP budgets (model inferences per image) of the baseline.
         kernel_shap_splits: splits the Kernel SHAP baseline is evaluated on.
+        kernel_shap_images: evaluate the Kernel SHAP baseline on the first this many images of
+            each split's reference only (None: all). Its rows are a budget curve and the
+            reference's reliability, means that need fewer images than the paired lambda
+            differences; the SEM rows always use every reference image.
         accuracy_tolerance: largest accepted validation accuracy drop from lambda = 0, in
             accuracy points (1.0 = one percentage point).
         selection_metric: the explanation-quality metric lambda is selected on.
@@ -143,6 +147,10 @@ class SweepConfig(StageConfig):
         allow_different_base: apply the vector to a theta_T from another pretrained base.
         reference_budget: the references' Kernel SHAP budget, for the report only: a Kernel SHAP
             row at that budget (another seed) measures the reference's reliability.
+        edited_kernel_shap_budget: after selection, explain the *edited* model
+            theta_T + lambda* tau by Kernel SHAP at this budget on the Kernel SHAP test images
+            (a ``kernel_shap_edited`` row at lambda*): the insertion/deletion that a faithful
+            explanation of the very model the SEM pass explains reaches (None: not run).
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -151,6 +159,7 @@ class SweepConfig(StageConfig):
     lambdas: tuple[float, ...] = tuple(i * 0.25 for i in range(9))
     kernel_shap_budgets: tuple[int, ...] = (25, 50, 100, 150, 300)
     kernel_shap_splits: tuple[Literal["val", "test"], ...] = ("test",)
+    kernel_shap_images: int | None = Field(None, ge=1)
     accuracy_tolerance: float = Field(1.0, ge=0)
     selection_metric: Literal[
         "pearson", "spearman", "topk", "insertion_auc", "deletion_auc", "pointing"
@@ -170,6 +179,7 @@ class SweepConfig(StageConfig):
     output_uri: str
     allow_different_base: bool = False
     reference_budget: int | None = None
+    edited_kernel_shap_budget: int | None = Field(None, ge=2)
 
     @field_validator("lambdas")
     @classmethod
@@ -223,14 +233,17 @@ class SweepConfig(StageConfig):
     def evaluations_per_target(self, target: str) -> int:
         """Evaluations of one target, the unit of the sweep's progress.
 
-        The SEM at each of the target's lambdas on each of its splits, and Kernel SHAP at each
-        budget on each of ``kernel_shap_splits`` it has.
+        The SEM at each of the target's lambdas on each of its splits, Kernel SHAP at each
+        budget on each of ``kernel_shap_splits`` it has, and the edited model's Kernel SHAP.
         """
         spec = self.target(target)
         shap_splits = [s for s in self.kernel_shap_splits if s in spec.splits]
-        return len(spec.splits) * len(spec.lambdas(self.lambdas)) + len(
-            self.kernel_shap_budgets
-        ) * len(shap_splits)
+        edited = int(self.edited_kernel_shap_budget is not None and spec.role == "target")
+        return (
+            len(spec.splits) * len(spec.lambdas(self.lambdas))
+            + len(self.kernel_shap_budgets) * len(shap_splits)
+            + edited
+        )
 
     def result_fingerprint(self, *, target: str | None = None) -> str:
         """Fingerprint of what determines the numbers (of one target's rows when given)."""
@@ -242,6 +255,9 @@ class SweepConfig(StageConfig):
             fields["targets"] = [self.target(target).fingerprint_dict()]
         else:
             fields["targets"] = [spec.fingerprint_dict() for spec in self.targets]
+        for optional in ("kernel_shap_images", "edited_kernel_shap_budget"):
+            if fields[optional] is None:
+                fields.pop(optional)
         # Kept byte-for-byte as before so that sweeps stored by earlier versions still match.
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -306,6 +306,56 @@ def with_accuracy(scores: Mapping[str, Any], measured: Mapping[str, Any]) -> dic
     return out
 
 
+def kernel_shap_data(config: SweepConfig, data: EvalData) -> EvalData:
+    """The images the Kernel SHAP rows explain: the first ``kernel_shap_images`` (or all)."""
+    return data if config.kernel_shap_images is None else data.first(config.kernel_shap_images)
+
+
+def kernel_shap_seed(config: SweepConfig, data: EvalData) -> int:
+    """The Kernel SHAP rows' seed: never the reference's own coalitions, which would agree
+    with it perfectly."""
+    return data.label_seed + 1 + config.seed
+
+
+def evaluate_edited_kernel_shap(
+    config: SweepConfig,
+    spec: TargetSpec,
+    model: TargetModel,
+    vector: ExplainabilityVector,
+    data: EvalData,
+    coef: float,
+) -> dict[str, Any]:
+    """Kernel SHAP of the edited model theta_T + ``coef`` tau on the Kernel SHAP test images.
+
+    Its insertion and deletion AUCs are what a faithful explanation of the edited model reaches,
+    the yardstick of the SEM pass at ``coef`` (which explains that same model); its Pearson is
+    against the reference of theta_T, like every row.
+
+    Returns:
+        A ``kernel_shap_edited`` table row at lambda ``coef``.
+    """
+    d = kernel_shap_data(config, data)
+    budget = int(config.edited_kernel_shap_budget)
+    model.load_lambda(vector, coef, allow_different_base=config.allow_different_base)
+    scores = evaluate_kernel_shap(
+        model.sem,
+        d,
+        budget,
+        baseline=split_baseline(data, config.baseline),
+        output=config.output,
+        seed=kernel_shap_seed(config, d),
+        topk=config.topk,
+        auc_output=config.auc_output,
+        auc_steps=config.auc_steps,
+        batch_size=config.batch_size,
+        forward_batch_size=config.forward_batch_size,
+    )
+    logger.info(
+        "%s test Kernel SHAP %d of the model at lambda %g: %s", spec.domain, budget, coef, scores
+    )
+    return table_row(spec, "kernel_shap_edited", coef, budget, "test", scores)
+
+
 def evaluate_target(
     config: SweepConfig,
     spec: TargetSpec,
@@ -368,7 +418,7 @@ def evaluate_target(
     rows: list[dict[str, Any]] = []
     model.load_lambda(vector, 0.0, allow_different_base=config.allow_different_base)
     for split in (s for s in config.kernel_shap_splits if s in spec.splits):
-        d = data[split]
+        d = kernel_shap_data(config, data[split])
         for budget in config.kernel_shap_budgets:
             scores = evaluate_kernel_shap(
                 model.sem,
@@ -376,8 +426,7 @@ def evaluate_target(
                 budget,
                 baseline=baselines[split],
                 output=config.output,
-                # Never the reference's own coalitions: those would agree with it perfectly.
-                seed=d.label_seed + 1 + config.seed,
+                seed=kernel_shap_seed(config, d),
                 **common,
             )
             scores = accurate(scores, 0.0, split)

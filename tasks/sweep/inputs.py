@@ -8,6 +8,7 @@ the *content* of the inputs, not only to their URIs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -125,6 +126,11 @@ class EvalData:
             lambda: self._stream(size, self.limit).loader(),
             keep=len(self) <= self.cache_images,
         )
+
+    def first(self, n: int) -> EvalData:
+        """The same split limited to its first ``n`` samples (its own cache)."""
+        limit = n if self.limit is None else min(n, self.limit)
+        return dataclasses.replace(self, limit=limit, _cache={})
 
     def head(self, n: int) -> Batch:
         """The first ``n`` samples as one batch."""

@@ -49,14 +49,31 @@ def mean_of(row: Mapping[str, Any] | None, metric: str) -> float:
 def difference(
     a: Mapping[str, Any] | None, b: Mapping[str, Any] | None, metric: str
 ) -> Interval | None:
-    """Paired ``a - b`` of ``metric`` over the same images; None without per-image scores."""
+    """Paired ``a - b`` of ``metric`` over the images both rows scored; None without
+    per-image scores.
+
+    Rows of one target and split score the same reference images in the same order; a Kernel
+    SHAP row may score only the first of them (``SweepConfig.kernel_shap_images``), so the
+    pairs are the common first images (the interval's ``n``).
+    """
     first, second = _values(a, metric), _values(b, metric)
-    if first is None or second is None or len(first) != len(second):
+    if first is None or second is None:
         return None
+    pairs = min(len(first), len(second))
     nan = math.nan
     return paired_difference(
-        [nan if v is None else v for v in first], [nan if v is None else v for v in second]
+        [nan if v is None else v for v in first[:pairs]],
+        [nan if v is None else v for v in second[:pairs]],
     )
+
+
+def _mean_first(row: Mapping[str, Any] | None, metric: str, n: int) -> float:
+    """Mean of ``metric`` over a row's first ``n`` images (its mean without per-image scores)."""
+    values = _values(row, metric)
+    if values is None:
+        return mean_of(row, metric)
+    kept = [v for v in values[:n] if v is not None and math.isfinite(v)]
+    return sum(kept) / len(kept) if kept else math.nan
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -180,6 +197,7 @@ def render_report(
             f"| {_fmt_diff(c['max_d_accuracy'])} | {_fmt_diff(c['max_d_pearson'])} "
             f"| {_fmt_diff(c['max_d_deletion_auc'])} |"
         )
+    lines += _edited(rows, targets, chosen)
     lines += [
         "",
         "### Where the maps point (test; evidence mask = the object, for `scenes` the background)",
@@ -203,10 +221,10 @@ def render_report(
         "",
         "### The single SEM pass at lambda* against Kernel SHAP of theta_T (test, Pearson)",
         "",
-        "| target | SEM | "
+        "| target | SEM | KS images | "
         + " | ".join(f"KS-{b}" for b in _budgets(rows))
         + f" | SEM - KS-{compare_budget} |",
-        "|---|---|" + "---|" * len(_budgets(rows)) + "---|",
+        "|---|---|---|" + "---|" * len(_budgets(rows)) + "---|",
     ]
     for target in targets:
         picked = claims[target]["chosen"]
@@ -215,14 +233,58 @@ def render_report(
             for b in _budgets(rows)
         }
         lines.append(
-            f"| {target} | {_fmt(mean_of(picked, 'pearson'))} | "
+            f"| {target} | {_fmt(mean_of(picked, 'pearson'))} "
+            f"| {_images(shap.get(compare_budget))} | "
             + " | ".join(_fmt(mean_of(shap[b], "pearson")) for b in _budgets(rows))
             + f" | {_fmt_diff(difference(picked, shap.get(compare_budget), 'pearson'))} |"
         )
+    lines += [
+        "",
+        "`SEM` is the mean over the reference's images; the Kernel SHAP columns and the paired "
+        "difference over the first `KS images` of them.",
+    ]
     if sources:
         lines += ["", *_in_domain(rows, sources, compare_budget)]
     lines += ["", "### Every row", "", _table(rows), ""]
     return "\n".join(lines)
+
+
+def _edited(
+    rows: Sequence[Mapping[str, Any]], targets: Sequence[str], chosen: Mapping[str, float]
+) -> list[str]:
+    """Insertion/deletion of the SEM pass at lambda* beside Kernel SHAP of that edited model."""
+    found = {
+        t: _row(rows, target=t, method="kernel_shap_edited", split="test", **{"lambda": chosen[t]})
+        for t in targets
+    }
+    found = {t: row for t, row in found.items() if row is not None}
+    if not found:
+        return []
+    lines = [
+        "",
+        "### Insertion and deletion at lambda*: the SEM pass beside Kernel SHAP of the same "
+        "edited model (test)",
+        "",
+        "Both explain theta_T + lambda* tau, on the same first `KS images` test images (Kernel "
+        "SHAP at `budget` evaluations per image); the difference is paired over them. Higher "
+        "insertion and lower deletion are more faithful.",
+        "",
+        "| target | lambda* | budget | KS images | SEM insertion | KS insertion | SEM deletion "
+        "| KS deletion | SEM - KS deletion |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for target, shap in found.items():
+        sem = _row(rows, target=target, method="sem", split="test", **{"lambda": chosen[target]})
+        n = int(shap["images"])
+        lines.append(
+            f"| {target} | {chosen[target]:g} | {int(shap['inferences'])} | {n} "
+            f"| {_fmt(_mean_first(sem, 'insertion_auc', n))} "
+            f"| {_fmt(mean_of(shap, 'insertion_auc'))} "
+            f"| {_fmt(_mean_first(sem, 'deletion_auc', n))} "
+            f"| {_fmt(mean_of(shap, 'deletion_auc'))} "
+            f"| {_fmt_diff(difference(sem, shap, 'deletion_auc'))} |"
+        )
+    return lines
 
 
 def is_source(rows: Sequence[Mapping[str, Any]], target: str) -> bool:
@@ -237,10 +299,12 @@ def in_domain_claims(
     sem = _row(rows, target=source, method="sem", split="test", **{"lambda": 0.0})
     shap = _row(rows, target=source, method="kernel_shap", split="test", inferences=compare_budget)
     sem_pearson, shap_pearson = mean_of(sem, "pearson"), mean_of(shap, "pearson")
+    # Paired over the images both scored (Kernel SHAP may cover only the first ones).
+    paired = difference(sem, shap, "pearson")
     return {
         "sem_pearson": sem_pearson,
         "kernel_shap_pearson": shap_pearson,
-        "sem_minus_kernel_shap": sem_pearson - shap_pearson,
+        "sem_minus_kernel_shap": sem_pearson - shap_pearson if paired is None else paired.estimate,
     }
 
 
@@ -255,10 +319,10 @@ def _in_domain(
         "Both against the reference of theta_X itself (no vector added). The paper's claim is "
         f"SEM >= KS-{compare_budget}.",
         "",
-        "| source | images | accuracy | SEM | "
+        "| source | images | accuracy | SEM | KS images | "
         + " | ".join(f"KS-{b}" for b in budgets)
         + f" | SEM - KS-{compare_budget} |",
-        "|---|---|---|---|" + "---|" * len(budgets) + "---|",
+        "|---|---|---|---|---|" + "---|" * len(budgets) + "---|",
     ]
     for source in sources:
         sem = _row(rows, target=source, method="sem", split="test", **{"lambda": 0.0})
@@ -269,7 +333,7 @@ def _in_domain(
         images = int(sem["images"]) if sem else 0
         lines.append(
             f"| {source} | {images} | {_fmt(mean_of(sem, 'accuracy'))} "
-            f"| {_fmt(mean_of(sem, 'pearson'))} | "
+            f"| {_fmt(mean_of(sem, 'pearson'))} | {_images(shap.get(compare_budget))} | "
             + " | ".join(_fmt(mean_of(shap[b], "pearson")) for b in budgets)
             + f" | {_fmt_diff(difference(sem, shap.get(compare_budget), 'pearson'))} |"
         )

@@ -20,7 +20,7 @@ from tasks.algorithms.vectors import ExplainabilityVector
 from tasks.data.stream import list_split
 from tasks.sweep.accuracy import load_accuracy_data
 from tasks.sweep.config import TABLE_SCHEMA, SweepConfig, sweep_storage
-from tasks.sweep.evaluation import ProgressCallback, evaluate_target
+from tasks.sweep.evaluation import ProgressCallback, evaluate_edited_kernel_shap, evaluate_target
 from tasks.sweep.inputs import (
     check_reference,
     check_vector,
@@ -166,6 +166,11 @@ def sweep_target(
             rows, metric=config.selection_metric, tolerance=config.accuracy_tolerance
         )
     logger.info("sweep %s: target %s chose lambda %g on validation", config.name, target, chosen)
+    if config.edited_kernel_shap_budget is not None and spec.role == "target":
+        rows.append(evaluate_edited_kernel_shap(config, spec, model, vector, data["test"], chosen))
+        if progress is not None:
+            total = config.evaluations_per_target(target)
+            progress(total, total)
 
     heatmap_key = None
     if n_heat:

@@ -121,3 +121,18 @@ def test_seeds_report_has_the_in_domain_claim_of_the_source_apart():
     assert "| shapes |" not in main_table
     [line] = [x for x in in_domain.splitlines() if x.startswith("| shapes |")]
     assert "0.060 [" in line
+
+
+def test_a_kernel_shap_row_on_the_first_images_pairs_with_those_images_only():
+    from tasks.sweep.markdown import difference
+
+    sem = np.linspace(0.0, 1.0, 100)
+    shap = sem[:40] - 0.25  # the first 40 images, each 0.25 below the SEM
+    rows = [_row("sem", 0.0, 1, sem, [1.0] * 100), _row("kernel_shap", math.nan, 150, shap, [1.0])]
+    paired = difference(rows[0], rows[1], "pearson")
+    assert paired.n == 40
+    assert paired.estimate == pytest.approx(0.25)
+    # The unpaired means differ by much more: the SEM's mean covers images the row never saw.
+    assert sem.mean() - shap.mean() > 0.5
+    text = render_report(rows, {"colours": 0.0})
+    assert "| colours | 0.500 | 40 |" in text

@@ -534,3 +534,55 @@ def test_the_source_role_is_evaluated_in_domain_at_lambda_0_and_reported_apart(
     in_domain = in_domain.split("### Every row")[0]
     [line] = [x for x in in_domain.splitlines() if x.startswith(f"| {source.domain} |")]
     assert "[" in line  # SEM - KS-b carries a paired interval
+
+
+def test_kernel_shap_images_limits_the_baseline_to_the_first_reference_images(
+    world, tmp_path
+) -> None:
+    """Kernel SHAP rows on the first 4 test images: their per-image scores are the full run's
+    first 4 (per-image seeds do not depend on the batch); the SEM rows keep every image. The
+    edited model's Kernel SHAP row explains theta_T + lambda* tau on those 4 images."""
+    config = sweep_config(
+        world,
+        kernel_shap_images=4,
+        edited_kernel_shap_budget=25,
+        output_uri=str(tmp_path / "limited"),
+    )
+    every = sweep_config(world, output_uri=str(tmp_path / "every"))
+    assert config.result_fingerprint() != every.result_fingerprint()
+    first = world["targets"][0].domain
+    assert config.evaluations_per_target(first) == every.evaluations_per_target(first) + 1
+    limited, swept = run_sweep(config), run_sweep(every)
+    edited = [r for r in limited.rows if r["method"] == "kernel_shap_edited"]
+    assert {r["target"] for r in edited} == set(limited.chosen)
+    for row in edited:
+        chosen = limited.chosen[row["target"]]
+        assert row["lambda"] == chosen and row["images"] == 4 and row["inferences"] == 25
+        [plain] = [
+            r
+            for r in limited.rows
+            if (r["target"], r["method"], r["inferences"]) == (row["target"], "kernel_shap", 25)
+        ]
+        # At lambda 0 the edited model is theta_T itself: the same explanation, to the bit.
+        same = row["per_image"]["deletion_auc"] == plain["per_image"]["deletion_auc"]
+        assert same == (chosen == 0.0)
+    report = open_storage(str(tmp_path / "limited")).child("sweeps/mini").read_bytes("report.md")
+    assert "Kernel SHAP of the same edited model" in report.decode()
+    for row in (r for r in limited.rows if r["method"] != "kernel_shap_edited"):
+        [full] = [
+            r
+            for r in swept.rows
+            if all(
+                _same(r[k], row[k]) for k in ("target", "method", "split", "lambda", "inferences")
+            )
+        ]
+        if row["method"] == "kernel_shap":
+            assert row["images"] == 4 and full["images"] == 10
+            assert row["per_image"]["pearson"] == full["per_image"]["pearson"][:4]
+        else:
+            assert row["images"] == full["images"] == 10
+            assert row["pearson"] == pytest.approx(full["pearson"])
+
+
+def _same(a, b) -> bool:
+    return (isinstance(a, float) and math.isnan(a) and math.isnan(b)) or a == b
