@@ -88,7 +88,7 @@ class PretrainConfig(StageConfig):
 SHIPPED = "shipped"
 SHIPPED_BASE_FILE = Path(__file__).parent / "model" / "weights" / "tiny-vit-56-base.safetensors"
 SHIPPED_PRETRAIN = PretrainConfig(
-    fresh_steps=8000,
+    fresh_steps=20000,
     batch_size=32,
     lr=1e-3,
     warmup_steps=100,
