@@ -68,6 +68,12 @@ class PipelineConfig(StageConfig):
     image_size: int = 56
     data_seed: int = 0
     epochs: int = Field(12, ge=1)
+    eval_every: int = Field(
+        4,
+        ge=1,
+        description="fine-tuning evaluates on val after every this many epochs and after the "
+        "last (the floor reads the last); on the demo each evaluation costs as much as an epoch",
+    )
     loader_workers: int = Field(
         0,
         ge=0,
@@ -209,6 +215,7 @@ def _finetune_config(
         device=config.device,
         image_size=config.image_size,
         loader_workers=config.loader_workers,
+        eval_every=config.eval_every,
     )
 
 

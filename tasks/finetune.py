@@ -57,7 +57,14 @@ ProgressCallback = Callable[[int, int], None]
 
 # Fields that may change between an interrupted run and its resumption without changing the
 # result (where and how often it saves, where it runs).
-_RESUME_NEUTRAL_FIELDS = ("checkpoint_every", "device", "node_rank", "rdzv_endpoint", "rdzv_id")
+_RESUME_NEUTRAL_FIELDS = (
+    "checkpoint_every",
+    "eval_every",
+    "device",
+    "node_rank",
+    "rdzv_endpoint",
+    "rdzv_id",
+)
 
 
 class FinetuneConfig(StageConfig):
@@ -86,6 +93,8 @@ class FinetuneConfig(StageConfig):
         grid: attribution grid side (``grid x grid`` cells, the SHAP grid).
         seed: seeds the data order and the torch RNG.
         checkpoint_every: steps between resumable checkpoints.
+        eval_every: evaluate on ``val_data`` after every this many epochs and after the last
+            (the weights do not depend on it).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
         image_size: side images are resized to (the model's input size).
         max_steps: caps the total number of steps (the schedule follows the cap).
@@ -122,6 +131,7 @@ class FinetuneConfig(StageConfig):
     grid: int = Field(default=7, ge=1)
     seed: int = 0
     checkpoint_every: int = Field(default=50, ge=1)
+    eval_every: int = Field(default=1, ge=1)
     device: Device = "auto"
     image_size: int = Field(default=56, ge=8)
     max_steps: int | None = Field(default=None, ge=1)
@@ -423,7 +433,10 @@ class Finetuner:
                     self.progress(step, total)
                 epoch_done = step % steps_per_epoch == 0 or step == total
                 if epoch_done and writer:
-                    rows.append(self._epoch_row(epoch, step, running, model, val))
+                    evaluated = (epoch + 1) % config.eval_every == 0 or step == total
+                    rows.append(
+                        self._epoch_row(epoch, step, running, model, val if evaluated else None)
+                    )
                 if epoch_done:
                     running = _new_running()
                 if writer and (epoch_done or step % config.checkpoint_every == 0):

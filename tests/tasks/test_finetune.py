@@ -196,6 +196,20 @@ def test_resume_after_a_crash_reaches_the_same_weights(data, tmp_path) -> None:
     assert resumed["metrics"] == reference["metrics"]
 
 
+def test_eval_every_evaluates_less_often_and_always_last_with_the_same_weights(
+    data, tmp_path
+) -> None:
+    every = finetune(_config(data, "X", epochs=3), open_storage(str(tmp_path / "a")), "run")
+    sparse = finetune(
+        _config(data, "X", epochs=3, eval_every=2), open_storage(str(tmp_path / "b")), "run"
+    )
+    assert sparse["fingerprint"] == every["fingerprint"]  # the weights, to the bit
+    assert [r["val_accuracy"] is not None for r in every["metrics"]] == [True, True, True]
+    # After epoch 2 (every second one) and after the last.
+    assert [r["val_accuracy"] is not None for r in sparse["metrics"]] == [False, True, True]
+    assert sparse["metrics"][-1]["val_accuracy"] == every["metrics"][-1]["val_accuracy"]
+
+
 def test_x_mode_attributions_agree_with_targets_better_than_p_mode(data, tmp_path) -> None:
     storage = open_storage(str(tmp_path / "out"))
     split = list_split(data["x"], "train")
