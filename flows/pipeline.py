@@ -79,7 +79,8 @@ class PipelineConfig(StageConfig):
         ge=0,
         description="decoding processes of each fine-tuning's training stream; 0 decodes in the "
         "training process, which on the demo's few hundred small images saves the workers' "
-        "start-up at every epoch (about 1.5 s an epoch); give a real dataset several",
+        "start-up at every epoch (about 5 s per demo fine-tuning; 4 s an epoch in a cold "
+        "process); give a real dataset several",
     )
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)
