@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
 
@@ -62,8 +63,6 @@ def _class_token_shortcut(visual: nn.Module) -> bool:
         or getattr(transformer, "grad_checkpointing", False)
     ):
         return False
-    from open_clip.transformer import ResidualAttentionBlock
-
     # Exactly open_clip's plain block (pre-norm self-attention, then MLP): its forward is the
     # one _vit_class_token reproduces; a subclass or another block type takes the full path.
     return type(blocks[-1]) is ResidualAttentionBlock

@@ -306,6 +306,17 @@ def with_accuracy(scores: Mapping[str, Any], measured: Mapping[str, Any]) -> dic
     return out
 
 
+def metric_options(config: SweepConfig) -> dict[str, Any]:
+    """The sweep's settings every SEM and Kernel SHAP evaluation shares."""
+    return dict(
+        topk=config.topk,
+        auc_output=config.auc_output,
+        auc_steps=config.auc_steps,
+        batch_size=config.batch_size,
+        forward_batch_size=config.forward_batch_size,
+    )
+
+
 def kernel_shap_data(config: SweepConfig, data: EvalData) -> EvalData:
     """The images the Kernel SHAP rows explain: the first ``kernel_shap_images`` (or all)."""
     return data if config.kernel_shap_images is None else data.first(config.kernel_shap_images)
@@ -344,11 +355,7 @@ def evaluate_edited_kernel_shap(
         baseline=split_baseline(data, config.baseline),
         output=config.output,
         seed=kernel_shap_seed(config, d),
-        topk=config.topk,
-        auc_output=config.auc_output,
-        auc_steps=config.auc_steps,
-        batch_size=config.batch_size,
-        forward_batch_size=config.forward_batch_size,
+        **metric_options(config),
     )
     logger.info(
         "%s test Kernel SHAP %d of the model at lambda %g: %s", spec.domain, budget, coef, scores
@@ -396,13 +403,7 @@ def evaluate_target(
             progress(done, total)
 
     baselines = {split: split_baseline(d, config.baseline) for split, d in data.items()}
-    common = dict(
-        topk=config.topk,
-        auc_output=config.auc_output,
-        auc_steps=config.auc_steps,
-        batch_size=config.batch_size,
-        forward_batch_size=config.forward_batch_size,
-    )
+    common = metric_options(config)
     measured: dict[tuple[float, str], dict[str, Any]] = {}
 
     def accurate(scores: dict[str, Any], coef: float, split: str) -> dict[str, Any]:

@@ -35,14 +35,18 @@ def _values(row: Mapping[str, Any] | None, metric: str) -> list[float] | None:
     return per_image.get(metric)
 
 
-def mean_of(row: Mapping[str, Any] | None, metric: str) -> float:
-    """A row's mean of ``metric``: its column, else the mean of its per-image values."""
+def mean_of(row: Mapping[str, Any] | None, metric: str, first: int | None = None) -> float:
+    """A row's mean of ``metric``: its column, else the mean of its per-image values; with
+    ``first``, the mean over its first ``first`` images when it has per-image values."""
     if row is None:
         return math.nan
+    per_image = _values(row, metric)
     value = row.get(metric)
-    if value is not None and not (isinstance(value, float) and math.isnan(value)):
+    if (first is None or per_image is None) and (
+        value is not None and not (isinstance(value, float) and math.isnan(value))
+    ):
         return float(value)
-    values = [v for v in (_values(row, metric) or []) if v is not None and math.isfinite(v)]
+    values = [v for v in (per_image or [])[:first] if v is not None and math.isfinite(v)]
     return sum(values) / len(values) if values else math.nan
 
 
@@ -65,15 +69,6 @@ def difference(
         [nan if v is None else v for v in first[:pairs]],
         [nan if v is None else v for v in second[:pairs]],
     )
-
-
-def _mean_first(row: Mapping[str, Any] | None, metric: str, n: int) -> float:
-    """Mean of ``metric`` over a row's first ``n`` images (its mean without per-image scores)."""
-    values = _values(row, metric)
-    if values is None:
-        return mean_of(row, metric)
-    kept = [v for v in values[:n] if v is not None and math.isfinite(v)]
-    return sum(kept) / len(kept) if kept else math.nan
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -278,9 +273,9 @@ def _edited(
         n = int(shap["images"])
         lines.append(
             f"| {target} | {chosen[target]:g} | {int(shap['inferences'])} | {n} "
-            f"| {_fmt(_mean_first(sem, 'insertion_auc', n))} "
+            f"| {_fmt(mean_of(sem, 'insertion_auc', first=n))} "
             f"| {_fmt(mean_of(shap, 'insertion_auc'))} "
-            f"| {_fmt(_mean_first(sem, 'deletion_auc', n))} "
+            f"| {_fmt(mean_of(sem, 'deletion_auc', first=n))} "
             f"| {_fmt(mean_of(shap, 'deletion_auc'))} "
             f"| {_fmt_diff(difference(sem, shap, 'deletion_auc'))} |"
         )
