@@ -335,6 +335,7 @@ def evaluate_edited_kernel_shap(
     vector: ExplainabilityVector,
     data: EvalData,
     coef: float,
+    rows: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Kernel SHAP of the edited model theta_T + ``coef`` tau on the Kernel SHAP test images.
 
@@ -342,25 +343,54 @@ def evaluate_edited_kernel_shap(
     the yardstick of the SEM pass at ``coef`` (which explains that same model); its Pearson is
     against the reference of theta_T, like every row.
 
+    At ``coef`` 0 the edited model is theta_T, so the test ``kernel_shap`` row of ``rows`` at the
+    same budget (same images, same seed: the same numbers) is taken instead of recomputed.
+
     Returns:
         A ``kernel_shap_edited`` table row at lambda ``coef``.
     """
-    d = kernel_shap_data(config, data)
     budget = int(config.edited_kernel_shap_budget)
-    model.load_lambda(vector, coef, allow_different_base=config.allow_different_base)
-    scores = evaluate_kernel_shap(
-        model.sem,
-        d,
-        budget,
-        baseline=split_baseline(data, config.baseline),
-        output=config.output,
-        seed=kernel_shap_seed(config, d),
-        **metric_options(config),
-    )
-    logger.info(
-        "%s test Kernel SHAP %d of the model at lambda %g: %s", spec.domain, budget, coef, scores
-    )
-    return table_row(spec, "kernel_shap_edited", coef, budget, "test", scores)
+    row = _measured_theta_t_row(rows, budget) if coef == 0.0 else None
+    if row is None:
+        d = kernel_shap_data(config, data)
+        model.load_lambda(vector, coef, allow_different_base=config.allow_different_base)
+        scores = evaluate_kernel_shap(
+            model.sem,
+            d,
+            budget,
+            baseline=split_baseline(data, config.baseline),
+            output=config.output,
+            seed=kernel_shap_seed(config, d),
+            **metric_options(config),
+        )
+        logger.info(
+            "%s test Kernel SHAP %d of the model at lambda %g: %s",
+            spec.domain,
+            budget,
+            coef,
+            scores,
+        )
+        row = table_row(spec, "kernel_shap_edited", coef, budget, "test", scores)
+    else:
+        row = {**row, "method": "kernel_shap_edited", "lambda": 0.0, "chosen": False}
+    # The edited model's accuracy as the table gives it everywhere: the SEM row at ``coef``.
+    for sem in rows:
+        if (sem["method"], sem["split"], sem["lambda"]) == ("sem", "test", coef):
+            row["accuracy"], row["accuracy_images"] = sem["accuracy"], sem["accuracy_images"]
+            if "correct" in sem.get("per_image", {}):
+                row["per_image"] = {
+                    **row.get("per_image", {}),
+                    "correct": sem["per_image"]["correct"],
+                }
+    return row
+
+
+def _measured_theta_t_row(rows: Sequence[Mapping[str, Any]], budget: int) -> Mapping | None:
+    """The test ``kernel_shap`` row of theta_T at ``budget`` among ``rows``, if measured."""
+    for row in rows:
+        if (row["method"], row["split"], row["inferences"]) == ("kernel_shap", "test", budget):
+            return row
+    return None
 
 
 def evaluate_target(

@@ -167,7 +167,10 @@ def sweep_target(
         )
     logger.info("sweep %s: target %s chose lambda %g on validation", config.name, target, chosen)
     if config.edited_kernel_shap_budget is not None and spec.role == "target":
-        rows.append(evaluate_edited_kernel_shap(config, spec, model, vector, data["test"], chosen))
+        edited = evaluate_edited_kernel_shap(
+            config, spec, model, vector, data["test"], chosen, rows
+        )
+        rows.append(edited)
         if progress is not None:
             total = config.evaluations_per_target(target)
             progress(total, total)

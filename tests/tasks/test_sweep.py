@@ -38,6 +38,7 @@ from tasks.sweep import (
     target_fingerprint,
     validate_sweep,
 )
+from tasks.sweep.evaluation import evaluate_edited_kernel_shap
 from tasks.sweep.statistics import standard_error
 
 DOMAINS = ("shapes", "scenes")
@@ -536,6 +537,35 @@ def test_the_source_role_is_evaluated_in_domain_at_lambda_0_and_reported_apart(
     assert "[" in line  # SEM - KS-b carries a paired interval
 
 
+def test_edited_kernel_shap_at_lambda_0_reuses_the_theta_t_row(world) -> None:
+    """At lambda* 0 the edited model is theta_T: its Kernel SHAP row at that budget is the one
+    already measured (same images, same seed), taken without touching the model again; another
+    lambda, or a budget not measured, computes it."""
+    config = sweep_config(world, edited_kernel_shap_budget=25, kernel_shap_budgets=(25, 60))
+    spec = config.targets[0]
+    measured = {
+        "target": spec.domain,
+        "method": "kernel_shap",
+        "lambda": math.nan,
+        "inferences": 25,
+        "split": "test",
+        "images": 4,
+        "pearson": 0.5,
+        "chosen": False,
+    }
+    other_budget = {**measured, "inferences": 60, "pearson": 0.7}
+    val = {**measured, "split": "val", "pearson": 0.1}
+    rows = [val, other_budget, measured]
+    # No model, vector or data: reusing the row must not need them.
+    edited = evaluate_edited_kernel_shap(config, spec, None, None, None, 0.0, rows)
+    assert edited == {**measured, "method": "kernel_shap_edited", "lambda": 0.0}
+    assert measured["method"] == "kernel_shap"  # the measured row is left as it was
+    with pytest.raises(AttributeError):  # lambda 1 explains a new model: it needs one
+        evaluate_edited_kernel_shap(config, spec, None, None, None, 1.0, rows)
+    with pytest.raises(AttributeError):  # the budget was not measured on test
+        evaluate_edited_kernel_shap(config, spec, None, None, None, 0.0, [val, other_budget])
+
+
 def test_kernel_shap_images_limits_the_baseline_to_the_first_reference_images(
     world, tmp_path
 ) -> None:
@@ -558,6 +588,17 @@ def test_kernel_shap_images_limits_the_baseline_to_the_first_reference_images(
     for row in edited:
         chosen = limited.chosen[row["target"]]
         assert row["lambda"] == chosen and row["images"] == 4 and row["inferences"] == 25
+        # Its accuracy is the edited model's, as the SEM row at lambda* measured it.
+        [sem] = [
+            r
+            for r in limited.rows
+            if (r["target"], r["method"], r["split"]) == (row["target"], "sem", "test")
+            and r["lambda"] == chosen
+        ]
+        assert (row["accuracy"], row["accuracy_images"]) == (
+            sem["accuracy"],
+            sem["accuracy_images"],
+        )
         [plain] = [
             r
             for r in limited.rows
