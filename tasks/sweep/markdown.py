@@ -131,6 +131,7 @@ def render_report(
     reference_budget: int | None = None,
     compare_budget: int = 150,
     title: str = "Sweep report",
+    alignment: Mapping[str, float] | None = None,
 ) -> str:
     """The markdown report of one sweep.
 
@@ -141,6 +142,8 @@ def render_report(
             another seed is the reference's reliability (the ceiling of agreement scores).
         compare_budget: the Kernel SHAP budget the single SEM pass is compared with.
         title: the first heading.
+        alignment: target -> alpha of :func:`tasks.sweep.inputs.head_alignment` (None or
+            empty: no column).
     """
     lines = [f"## {title}", ""]
     lines += [
@@ -181,8 +184,9 @@ def render_report(
         "What the vector does to each target at the grid's largest lambda, whichever lambda was "
         "chosen (a target that chose 0, e.g. an unrelated one, still shows its effect here).",
         "",
-        "| target | lambda max | accuracy images | d accuracy | d Pearson | d deletion |",
-        "|---|---|---|---|---|---|",
+        "| target | lambda max | accuracy images | d accuracy | d Pearson | d deletion |"
+        + (" alpha |" if alignment else ""),
+        "|---|---|---|---|---|---|" + ("---|" if alignment else ""),
     ]
     for target in targets:
         c = claims[target]
@@ -191,7 +195,16 @@ def render_report(
             f"| {_images(c['at_max'], 'accuracy_images')} "
             f"| {_fmt_diff(c['max_d_accuracy'])} | {_fmt_diff(c['max_d_pearson'])} "
             f"| {_fmt_diff(c['max_d_deletion_auc'])} |"
+            + (f" {_fmt(alignment.get(target, math.nan))} |" if alignment else "")
         )
+    if alignment:
+        lines += [
+            "",
+            "`alpha`: the mean cosine of the target's class embeddings with the normalised mean "
+            "of the source's. The SEM reads a map through the target's head, so what the vector "
+            "does along the source's head reaches the target scaled by alpha; a negative alpha "
+            "turns a transferred map around.",
+        ]
     lines += _edited(rows, targets, chosen)
     lines += [
         "",

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from storage import layout, open_file
 from tasks.sweep.config import QUALITY_METRICS, TABLE_SCHEMA, SweepConfig, sweep_storage
-from tasks.sweep.inputs import EvalData, inputs_fingerprint
+from tasks.sweep.inputs import EvalData, head_alignment, inputs_fingerprint
 from tasks.sweep.markdown import render_report
 
 logger = logging.getLogger(__name__)
@@ -191,6 +191,7 @@ def assemble_sweep(config: SweepConfig, outcomes: Sequence[TargetOutcome]) -> Sw
     rows = [row for outcome in ordered for row in outcome.rows]
     table = pa.Table.from_pylist(rows, schema=TABLE_SCHEMA)
     chosen = {o.target: o.chosen_lambda for o in ordered}
+    alignment = head_alignment(config)
 
     # A crash while rewriting must not leave the old marker vouching for half-new files.
     out.clear_complete(RESULTS_UNIT)
@@ -213,6 +214,7 @@ def assemble_sweep(config: SweepConfig, outcomes: Sequence[TargetOutcome]) -> Sw
             "accuracy_tolerance_points": config.accuracy_tolerance,
         },
         "targets": {o.target: summarise_target(o.rows, o.chosen_lambda) for o in ordered},
+        "head_alignment": alignment,
         "uris": uris,
         "config": config.to_dict(),
     }
@@ -220,7 +222,11 @@ def assemble_sweep(config: SweepConfig, outcomes: Sequence[TargetOutcome]) -> Sw
     out.write_bytes(
         REPORT_FILE,
         render_report(
-            rows, chosen, reference_budget=config.reference_budget, title=f"Sweep `{config.name}`"
+            rows,
+            chosen,
+            reference_budget=config.reference_budget,
+            title=f"Sweep `{config.name}`",
+            alignment=alignment,
         ).encode(),
     )
     out.publish_done(

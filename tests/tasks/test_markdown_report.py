@@ -81,6 +81,10 @@ def test_report_shows_the_largest_lambda_with_intervals_even_when_zero_is_chosen
     assert cells[2] == "500"
     assert cells[3].startswith("-0.080 [") and cells[3].endswith("*")
     assert cells[4].startswith("-0.") and cells[4].endswith("*")
+    assert "alpha" not in text  # no head alignment given: no column
+    text = render_report(rows, {"colours": 0.0}, reference_budget=400, alignment={"colours": -0.26})
+    [line] = [row for row in text.splitlines() if row.startswith("| colours | 2 |")]
+    assert line.endswith("| -0.260 |") and "`alpha`" in text
 
 
 def test_seeds_report_averages_the_point_estimates():

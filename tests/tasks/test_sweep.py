@@ -39,6 +39,7 @@ from tasks.sweep import (
     validate_sweep,
 )
 from tasks.sweep.evaluation import evaluate_edited_kernel_shap
+from tasks.sweep.inputs import head_alignment
 from tasks.sweep.statistics import standard_error
 
 DOMAINS = ("shapes", "scenes")
@@ -535,6 +536,19 @@ def test_the_source_role_is_evaluated_in_domain_at_lambda_0_and_reported_apart(
     in_domain = in_domain.split("### Every row")[0]
     [line] = [x for x in in_domain.splitlines() if x.startswith(f"| {source.domain} |")]
     assert "[" in line  # SEM - KS-b carries a paired interval
+    # alpha: the target's class embeddings against the source head's mean direction.
+    heads = {
+        spec.domain: load_target(spec, config.grid).sem.class_embeddings
+        for spec in (target, source)
+    }
+    s = torch.nn.functional.normalize(heads[source.domain].mean(dim=0), dim=0)
+    alpha = result.summary["head_alignment"]
+    assert alpha.keys() == {target.domain}
+    assert alpha[target.domain] == pytest.approx(float((heads[target.domain] @ s).mean()), abs=1e-6)
+    assert -1.0 <= alpha[target.domain] <= 1.0
+    assert f"{alpha[target.domain]:.3f} |" in main_table.split("### At the largest lambda")[1]
+    # Without a source there is nothing to read s from: no alpha.
+    assert head_alignment(sweep_config(world)) == {}
 
 
 def test_edited_kernel_shap_at_lambda_0_reuses_the_theta_t_row(world) -> None:
