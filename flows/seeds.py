@@ -32,6 +32,9 @@ def seed_claims(rows: list[dict[str, Any]], chosen: dict[str, float]) -> dict[st
                 - mean_of(claims["lambda_0"], metric)
                 for metric in ("accuracy", "pearson", "deletion_auc")
             },
+            # What the vector does at the grid's largest lambda, whichever was chosen.
+            "max_d_pearson": mean_of(claims["at_max"], "pearson")
+            - mean_of(claims["lambda_0"], "pearson"),
         }
     return out
 

@@ -394,9 +394,12 @@ def render_seeds_report(reports: Mapping[int, Mapping[str, Any]]) -> str:
     sources = sorted(
         {t for r in reports.values() for t, c in r.items() if c.get("role") == "source"}
     )
-    metrics = ("d_accuracy", "d_pearson", "d_deletion_auc")
+    metrics = ("d_accuracy", "d_pearson", "d_deletion_auc", "max_d_pearson")
     lines = [
         f"## Over {len(reports)} seeds (mean [95% t-interval])",
+        "",
+        "Differences at each seed's lambda* minus lambda 0 (test); `max_d_pearson`: the same "
+        "at the grid's largest lambda, whichever was chosen.",
         "",
         "| target | lambda* per seed | " + " | ".join(metrics) + " |",
         "|---|---|" + "---|" * len(metrics),
@@ -404,7 +407,7 @@ def render_seeds_report(reports: Mapping[int, Mapping[str, Any]]) -> str:
     for target in targets:
         per_seed = [r[target] for r in reports.values() if target in r]
         lambdas = ", ".join(f"{p['chosen']:g}" for p in per_seed)
-        cells = [over_seeds([p[m] for p in per_seed]).format() for m in metrics]
+        cells = [over_seeds([p[m] for p in per_seed if m in p]).format() for m in metrics]
         lines.append(f"| {target} | {lambdas} | " + " | ".join(cells) + " |")
     if sources:
         in_domain = ("sem_pearson", "kernel_shap_pearson", "sem_minus_kernel_shap")

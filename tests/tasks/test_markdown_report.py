@@ -91,8 +91,14 @@ def test_seeds_report_averages_the_point_estimates():
     rows = [{k: v for k, v in r.items() if k != "per_image"} for r in _rows()]
     one = seed_claims(rows, {"colours": 1.0})
     assert one["colours"]["d_pearson"] > 0.15
-    text = render_seeds_report({0: one, 1: one})
+    # At the largest lambda (2) the Pearson gain of the fixture is the lambda-2 row's.
+    at_max = target_claims(_rows(), "colours", 1.0, None)["max_d_pearson"].estimate
+    assert one["colours"]["max_d_pearson"] == pytest.approx(at_max)
+    other = {"colours": {**one["colours"], "max_d_pearson": at_max + 0.1}}
+    text = render_seeds_report({0: one, 1: other})
     assert "Over 2 seeds" in text and "| colours | 1, 1 |" in text
+    [line] = [row for row in text.splitlines() if row.startswith("| colours |")]
+    assert line.split("|")[-2].strip().startswith(f"{at_max + 0.05:.3f} [")
 
 
 def test_seeds_report_has_the_in_domain_claim_of_the_source_apart():
