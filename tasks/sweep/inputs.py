@@ -251,15 +251,32 @@ def load_target(spec: TargetSpec, grid: int, device: str = "cpu") -> TargetModel
     )
 
 
+def _head(config: SweepConfig, spec: TargetSpec) -> Tensor:
+    """The class embeddings the SEM of ``spec``'s model reads its maps through."""
+    grid = (config.grid, config.grid)
+    loaded = load_sem(spec.model, class_names=spec.class_names, domain=spec.domain, grid=grid)
+    return loaded.sem.class_embeddings
+
+
+def source_direction(config: SweepConfig) -> Tensor | None:
+    """s: the normalised mean of the source's class embeddings (None without a ``source``
+    role, or with several)."""
+    sources = [spec for spec in config.targets if spec.role == "source"]
+    if len(sources) != 1:
+        return None
+    return torch.nn.functional.normalize(_head(config, sources[0]).mean(dim=0), dim=0)
+
+
 def head_alignment(config: SweepConfig) -> dict[str, float]:
     """alpha of each transfer target: how its head reads what theta_X learned on the source's.
 
     The SEM's map for class c is the cosine of each patch token with the class embedding t_c.
-    With s the normalised mean of the source's class embeddings (the only direction the source's
-    head shows theta_X), t_c = alpha_c s + r_c, and whatever the vector does to patch tokens along
-    s reaches a target's maps scaled by alpha_c: a negative mean alpha turns a transferred map
-    around. A real CLIP's prompts share a large common component, so alpha is positive between
-    its domains; a text tower trained on a few prompts alone need not be.
+    With s the normalised mean of the source's class embeddings (:func:`source_direction`, the
+    only direction the source's head shows theta_X), t_c = alpha_c s + r_c, and whatever the
+    vector does to patch tokens along s reaches a target's maps scaled by alpha_c: a negative
+    mean alpha turns a transferred map around. A real CLIP's prompts share a large common
+    component, so alpha is positive between its domains; a text tower trained on a few prompts
+    alone need not be.
 
     Heads come from each model's own text tower (fine-tuning trains the image encoder only, so
     they are the base's).
@@ -268,18 +285,11 @@ def head_alignment(config: SweepConfig) -> dict[str, float]:
         target domain -> the mean over its classes of ``t_c . s``; empty when the sweep has no
         ``source`` role (nothing to read s from).
     """
-    sources = [spec for spec in config.targets if spec.role == "source"]
-    if len(sources) != 1:
+    s = source_direction(config)
+    if s is None:
         return {}
-
-    def head(spec: TargetSpec) -> Tensor:
-        grid = (config.grid, config.grid)
-        loaded = load_sem(spec.model, class_names=spec.class_names, domain=spec.domain, grid=grid)
-        return loaded.sem.class_embeddings
-
-    s = torch.nn.functional.normalize(head(sources[0]).mean(dim=0), dim=0)
     return {
-        spec.domain: float((head(spec) @ s).mean())
+        spec.domain: float((_head(config, spec) @ s).mean())
         for spec in config.targets
         if spec.role == "target"
     }

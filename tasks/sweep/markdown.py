@@ -407,7 +407,7 @@ def render_seeds_report(reports: Mapping[int, Mapping[str, Any]]) -> str:
     for target in targets:
         per_seed = [r[target] for r in reports.values() if target in r]
         lambdas = ", ".join(f"{p['chosen']:g}" for p in per_seed)
-        cells = [over_seeds([p[m] for p in per_seed if m in p]).format() for m in metrics]
+        cells = [over_seeds([p[m] for p in per_seed]).format() for m in metrics]
         lines.append(f"| {target} | {lambdas} | " + " | ".join(cells) + " |")
     if sources:
         in_domain = ("sem_pearson", "kernel_shap_pearson", "sem_minus_kernel_shap")
