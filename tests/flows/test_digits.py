@@ -63,8 +63,12 @@ def test_pipeline_runs_with_digits_as_a_carved_image_folder_target(tmp_path: Pat
         "carve": {"fractions": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 0},
     }
     # References of one image per class; accuracy on every carved val and test image.
+    # The target trains its own number of epochs, the source's P and X the configured ones.
     config = PipelineConfig.miniature(
-        str(tmp_path / "out"), targets=(digits,), reference_images={"val": 10, "test": 10}
+        str(tmp_path / "out"),
+        targets=(digits,),
+        reference_images={"val": 10, "test": 10},
+        target_epochs=2,
     )
     config_file = tmp_path / "pipeline.json"
     config_file.write_text(
@@ -94,3 +98,7 @@ def test_pipeline_runs_with_digits_as_a_carved_image_folder_target(tmp_path: Pat
     loaded = load_sem(str(theta_t), device="cpu")
     assert loaded.class_names[:3] == ["zero", "one", "two"]
     assert loaded.sidecar["config"]["templates"] == ["a photo of the digit {}."]
+    assert loaded.sidecar["config"]["epochs"] == 2
+    for mode in ("P", "X"):
+        (source,) = (tmp_path / "out" / "models").glob(f"shapes-{mode}-*/model.safetensors")
+        assert load_sem(str(source), device="cpu").sidecar["config"]["epochs"] == 1
