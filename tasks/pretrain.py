@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import open_clip
 import safetensors.torch
@@ -65,6 +65,15 @@ class PretrainConfig(StageConfig):
             ``epochs`` are then unused.
         augment_shift: random translation of each training image by up to this many pixels
             (reflect-padded), drawn from (seed, step).
+        contrast: what each image is contrasted with. ``"vocabulary"``: every caption of every
+            domain. ``"domain"``: only its own domain's captions (and each caption only with its
+            domain's images), the way the zero-shot heads are used.
+        lock_text: keep the text tower at its random initialisation and train the image tower
+            (and the temperature) alone. The prompts, which share the template, then keep the
+            large common component they start with (mean cosine about 0.9), as a real CLIP's
+            prompts keep one; a text tower trained on a few dozen prompts spreads them over the
+            sphere instead, and task arithmetic transfers through that component (see
+            ``tasks.sweep.inputs.head_alignment``).
     """
 
     model_name: str = DEFAULT_MODEL
@@ -81,6 +90,8 @@ class PretrainConfig(StageConfig):
     template: str = DEFAULT_TEMPLATES[0]
     fresh_steps: int = Field(default=0, ge=0)
     augment_shift: int = Field(default=0, ge=0)
+    contrast: Literal["vocabulary", "domain"] = "vocabulary"
+    lock_text: bool = False
 
 
 # The base model shipped with the package: trained once by ``explain-transfer pretrain --shipped``
@@ -94,6 +105,8 @@ SHIPPED_PRETRAIN = PretrainConfig(
     warmup_steps=100,
     augment_shift=3,
     val_per_class=100,
+    contrast="domain",
+    lock_text=True,
 )
 
 
@@ -268,6 +281,7 @@ def contrastive_loss(
     caption_features: torch.Tensor,
     captions: torch.Tensor,
     logit_scale: torch.Tensor,
+    caption_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between images and the caption vocabulary.
 
@@ -281,14 +295,21 @@ def contrastive_loss(
         caption_features: ``[V, D]`` L2-normalised embeddings of the caption vocabulary.
         captions: ``[B]`` caption index of each image.
         logit_scale: CLIP's log temperature.
+        caption_groups: ``[V]`` group (domain) of each caption; when given, an image is
+            contrasted only with its own group's captions and a caption only with its group's
+            images.
     """
     logits = logit_scale.exp() * image_features @ caption_features.T
+    if caption_groups is not None:
+        other_group = caption_groups[captions][:, None] != caption_groups[None, :]
+        logits = logits.masked_fill(other_group, float("-inf"))
     image_to_text = F.cross_entropy(logits, captions)
     present = torch.unique(captions)
-    positives = (captions[None, :] == present[:, None]).float()
-    text_logits = logits.T[present]
-    targets = positives / positives.sum(dim=1, keepdim=True)
-    text_to_image = -(targets * F.log_softmax(text_logits, dim=1)).sum(dim=1).mean()
+    positives = captions[None, :] == present[:, None]
+    targets = positives.float() / positives.sum(dim=1, keepdim=True)
+    # Masked pairs have log-probability -inf and target 0: leave them out of the sum.
+    log_probs = F.log_softmax(logits.T[present], dim=1).masked_fill(~positives, 0.0)
+    text_to_image = -(targets * log_probs).sum(dim=1).mean()
     return 0.5 * (image_to_text + text_to_image)
 
 
@@ -348,6 +369,17 @@ def pretrain_base(
         for name in SYNTHETIC_DOMAINS[domain].class_names:
             if name not in vocabulary:
                 vocabulary.append(name)
+    caption_groups = None
+    if config.contrast == "domain":
+        names = [set(SYNTHETIC_DOMAINS[d].class_names) for d in domains]
+        if any(len(a & b) for i, a in enumerate(names) for b in names[i + 1 :]):
+            raise ValueError(
+                "contrast='domain' needs each class name in one domain only; "
+                f"the domains {domains} share some"
+            )
+        caption_groups = torch.tensor(
+            [next(i for i, group in enumerate(names) if name in group) for name in vocabulary]
+        )
     batches, total = _training_batches(config, domains, vocabulary)
     torch.manual_seed(config.seed)
     clip_model = load_clip(config.model_name).train()
@@ -356,10 +388,15 @@ def pretrain_base(
     # The same normalisation as SelfExplainingCLIP, which takes images in [0, 1].
     mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
-    # The random word embeddings stay fixed: with a vocabulary of a few dozen captions the text
-    # transformer separates them anyway, and a dense AdamW update of the 49k-row table would cost
-    # more than the rest of the step.
-    clip_model.token_embedding.weight.requires_grad_(False)
+    if config.lock_text:
+        clip_model.lock_text_tower()
+        with torch.no_grad():
+            locked_captions = clip_model.encode_text(tokens, normalize=True)
+    else:
+        # The random word embeddings stay fixed: with a vocabulary of a few dozen captions the
+        # text transformer separates them anyway, and a dense AdamW update of the 49k-row table
+        # would cost more than the rest of the step.
+        clip_model.token_embedding.weight.requires_grad_(False)
     trainable = [(n, p) for n, p in clip_model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in trainable if p.ndim < 2 or "embedding" in n]
@@ -381,9 +418,15 @@ def pretrain_base(
             group["lr"] = config.lr * min(warmup, cosine)
         batch = (batch_images.float().div_(255.0) - mean) / std
         image_features = clip_model.encode_image(batch, normalize=True)
-        caption_features = clip_model.encode_text(tokens, normalize=True)
+        caption_features = (
+            locked_captions if config.lock_text else clip_model.encode_text(tokens, normalize=True)
+        )
         loss = contrastive_loss(
-            image_features, caption_features, batch_captions, clip_model.logit_scale
+            image_features,
+            caption_features,
+            batch_captions,
+            clip_model.logit_scale,
+            caption_groups,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
