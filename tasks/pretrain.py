@@ -371,15 +371,15 @@ def pretrain_base(
                 vocabulary.append(name)
     caption_groups = None
     if config.contrast == "domain":
-        names = [set(SYNTHETIC_DOMAINS[d].class_names) for d in domains]
-        if any(len(a & b) for i, a in enumerate(names) for b in names[i + 1 :]):
+        # The vocabulary lists the domains' names in order, so without a shared name caption k
+        # belongs to the domain of the k-th name.
+        owners = [i for i, d in enumerate(domains) for _ in SYNTHETIC_DOMAINS[d].class_names]
+        if len(owners) != len(vocabulary):
             raise ValueError(
                 "contrast='domain' needs each class name in one domain only; "
                 f"the domains {domains} share some"
             )
-        caption_groups = torch.tensor(
-            [next(i for i, group in enumerate(names) if name in group) for name in vocabulary]
-        )
+        caption_groups = torch.tensor(owners)
     batches, total = _training_batches(config, domains, vocabulary)
     torch.manual_seed(config.seed)
     clip_model = load_clip(config.model_name).train()

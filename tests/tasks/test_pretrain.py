@@ -38,6 +38,11 @@ def _batches(**changes):
     return list(FreshBatches(config, DOMAINS, VOCABULARY))
 
 
+def _short_pretraining(**changes) -> PretrainConfig:
+    """A fresh-image pretraining of a few 8-image steps on :data:`DOMAINS`."""
+    return PretrainConfig(domains=DOMAINS, batch_size=8, val_per_class=2, warmup_steps=1, **changes)
+
+
 def test_fresh_batches_are_deterministic_new_and_balanced():
     first, again = _batches(augment_shift=2), _batches(augment_shift=2)
     assert len(first) == 3
@@ -132,14 +137,7 @@ def test_a_fresh_image_pretraining_reruns_to_bit_identical_weights(tmp_path):
     from storage import open_storage
     from tasks.pretrain import compare_to_shipped, pretrain_base
 
-    config = PretrainConfig(
-        domains=DOMAINS,
-        fresh_steps=4,
-        batch_size=8,
-        val_per_class=2,
-        warmup_steps=1,
-        augment_shift=3,
-    )
+    config = _short_pretraining(fresh_steps=4, augment_shift=3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -165,15 +163,7 @@ def test_a_locked_text_tower_keeps_its_initialisation_and_the_image_tower_trains
     from tasks.model import load_clip
     from tasks.pretrain import pretrain_base
 
-    config = PretrainConfig(
-        domains=DOMAINS,
-        fresh_steps=2,
-        batch_size=8,
-        val_per_class=2,
-        warmup_steps=1,
-        contrast="domain",
-        lock_text=True,
-    )
+    config = _short_pretraining(fresh_steps=2, contrast="domain", lock_text=True)
     storage = open_storage(str(tmp_path))
     trained = safetensors.torch.load_file(storage.url(pretrain_base(config, storage)))
     torch.manual_seed(config.seed)
