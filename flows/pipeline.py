@@ -99,8 +99,8 @@ class PipelineConfig(StageConfig):
     label: LabelConfig = LabelConfig(forward_batch_size=256)
     reference_budget: int = Field(400, ge=2)
     num_shards: int = Field(2, ge=1)
-    # Fine near 1-2, where the targets' optima and their accuracy cliffs lie on the shipped base,
-    # and out to 4, so that a choice at the edge means the accuracy tolerance stopped it.
+    # Fine near 1-2, where the targets' optima and accuracy cliffs lie on the shipped base, and
+    # out to 4, where every target loses accuracy: the tolerance, not the grid, bounds lambda*.
     lambdas: tuple[float, ...] = (0.0, 1.0, 1.5, 2.0, 3.0, 4.0)
     # 150: the paper's comparison; 400 (the reference budget, another seed): the reference's
     # reliability, the ceiling of agreement scores. 25, 50 and 100 told nothing the two do not
