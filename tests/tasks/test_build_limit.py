@@ -131,10 +131,10 @@ def test_pipeline_references_hold_whole_classes_and_accuracy_reads_the_export() 
 
     config = PipelineConfig(out_uri="out")
     assert config.per_class == {"train": 64, "val": 100, "test": 100}
-    # textures has 4 classes: 100 test images are 25 per class; 40 val images of 5 classes, 8.
+    # textures has 4 classes: 100 test images are 25 per class; 30 val images of 5 classes, 6.
     assert reference_per_class(config, "test", 4) == 25
-    assert reference_per_class(config, "val", 5) == 8
-    assert reference_per_class(config, "val", 3) == 14  # rounded up to whole classes
+    assert reference_per_class(config, "val", 5) == 6
+    assert reference_per_class(config, "val", 4) == 8  # rounded up to whole classes
     build = _build_config(config, "textures", "textures-ref", "test", "m", LabelConfig(), 25)
     assert build.max_per_class == 25 and not build.preserve_layout
     # The source X-dataset keeps P's layout, as before.
