@@ -15,9 +15,9 @@ reference is recomputed for each candidate, since fine-tuning moves the model it
 
 A recipe is a JSON object of ``FinetuneConfig`` fields (``lr``, ``epochs``, ``beta``, ...) over
 the run's theta_X config, plus optionally ``"x_data": [images_per_class, budget]``: an X-dataset
-of that many synthetic source images per class labelled at that budget (the run's source must
-be a built-in synthetic domain), e.g. twice the images at half the budget (the same labelling
-cost).
+of that many synthetic source images per class (rendered with seed 0) labelled at that budget
+(the run's source must be a built-in synthetic domain), e.g. twice the images at half the budget
+(the same labelling cost).
 
 Run: ``python -m benchmarks.theta_x_recipes --out demo-out`` (the default recipes: about 25 min
 on 2 CPU cores), or ``--recipes '[{"epochs": 36}]'``.
