@@ -41,6 +41,7 @@ from tasks.finetune import FinetuneConfig, finetune, pearson_per_image
 from tasks.model.loading import load_sem, read_sidecar, weights_uri
 from tasks.sweep.config import SweepConfig
 from tasks.sweep.inputs import load_reference
+from tasks.sweep.statistics import standard_error
 
 DEFAULT_RECIPES: tuple[dict[str, Any], ...] = (
     {},
@@ -118,13 +119,13 @@ def score(uri: str, batch: Any, mean: torch.Tensor, reference_budget: int) -> di
     ks150 = explain(150, 5000)
     sem_r = pearson_per_image(label_maps, reference)
     ks_r = pearson_per_image(ks150, reference)
-    diff = sem_r - ks_r
+    diff = (sem_r - ks_r).double().numpy()
     return {
         "accuracy": float((logits.argmax(1) == labels).float().mean()),
         "sem": float(sem_r.mean()),
         "ks150": float(ks_r.mean()),
         "diff": float(diff.mean()),
-        "diff_se": float(diff.std() / n**0.5),
+        "diff_se": standard_error(diff),
         "sem_vs_run": float(pearson_per_image(label_maps, batch.targets).mean()),
     }
 
@@ -147,7 +148,7 @@ def main() -> None:
     x_data_config = open_storage(x_run["data"]).read_json("config.json")["config"]
     work = args.work or str(Path(args.out).resolve() / "benchmarks" / "theta-x")
     Path(work).mkdir(parents=True, exist_ok=True)
-    reference = load_reference(source.test_reference, max_images=args.images)
+    reference = load_reference(source.test_reference)
     batch = reference.head(args.images)
     mean = torch.tensor(reference.baseline_mean)
     recipes = json.loads(args.recipes) if args.recipes else list(DEFAULT_RECIPES)
