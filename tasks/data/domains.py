@@ -13,11 +13,19 @@ format only.
   are the sub-folders ``train/``, ``val/``, ``test/``, or are *carved* from one folder: each file
   goes to the split where ``sha256(seed:key)`` falls among the fixed fractions, so a file's split
   never depends on which other files exist. Original image bytes are kept (readers convert other
-  formats to PNG); every stage resizes to the model's input.
+  formats to PNG); every stage resizes to the model's input. Each split is exported in a *mixed
+  order* (:func:`mixed_order`): round ``r`` holds the ``r``-th file of every class, so every
+  shard holds many classes (a listing sorted by class folder would give shards, and hence the
+  training stream's shuffle buffer, of one class each) and the first ``N`` files of each class
+  are the first rounds. Shard ``i`` is positions ``[i * s, (i + 1) * s)`` of that order: shards
+  are fixed by the listing alone, so :func:`domain_shards` cuts a split into independent units
+  of work that a flow fans out, and a rerun passes over a complete shard without reading it.
 - ``webdataset``: existing shards ``{shards_name}-{split}-NNNNNN.tar`` and a classes file. They
   are *re-exported*, not used in place: foreign shards carry no completion markers, manifest or
   quarantine report, and re-exporting validates every sample once, applies ``per_class`` caps and
-  gives every domain the same layout. The cost is one copy of the data.
+  gives every domain the same layout. The cost is one copy of the data. The input's order is
+  kept (a class-sorted input stays class-sorted: reordering it would read every input shard
+  once per output shard).
 
 :func:`check_domain` reads only listings and class files: it is run before any compute, so a
 missing path, unknown classes or an empty split fail at once with one line (``ValueError``).
@@ -37,6 +45,18 @@ from pydantic import Field, field_validator, model_validator
 from storage import Storage, StorageError, join_uri, layout, open_file, open_storage
 from storage.fingerprints import fingerprint_of
 from tasks.config import StageConfig
+from tasks.data.export import (
+    DEFAULT_READ_WORKERS,
+    ShardOutcome,
+    export_listed_shard,
+    export_synthetic_domain,
+    export_to_shards,
+    finish_split,
+    listed_shards,
+    write_class_names,
+    write_complete_manifest,
+)
+from tasks.data.prefetch import ordered_map
 from tasks.data.quarantine import QuarantineReport
 from tasks.data.readers import list_image_folder, read_image_file, read_shard_samples
 from tasks.data.synthetic import SPLITS, SYNTHETIC_DOMAINS
@@ -45,6 +65,10 @@ from tasks.model.sem import DEFAULT_TEMPLATES
 logger = logging.getLogger(__name__)
 
 DomainKind = Literal["synthetic", "imagefolder", "webdataset"]
+
+#: Shards of one domain exported at once by :func:`export_domain` by default (each reads its
+#: files on :data:`~tasks.data.export.DEFAULT_READ_WORKERS` threads).
+DEFAULT_SHARD_WORKERS = 4
 
 
 class SplitCarving(StageConfig):
@@ -175,8 +199,9 @@ class DomainPlan:
     Attributes:
         spec: the domain.
         class_names: the classes in id order.
-        units: per split, what will be exported: ``(path, key, class_id)`` files (imagefolder),
-            shard keys (webdataset) or nothing (synthetic, drawn on demand).
+        units: per split, what will be exported: ``(path, key, class_id)`` files in their
+            export order (imagefolder, :func:`mixed_order`), shard keys (webdataset) or nothing
+            (synthetic, drawn on demand).
     """
 
     spec: DomainSpec
@@ -193,6 +218,11 @@ class DomainPlan:
             self.class_names,
             (self.spec.per_class or {}).get(split),
         )
+
+    def shards_fingerprint(self, split: str, samples_per_shard: int) -> str:
+        """What each listed shard of the split is made from: the listing and the shard size
+        (which decides where each file goes)."""
+        return fingerprint_of(self.listing_fingerprint(split), samples_per_shard)
 
 
 def check_domain(spec: DomainSpec) -> DomainPlan:
@@ -242,7 +272,7 @@ def _plan_image_folder(spec: DomainSpec, where: str) -> DomainPlan:
             target = spec.carve.split_of(key) if spec.carve else split
             units[target].append((path, key, ids[listing.wnids[local]]))
     caps = spec.per_class or {}
-    chosen = {s: tuple(_cap_per_class(units[s], caps.get(s), s)) for s in SPLITS}
+    chosen = {s: tuple(_cap_per_class(mixed_order(units[s], s), caps.get(s))) for s in SPLITS}
     for split, files in chosen.items():
         if not files:
             raise ValueError(f"{where}: split {split!r} is empty after carving {spec.uri}")
@@ -274,19 +304,44 @@ def _image_folder_names(
     return tuple(listed)
 
 
-def _cap_per_class(files: list[tuple[str, str, int]], cap: int | None, split: str) -> list:
-    """At most ``cap`` files per class (lowest key hashes), in sorted path order."""
-    files = sorted(files)
+def mixed_order(files: Sequence[tuple[str, str, int]], split: str) -> list[tuple[str, str, int]]:
+    """The export order of a split's ``(path, key, class_id)`` files: class rounds, shuffled.
+
+    Each class's files are ranked by ``sha256("{split}:{key}")``; round ``r`` holds the file
+    of rank ``r`` of every class that has one, and a round is ordered by the other half of the
+    same digest. So consecutive files come from different classes (a shard of ``s`` files
+    holds up to ``min(s, classes)`` classes), the first ``N`` files of each class in this order
+    are its ``N`` lowest-hashed ones (what ``per_class`` keeps, and the first ``N`` rounds: a
+    prefix of the split), and the order depends on the files' keys and classes only, not on
+    the order the listing gave them in.
+    """
+    by_class: dict[int, list[tuple[bytes, tuple[str, str, int]]]] = {}
+    for item in files:
+        digest = hashlib.sha256(f"{split}:{item[1]}".encode()).digest()
+        by_class.setdefault(item[2], []).append((digest, item))
+    placed = []
+    for ranked in by_class.values():
+        ranked.sort()
+        # The rank comes from the digest's leading bytes; its last 16 bytes, independent of
+        # those, shuffle the round.
+        placed.extend((r, digest[16:], item) for r, (digest, item) in enumerate(ranked))
+    placed.sort()
+    return [item for _, _, item in placed]
+
+
+def _cap_per_class(
+    ordered: list[tuple[str, str, int]], cap: int | None
+) -> list[tuple[str, str, int]]:
+    """The first ``cap`` files of each class in :func:`mixed_order` (its lowest key hashes)."""
     if cap is None:
-        return files
-    ranked = sorted(files, key=lambda f: hashlib.sha256(f"{split}:{f[1]}".encode()).digest())
-    kept: set[tuple[str, str, int]] = set()
+        return ordered
     counts: dict[int, int] = {}
-    for item in ranked:
-        if counts.get(item[2], 0) < cap:
-            counts[item[2]] = counts.get(item[2], 0) + 1
-            kept.add(item)
-    return [f for f in files if f in kept]
+    kept = []
+    for item in ordered:
+        counts[item[2]] = counts.get(item[2], 0) + 1
+        if counts[item[2]] <= cap:
+            kept.append(item)
+    return kept
 
 
 def _plan_webdataset(spec: DomainSpec, where: str) -> DomainPlan:
@@ -324,6 +379,162 @@ def _read_names_file(uri: str, where: str) -> tuple[str, ...]:
     return tuple(str(name) for name in data)
 
 
+@dataclass(frozen=True)
+class DomainShard:
+    """One output shard of an ImageFolder domain's split, fixed by the listing alone.
+
+    Small and self-contained (the shard's own files, not the split's), so a flow can hand it to
+    a task on another worker; :func:`export_domain_shard` exports it.
+
+    Attributes:
+        name: the dataset name (the domain's).
+        split: the split.
+        index: the shard's index in the split.
+        root: the folder the files' paths are relative to (URI).
+        files: the shard's ``(path, key, class_id)`` files, in export order.
+        num_classes: labels are below this.
+        fingerprint: the split's listing and the shard size, recorded in the shard's marker.
+    """
+
+    name: str
+    split: str
+    index: int
+    root: str
+    files: tuple[tuple[str, str, int], ...]
+    num_classes: int
+    fingerprint: str
+
+    @property
+    def key(self) -> str:
+        """The shard's key, ``{name}-{split}-NNNNNN.tar``."""
+        return layout.shard_name(self.name, self.split, self.index)
+
+
+def domain_shards(
+    plan: DomainPlan, *, samples_per_shard: int = 256
+) -> dict[str, list[DomainShard]]:
+    """The output shards of every split of a checked ImageFolder domain, from its plan alone.
+
+    Shard ``i`` of a split holds positions ``[i * s, (i + 1) * s)`` of the split's files in
+    export order (:func:`mixed_order`). Nothing is read: a complete shard can be recognised
+    before any of its images is.
+
+    Raises:
+        ValueError: the domain is not an ImageFolder, or ``samples_per_shard`` is not positive.
+    """
+    spec = plan.spec
+    if spec.kind != "imagefolder" or spec.uri is None:
+        raise ValueError(f"domain {spec.name!r}: only an imagefolder domain has listed shards")
+    shards: dict[str, list[DomainShard]] = {}
+    for split in SPLITS:
+        files = plan.units[split]
+        root = open_storage(spec.uri if spec.carve else join_uri(spec.uri, split)).uri
+        fingerprint = plan.shards_fingerprint(split, samples_per_shard)
+        shards[split] = [
+            DomainShard(
+                spec.name,
+                split,
+                index,
+                root,
+                tuple(files[positions.start : positions.stop]),
+                len(plan.class_names),
+                fingerprint,
+            )
+            for index, positions in enumerate(listed_shards(len(files), samples_per_shard))
+        ]
+    return shards
+
+
+def export_domain_shard(
+    shard: DomainShard,
+    storage: Storage,
+    *,
+    workers: int = DEFAULT_READ_WORKERS,
+    overwrite: bool = False,
+) -> ShardOutcome:
+    """Export one shard of an ImageFolder domain (skipped, reading nothing, when complete).
+
+    Its files are fetched and decoded once each, on ``workers`` threads, by
+    :func:`tasks.data.readers.read_image_file`; the export does not decode them again.
+
+    Args:
+        shard: from :func:`domain_shards`.
+        storage: the domain's dataset folder.
+        workers: threads reading the shard's files.
+        overwrite: rewrite the shard even when it is complete.
+    """
+    root = open_storage(shard.root)
+
+    def read(file: tuple[str, str, int]) -> tuple[dict[str, Any] | None, QuarantineReport]:
+        report = QuarantineReport()
+        path, key, class_id = file
+        return read_image_file(root, path, key, class_id, report), report
+
+    return export_listed_shard(
+        shard.files,
+        read,
+        storage,
+        shard.name,
+        shard.split,
+        shard.index,
+        num_classes=shard.num_classes,
+        fingerprint=shard.fingerprint,
+        workers=workers,
+        overwrite=overwrite,
+        check_images=False,
+    )
+
+
+def finish_domain_export(
+    storage: Storage,
+    spec: DomainSpec,
+    class_names: Sequence[str],
+    shard_keys: Mapping[str, Sequence[str]],
+    fingerprints: Mapping[str, str],
+    outcomes: Sequence[ShardOutcome],
+) -> dict[str, list[str]]:
+    """Close the export of an ImageFolder domain: ``classes.json``, each split's report, then
+    the manifest once.
+
+    Args:
+        storage: the domain's dataset folder.
+        spec: the domain.
+        class_names: its classes in id order (:attr:`DomainPlan.class_names`).
+        shard_keys: the shards of each split (:func:`domain_shards`).
+        fingerprints: the fingerprint of each split's shards (:attr:`DomainShard.fingerprint`):
+            complete shards of the split beyond ``shard_keys`` made from other inputs are
+            retired (:func:`tasks.data.export.finish_split`).
+        outcomes: what exporting each shard did, in any order.
+
+    Returns:
+        The shard keys of each split.
+
+    Raises:
+        ValueError: a split holds no usable image.
+    """
+    name = spec.name
+    record_domain(storage, spec, class_names)
+    by_shard = {outcome.shard: outcome for outcome in outcomes}
+    for split, keys in shard_keys.items():
+        report = QuarantineReport()
+        for key in keys:
+            if key in by_shard:
+                report.merge(by_shard[key].report)
+        total = finish_split(
+            storage,
+            name,
+            split,
+            keys,
+            report,
+            manifest=False,
+            retire_fingerprint=fingerprints.get(split),
+        )
+        if not total.counts["written"]:
+            raise ValueError(f"domain {name!r}: split {split!r} has no usable image")
+    write_complete_manifest(storage)
+    return {split: list(keys) for split, keys in shard_keys.items()}
+
+
 def export_domain(
     plan: DomainPlan,
     storage: Storage,
@@ -332,10 +543,16 @@ def export_domain(
     image_size: int,
     seed: int,
     samples_per_shard: int = 256,
+    shard_workers: int = DEFAULT_SHARD_WORKERS,
+    read_workers: int = DEFAULT_READ_WORKERS,
+    overwrite: bool = False,
 ) -> dict[str, list[str]]:
     """Materialise a checked domain as WebDataset shards and ``classes.json`` in ``storage``.
 
-    A rerun fills only missing shards (their markers record the listing they came from).
+    A rerun fills only missing shards (their markers record the listing they came from). An
+    ImageFolder domain is exported shard by shard from its plan (:func:`domain_shards`),
+    ``shard_workers`` shards at a time: a complete shard is passed over without reading any of
+    its images, and the listing is the plan's (no folder is listed again).
 
     Args:
         plan: the domain, checked by :func:`check_domain`.
@@ -344,6 +561,9 @@ def export_domain(
         image_size: synthetic: the side images are drawn at, unless the spec sets its own.
         seed: synthetic: generation seed.
         samples_per_shard: samples per output shard.
+        shard_workers: imagefolder: shards exported at once (1: one after the other).
+        read_workers: imagefolder: threads reading the files of each shard.
+        overwrite: imagefolder: rewrite complete shards too.
 
     Returns:
         The shard keys of each split.
@@ -351,8 +571,6 @@ def export_domain(
     Raises:
         ValueError: a split left without any usable image.
     """
-    from tasks.data.export import export_synthetic_domain, export_to_shards
-
     spec = plan.spec
     if spec.kind == "synthetic":
         shards = export_synthetic_domain(
@@ -364,19 +582,30 @@ def export_domain(
             samples_per_shard=samples_per_shard,
         )
         if spec.templates != DEFAULT_TEMPLATES or spec.related is not None:
-            _record_spec(storage, plan)
+            record_domain(storage, spec, plan.class_names)
         return shards
-    _record_spec(storage, plan)
+    if spec.kind == "imagefolder":
+        listed = domain_shards(plan, samples_per_shard=samples_per_shard)
+        everything = [shard for split in SPLITS for shard in listed[split]]
+
+        def export(shard: DomainShard) -> ShardOutcome:
+            return export_domain_shard(shard, storage, workers=read_workers, overwrite=overwrite)
+
+        outcomes = list(ordered_map(export, everything, workers=shard_workers))
+        return finish_domain_export(
+            storage,
+            spec,
+            plan.class_names,
+            {split: [shard.key for shard in shards] for split, shards in listed.items()},
+            {split: shards[0].fingerprint for split, shards in listed.items() if shards},
+            outcomes,
+        )
+    record_domain(storage, spec, plan.class_names)
     shards = {}
     for split in SPLITS:
         report = QuarantineReport()
-        samples = (
-            _image_folder_samples(plan, split, report)
-            if spec.kind == "imagefolder"
-            else _webdataset_samples(plan, split, report)
-        )
         shards[split] = export_to_shards(
-            samples,
+            _webdataset_samples(plan, split, report),
             storage,
             spec.name,
             split,
@@ -384,33 +613,26 @@ def export_domain(
             num_classes=len(plan.class_names),
             report=report,
             fingerprint=plan.listing_fingerprint(split),
+            # The reader decodes every image already, so that an unusable one never counts
+            # towards its class's per_class cap.
+            check_images=False,
         )
         if not shards[split]:
             raise ValueError(f"domain {spec.name!r}: split {split!r} has no usable image")
     return shards
 
 
-def _record_spec(storage: Storage, plan: DomainPlan) -> None:
-    from tasks.data.export import write_class_names
-
+def record_domain(storage: Storage, spec: DomainSpec, class_names: Sequence[str]) -> None:
+    """Write the domain's ``classes.json``: class names, prompt templates, related flag."""
     write_class_names(
         storage,
-        plan.class_names,
-        domain=plan.spec.name,
-        kind=plan.spec.kind,
-        source=plan.spec.uri,
-        templates=list(plan.spec.templates),
-        related=plan.spec.is_related,
+        class_names,
+        domain=spec.name,
+        kind=spec.kind,
+        source=spec.uri,
+        templates=list(spec.templates),
+        related=spec.is_related,
     )
-
-
-def _image_folder_samples(plan: DomainPlan, split: str, report: QuarantineReport):
-    assert plan.spec.uri is not None
-    root = open_storage(plan.spec.uri if plan.spec.carve else join_uri(plan.spec.uri, split))
-    for path, key, class_id in plan.units[split]:
-        sample = read_image_file(root, path, key, class_id, report)
-        if sample is not None:
-            yield sample
 
 
 def _webdataset_samples(plan: DomainPlan, split: str, report: QuarantineReport):

@@ -176,7 +176,8 @@ def test_shipped_configs_parse_and_the_default_is_the_embedded_default(tmp_path:
     default = json.loads((CONFIGS / "embedded-default.json").read_text())
     assert PipelineConfig(**default) == PipelineConfig(out_uri=default["out_uri"])
     real = PipelineConfig(**json.loads((CONFIGS / "imagenet-vit-b-32.json").read_text()))
-    assert real.model_name == "ViT-B-32" and real.image_size == 224 and real.device == "cuda"
+    assert real.model_name.startswith("ViT-B-32") and real.image_size == 224
+    assert real.device == "cuda"
     assert real.source_spec.kind == "imagefolder" and real.base.startswith("s3://")
     assert {t.kind for t in real.target_specs} == {"imagefolder", "webdataset"}
     # A mix of names and specs: every domain once, the source first.
