@@ -6,7 +6,11 @@ import hashlib
 import io
 import json
 import logging
+import os
 import pickle
+import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,11 +18,20 @@ import safetensors.torch
 import torch
 
 from storage.core import Storage
+from storage.errors import ObjectNotFoundError
+from storage.local import LocalStorage
 
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIX = ".safetensors"
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+_HASH_CHUNK = 8 << 20
+
+# Byte fingerprints of sidecar-less checkpoints, by (URL, object version): hashing a 600 MB base
+# once per process instead of on every call. Bounded, and shared by a process's threads.
+_BYTES_FINGERPRINTS: OrderedDict[tuple[str, str], str] = OrderedDict()
+_BYTES_FINGERPRINTS_MAX = 64
+_BYTES_FINGERPRINTS_LOCK = threading.Lock()
 
 
 def sidecar_key(key: str) -> str:
@@ -120,7 +133,9 @@ def load_sidecar(storage: Storage, key: str) -> dict[str, Any]:
 def checkpoint_fingerprint(uri: str) -> str:
     """The content fingerprint of the checkpoint at ``uri``, read from its sidecar (no tensors).
 
-    A checkpoint without a sidecar (weights from elsewhere) is fingerprinted by its bytes.
+    A checkpoint without a sidecar (weights from elsewhere) is fingerprinted by its bytes, once
+    per process and object version (:func:`object_version`): a later call costs a metadata
+    request, and a file rewritten in place is hashed again.
     """
     from storage.uri import open_file
 
@@ -129,7 +144,66 @@ def checkpoint_fingerprint(uri: str) -> str:
         fingerprint = load_sidecar(storage, key).get("state_fingerprint")
         if fingerprint:
             return str(fingerprint)
-    return hashlib.sha256(storage.read_bytes(key)).hexdigest()[:16]
+    version = object_version(storage, key)
+    if version is None:
+        return _bytes_fingerprint(storage, key)
+    cache_key = (storage.url(key), version)
+    with _BYTES_FINGERPRINTS_LOCK:
+        cached = _BYTES_FINGERPRINTS.get(cache_key)
+        if cached is not None:
+            _BYTES_FINGERPRINTS.move_to_end(cache_key)
+            return cached
+    fingerprint = _bytes_fingerprint(storage, key)
+    with _BYTES_FINGERPRINTS_LOCK:
+        _BYTES_FINGERPRINTS[cache_key] = fingerprint
+        while len(_BYTES_FINGERPRINTS) > _BYTES_FINGERPRINTS_MAX:
+            _BYTES_FINGERPRINTS.popitem(last=False)
+    return fingerprint
+
+
+def object_version(storage: Storage, key: str) -> str | None:
+    """A token that changes whenever the object's bytes do; None when it cannot be told.
+
+    A local file: its size, inode and modification and change times (a publish renames a new
+    file into place, so a rewrite changes the inode as well). An S3 object: its size, ETag and
+    last-modified time from one HEAD request.
+
+    Raises:
+        ObjectNotFoundError: no object under ``key``.
+    """
+    if isinstance(storage, LocalStorage):
+        path = storage.url(key)
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError as exc:
+            raise ObjectNotFoundError(f"no object at {path}") from exc
+        return f"{stat.st_size}:{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+    # Only an imported storage.s3 can have made an S3Storage: local runs never import boto3.
+    s3 = sys.modules.get("storage.s3")
+    if s3 is not None and isinstance(storage, s3.S3Storage):
+        head = _s3_head(storage, key)
+        return f"{head['ContentLength']}:{head.get('ETag')}:{head.get('LastModified')}"
+    return None
+
+
+def _s3_head(storage: Any, key: str) -> dict[str, Any]:
+    """The HEAD response of an :class:`~storage.s3.S3Storage` object, errors translated.
+
+    Uses the backend's own client and error translation (this module is part of storage/);
+    ``S3Storage.size`` makes the same request but keeps only the length.
+    """
+    full_key = storage._key(key)
+    with storage._translated("stat", full_key):
+        return storage._client.head_object(Bucket=storage.bucket, Key=full_key)
+
+
+def _bytes_fingerprint(storage: Storage, key: str) -> str:
+    """sha256 of the object's bytes (16 hex characters), streamed in chunks."""
+    digest = hashlib.sha256()
+    with storage.open_read(key) as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def state_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -35,6 +35,7 @@ from tasks.model import (
     register_model_configs,
     zero_shot_head,
 )
+from tasks.model.clip import checkpoint_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -467,7 +468,7 @@ def pretrain_base(
         {k: v.detach() for k, v in clip_model.state_dict().items()},
         metadata={
             "kind": "base",
-            "model_name": config.model_name,
+            **checkpoint_metadata(clip_model, config.model_name),
             "fingerprint": fingerprint,
             "config": config.to_dict(),
             "metrics": {

@@ -107,15 +107,16 @@ def load_sem(
         domain: a synthetic domain whose classes to use when none are given.
         templates: prompt templates (None: the run config's, else ``a photo of a {}.``).
         grid: attribution grid ``(gh, gw)``.
-        device: where the model goes.
+        device: where the model goes, and where its text tower computes the head.
 
     Raises:
-        ValueError: unknown architecture, unknown classes, or weights that do not fit.
+        ValueError: unknown architecture, unknown classes, weights that do not fit, or weights
+            trained with another activation than the architecture's.
     """
     file_uri = weights_uri(uri) if uri else None
     sidecar = read_sidecar(file_uri) if file_uri else {}
     run_config = sidecar.get("config") or {}
-    name = model_name or run_config.get("model_name") or DEFAULT_MODEL
+    name = model_name or run_config.get("model_name") or sidecar.get("model_name") or DEFAULT_MODEL
     names = resolve_class_names(class_names, run_config, domain)
     prompts = tuple(templates or run_config.get("templates") or DEFAULT_TEMPLATES)
     if file_uri is None:
@@ -126,6 +127,9 @@ def load_sem(
             clip_model = load_clip(name, None)
     else:
         clip_model = load_clip(name, file_uri)
+    # The text tower runs on the target device: a large head (ImageNet's 4,000 prompts) costs
+    # minutes of a CPU per process and well under a second of a GPU.
+    clip_model = clip_model.to(device)
     head = zero_shot_head(clip_model, names, prompts, model_name=name)
     sem = SelfExplainingCLIP(clip_model, head, grid=tuple(grid)).to(device).eval()
     return LoadedModel(sem=sem, uri=file_uri, class_names=names, sidecar=sidecar)

@@ -21,7 +21,7 @@ import torch
 from storage import open_storage
 from tasks.data.stream import Batch, Decoder, OrderedStream, SplitShards, list_split
 from tasks.model import SelfExplainingCLIP
-from tasks.sweep.inputs import cached_batches
+from tasks.sweep.split_cache import cached_batches
 
 logger = logging.getLogger(__name__)
 

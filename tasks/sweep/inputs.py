@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import io
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,31 +27,11 @@ from tasks.config import resolve_device
 from tasks.data.stream import Batch, Decoder, OrderedStream, SplitShards, first_sample, list_split
 from tasks.model import SelfExplainingCLIP, load_sem
 from tasks.model.loading import weights_uri
+from tasks.sweep.accuracy import accuracy_data_fingerprint
 from tasks.sweep.config import SweepConfig, TargetSpec
+from tasks.sweep.split_cache import cached_batches
 
 logger = logging.getLogger(__name__)
-
-
-def cached_batches(
-    cache: dict[int, list[Batch]],
-    size: int,
-    loader: Callable[[], Iterable[Batch]],
-    *,
-    keep: bool,
-) -> Iterator[Batch]:
-    """A split's batches of ``size``: from ``cache`` when kept, else streamed from ``loader()``
-    and, when ``keep`` (a small split), kept in ``cache`` for the sweep's next pass."""
-    if size in cache:
-        yield from cache[size]
-        return
-    if not keep:
-        yield from loader()
-        return
-    kept = []
-    for batch in loader():
-        kept.append(batch)
-        yield batch
-    cache[size] = kept
 
 
 def load_vector(uri: str) -> ExplainabilityVector:
@@ -236,13 +216,18 @@ def load_target(spec: TargetSpec, grid: int, device: str = "cpu") -> TargetModel
         grid: attribution grid side.
         device: where the SEM runs.
     """
-    # Loaded on the CPU first: the state the vector is applied to stays there.
+    # Loaded on the device (the head's text tower runs there); the state the vector is
+    # applied to is a copy on the CPU.
     loaded = load_sem(
-        spec.model, class_names=spec.class_names, domain=spec.domain, grid=(grid, grid)
+        spec.model,
+        class_names=spec.class_names,
+        domain=spec.domain,
+        grid=(grid, grid),
+        device=resolve_device(device),
     )
-    state = {k: v.detach().clone() for k, v in loaded.sem.clip.state_dict().items()}
+    state = {k: v.detach().to("cpu", copy=True) for k, v in loaded.sem.clip.state_dict().items()}
     return TargetModel(
-        sem=loaded.sem.to(resolve_device(device)).eval(),
+        sem=loaded.sem.eval(),
         state=state,
         fingerprint=loaded.fingerprint,
         base_fingerprint=loaded.base_fingerprint,
@@ -254,8 +239,14 @@ def load_target(spec: TargetSpec, grid: int, device: str = "cpu") -> TargetModel
 def _head(config: SweepConfig, spec: TargetSpec) -> Tensor:
     """The class embeddings the SEM of ``spec``'s model reads its maps through."""
     grid = (config.grid, config.grid)
-    loaded = load_sem(spec.model, class_names=spec.class_names, domain=spec.domain, grid=grid)
-    return loaded.sem.class_embeddings
+    loaded = load_sem(
+        spec.model,
+        class_names=spec.class_names,
+        domain=spec.domain,
+        grid=grid,
+        device=resolve_device(config.device),
+    )
+    return loaded.sem.class_embeddings.cpu()
 
 
 def source_direction(config: SweepConfig) -> Tensor | None:
@@ -360,8 +351,6 @@ def target_fingerprint(config: SweepConfig, target: str) -> str:
         checkpoint_fingerprint(weights_uri(spec.model)),
     ]
     if spec.accuracy_data is not None:
-        from tasks.sweep.accuracy import accuracy_data_fingerprint
-
         parts.append(accuracy_data_fingerprint(spec.accuracy_data, spec.accuracy_name))
     return _digest(parts)
 

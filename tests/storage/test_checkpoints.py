@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from storage import ObjectNotFoundError, open_storage
 from storage.checkpoints import (
+    checkpoint_fingerprint,
     load_sidecar,
     load_state_dict,
     save_state_dict,
@@ -119,3 +121,37 @@ def test_vanilla_module_loads_saved_checkpoint(tmp_path):
     fresh = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     fresh.load_state_dict(load_state_dict(storage, "m.safetensors"))
     _assert_same(fresh.state_dict(), module.state_dict())
+
+
+def test_sidecar_less_checkpoint_is_hashed_once_per_version(storage_uri, monkeypatch):
+    """A foreign base (no sidecar) is read in full once, not on every fingerprint call."""
+    storage = open_storage(storage_uri)
+    reads: list[str] = []
+    backend = type(storage)
+    for method in ("open_read", "read_bytes", "download_file"):
+        original = getattr(backend, method)
+
+        def counting(self, key, *args, _original=original, _method=method, **kwargs):
+            reads.append(f"{_method}:{key}")
+            return _original(self, key, *args, **kwargs)
+
+        monkeypatch.setattr(backend, method, counting)
+    first = bytes(range(256)) * 64
+    storage.write_bytes("weights/open_clip_model.bin", first)
+    uri = storage.url("weights/open_clip_model.bin")
+
+    fingerprint = checkpoint_fingerprint(uri)
+    assert fingerprint == hashlib.sha256(first).hexdigest()[:16]
+    assert checkpoint_fingerprint(uri) == fingerprint
+    assert len(reads) == 1, reads
+
+    # Rewritten in place with the same size (a retrained model of the same architecture).
+    second = bytes(reversed(first))
+    storage.write_bytes("weights/open_clip_model.bin", second)
+    changed = checkpoint_fingerprint(uri)
+    assert changed == hashlib.sha256(second).hexdigest()[:16] != fingerprint
+    assert checkpoint_fingerprint(uri) == changed
+    assert len(reads) == 2
+
+    with pytest.raises(ObjectNotFoundError):
+        checkpoint_fingerprint(storage.url("weights/missing.bin"))

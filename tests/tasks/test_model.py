@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import copy
 import io
+import json
+from pathlib import Path
 
 import open_clip
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
 from storage import open_storage
-from storage.checkpoints import save_state_dict
+from storage.checkpoints import load_sidecar, load_state_dict, save_state_dict
 from tasks.algorithms.kernel_shap import TokenMaskable, kernel_shap
 from tasks.model import (
     DEFAULT_MODEL,
     SelfExplainingCLIP,
     load_clip,
+    load_sem,
     model_fingerprint,
+    model_image_size,
     register_model_configs,
     standardize_per_image,
     zero_shot_head,
+)
+from tasks.model.clip import (
+    checkpoint_metadata,
+    clip_activation,
+    model_activation,
+    weights_activation,
 )
 
 CLASSES = ("circle", "square", "triangle")
@@ -201,3 +212,174 @@ def test_load_clip_from_storage(tmp_path, clip_model: torch.nn.Module, wrapped: 
         uri = "file://" + str(tmp_path / "weights" / "clip.safetensors")
     loaded = load_clip(DEFAULT_MODEL, uri)
     assert model_fingerprint(loaded) == model_fingerprint(clip_model)
+
+
+QUICK = "tiny-vit-56-quickgelu"
+
+
+@pytest.fixture(scope="module")
+def quick_model() -> torch.nn.Module:
+    """A tiny architecture trained-to-be with QuickGELU (random weights stand in for OpenAI's)."""
+    torch.manual_seed(2)
+    return load_clip(QUICK)
+
+
+def _save_quick(storage, key: str, model: torch.nn.Module) -> str:
+    save_state_dict(storage, key, model.state_dict(), checkpoint_metadata(model, QUICK))
+    return storage.url(key)
+
+
+def test_activation_is_read_from_configs_and_modules(quick_model: torch.nn.Module) -> None:
+    assert [model_activation(n) for n in (DEFAULT_MODEL, QUICK)] == ["gelu", "quick_gelu"]
+    assert [model_activation(n) for n in ("ViT-B-32", "ViT-B-32-quickgelu")] == [
+        "gelu",
+        "quick_gelu",
+    ]
+    assert clip_activation(load_clip(DEFAULT_MODEL)) == "gelu"
+    assert clip_activation(quick_model) == "quick_gelu"
+    assert checkpoint_metadata(quick_model, QUICK) == {
+        "model_name": QUICK,
+        "activation": "quick_gelu",
+    }
+
+
+def test_quick_gelu_weights_are_refused_by_gelu_and_load_into_quick_gelu(
+    tmp_path, quick_model: torch.nn.Module, images: torch.Tensor
+) -> None:
+    storage = open_storage(str(tmp_path))
+    uri = _save_quick(storage, "weights/base.safetensors", quick_model)
+    assert load_sidecar(storage, "weights/base.safetensors")["activation"] == "quick_gelu"
+    with pytest.raises(ValueError, match=f"trained with quick_gelu .*use model_name '{QUICK}'"):
+        load_clip(DEFAULT_MODEL, uri)
+    with pytest.raises(ValueError, match="trained with quick_gelu"):
+        load_sem(uri, model_name=DEFAULT_MODEL, class_names=CLASSES)
+
+    loaded = load_clip(QUICK, uri)
+    tokens = open_clip.get_tokenizer(QUICK)(["a photo of a circle."])
+    with torch.no_grad():
+        for model in (loaded, quick_model):
+            model.eval()
+        torch.testing.assert_close(
+            loaded.encode_image(_normalise(images)), quick_model.encode_image(_normalise(images))
+        )
+        torch.testing.assert_close(loaded.encode_text(tokens), quick_model.encode_text(tokens))
+        # What the refusal prevents: the same tensors in a GELU model compute something else.
+        gelu = open_clip.create_model(DEFAULT_MODEL, pretrained=None).eval()
+        gelu.load_state_dict(quick_model.state_dict(), strict=True)
+        assert not torch.allclose(
+            gelu.encode_image(_normalise(images)), quick_model.encode_image(_normalise(images))
+        )
+    # Without a model_name the sidecar's architecture is built; the keys stay open_clip's.
+    sem = load_sem(uri, class_names=CLASSES).sem
+    assert clip_activation(sem.clip) == "quick_gelu"
+    vanilla = open_clip.create_model(QUICK, pretrained=None)
+    vanilla.load_state_dict(load_state_dict(storage, "weights/base.safetensors"), strict=True)
+
+
+def test_weights_without_sidecar_follow_open_clip_naming(
+    tmp_path, quick_model: torch.nn.Module, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = open_storage(str(tmp_path))
+    data = safetensors.torch.save(dict(quick_model.state_dict()))
+    storage.write_bytes("vit-quickgelu-release.safetensors", data)
+    with pytest.raises(ValueError, match="'quickgelu' in its file name"):
+        load_clip(DEFAULT_MODEL, storage.url("vit-quickgelu-release.safetensors"))
+    load_clip(QUICK, storage.url("vit-quickgelu-release.safetensors"))
+
+    assert weights_activation("w/ViT-B-32-openai.safetensors", {}, "ViT-B-32")[0] == "quick_gelu"
+    assert weights_activation("vit_b_32-laion400m_e31.pt", {}, "ViT-B-32")[0] == "quick_gelu"
+    assert weights_activation("ViT-B-32-laion2b_s34b_b79k.bin", {}, "ViT-B-32")[0] == "gelu"
+    assert weights_activation("ViT-B-32-openai.pt", {"activation": "gelu"}, "ViT-B-32")[0] == "gelu"
+    assert weights_activation("x.pt", {"config": {"model_name": QUICK}})[0] == "quick_gelu"
+    assert weights_activation("weights.pt", {}, "ViT-B-32")[0] is None
+
+    # Weights that do not tell load as the architecture says, and the log says how to state it.
+    storage.write_bytes("weights.safetensors", data)
+    with caplog.at_level("WARNING", logger="tasks.model.clip"):
+        load_clip(QUICK, storage.url("weights.safetensors"))
+        assert not caplog.records
+        gelu_data = safetensors.torch.save(dict(load_clip(DEFAULT_MODEL).state_dict()))
+        storage.write_bytes("other.safetensors", gelu_data)
+        load_clip(DEFAULT_MODEL, storage.url("other.safetensors"))
+    [record] = caplog.records
+    assert "cannot tell which activation" in record.getMessage()
+    assert f"model_name '{QUICK}'" in record.getMessage()
+
+
+def test_the_imagenet_config_names_the_activation_of_openai_weights() -> None:
+    config = json.loads((Path(__file__).parents[2] / "configs/imagenet-vit-b-32.json").read_text())
+    recorded, how = weights_activation(config["base"], {}, config["model_name"])
+    assert "openai" in config["base"].lower() and recorded == "quick_gelu", how
+    assert model_activation(config["model_name"]) == recorded
+    assert model_image_size(config["model_name"]) == config["image_size"]
+
+
+def _shapes_shards(root: str) -> str:
+    from storage.layout import shard_name
+    from storage.shards import ShardWriter
+    from tasks.data.synthetic import make_split
+
+    storage = open_storage(root)
+    with ShardWriter(storage, shard_name("shapes", "train", 0)) as writer:
+        for sample in make_split("shapes", "train", seed=0, per_class=2):
+            writer.write({k: sample[k] for k in ("__key__", "png", "cls")})
+    return root
+
+
+def test_fine_tuned_checkpoints_carry_the_activation_forward(
+    tmp_path, quick_model: torch.nn.Module
+) -> None:
+    from tasks.finetune import FinetuneConfig, finetune
+
+    base = _save_quick(open_storage(str(tmp_path / "base")), "model.safetensors", quick_model)
+    fields = {
+        "domain": "shapes",
+        "mode": "P",
+        "base": base,
+        "data": _shapes_shards(str(tmp_path / "data")),
+        "batch_size": 4,
+        "max_steps": 1,
+        "loader_workers": 0,
+        "device": "cpu",
+    }
+    out = open_storage(str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="trained with quick_gelu"):
+        finetune(FinetuneConfig(**fields), out, "ft-gelu")
+    result = finetune(FinetuneConfig(**fields, model_name=QUICK), out, "ft-quick")
+    sidecar = load_sidecar(out, result["key"])
+    assert weights_activation(result["key"], sidecar)[0] == "quick_gelu"
+    with pytest.raises(ValueError, match="trained with quick_gelu"):
+        load_sem(result["uri"], model_name=DEFAULT_MODEL)
+    loaded = load_sem(result["uri"])
+    assert clip_activation(loaded.sem.clip) == "quick_gelu"
+    assert loaded.fingerprint == result["fingerprint"] != model_fingerprint(quick_model)
+
+
+def test_zero_shot_head_in_batches_equals_one_pass(clip_model: torch.nn.Module) -> None:
+    templates = ("a photo of a {}.", "a drawing of a {}.")
+    whole = zero_shot_head(clip_model, CLASSES, templates, model_name=DEFAULT_MODEL)
+    batched = zero_shot_head(clip_model, CLASSES, templates, model_name=DEFAULT_MODEL, batch_size=4)
+    torch.testing.assert_close(batched, whole, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="batch_size"):
+        zero_shot_head(clip_model, CLASSES, model_name=DEFAULT_MODEL, batch_size=0)
+
+
+def test_load_sem_computes_the_head_on_the_requested_device(monkeypatch) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        reference = zero_shot_head(load_clip(DEFAULT_MODEL), CLASSES, model_name=DEFAULT_MODEL)
+    assert torch.equal(load_sem(None, class_names=CLASSES).sem.class_embeddings, reference)
+
+    seen: list[tuple[str, str]] = []
+    encode_text = open_clip.model.CLIP.encode_text
+
+    def recording(self, text, normalize=False):
+        seen.append((text.device.type, next(self.parameters()).device.type))
+        return encode_text(self, text, normalize=normalize)
+
+    monkeypatch.setattr(open_clip.model.CLIP, "encode_text", recording)
+    # The meta device stands in for a GPU: tensors there have shapes and no data.
+    sem = load_sem(None, class_names=CLASSES, device="meta").sem
+    assert seen and set(seen) == {("meta", "meta")}
+    assert sem.class_embeddings.device.type == "meta"
+    assert sem.class_embeddings.shape == reference.shape

@@ -641,3 +641,28 @@ def test_kernel_shap_images_limits_the_baseline_to_the_first_reference_images(
 
 def _same(a, b) -> bool:
     return (isinstance(a, float) and math.isnan(a) and math.isnan(b)) or a == b
+
+
+def test_load_target_keeps_theta_t_on_the_cpu_apart_from_the_sem(world, monkeypatch) -> None:
+    """The model (and its head's text tower) goes to the sweep's device; the state the vector
+    is applied to is a CPU copy that editing the SEM leaves as theta_T."""
+    import tasks.sweep.inputs as inputs
+
+    spec = world["targets"][0]
+    devices: list[object] = []
+    original = inputs.load_sem
+
+    def recording(*args, **kwargs):
+        devices.append(kwargs.get("device"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inputs, "load_sem", recording)
+    target = load_target(spec, grid=7, device="cpu")
+    assert devices == [torch.device("cpu")]
+    before = {k: v.clone() for k, v in target.state.items()}
+    vector = load_vector(world["vector"])
+    target.load_lambda(vector, 1.0)
+    edited = target.sem.clip.state_dict()
+    assert all(v.device.type == "cpu" for v in target.state.values())
+    assert all(torch.equal(target.state[k], before[k]) for k in before)
+    assert any(not torch.equal(edited[k], before[k]) for k in vector.keys())
