@@ -1,0 +1,330 @@
+"""``explain-transfer datasets``: the X-dataset versions under a root, one of them, and gc.
+
+``datasets list URI`` prints a table of every version (name, split, version, the explained
+model's fingerprint, the labelling settings, shards done and failed, samples, size, age, status
+and how many records use it); ``datasets show URI/NAME/VERSION`` one version in full;
+``datasets gc URI --keep N`` what removing superseded versions would free, and with ``--yes``
+removes them. Each takes ``--json`` for scripts. The logic lives in :mod:`storage.catalogue`;
+this module parses arguments and formats. Errors follow :mod:`flows.cli_errors`: one
+``error:`` line and exit status 2.
+
+``python -m flows.datasets_cli datasets list out`` runs it without the rest of the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from flows.cli_errors import EXPECTED_ERRORS, error_lines
+
+#: Columns of the version tables: (header, right-aligned).
+_COLUMNS = (
+    ("NAME", False),
+    ("SPLIT", False),
+    ("VERSION", False),
+    ("MODEL", False),
+    ("LABELLING", False),
+    ("SHARDS", True),
+    ("FAILED", True),
+    ("SAMPLES", True),
+    ("SIZE", True),
+    ("CREATED", True),
+    ("STATUS", False),
+    ("USED BY", True),
+)
+
+_URI_HELP = (
+    "output root holding xdata/ (what --out of demo/run takes), its xdata folder, or the "
+    "--out folder of build-dataset; a path or s3://bucket/prefix"
+)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``datasets list|show|gc`` under ``subparsers`` (the CLI's subcommands).
+
+    Each command sets ``func`` to a ``(args) -> exit status`` callable, as the other
+    subcommands do; expected failures are raised for the caller to print.
+    """
+    parser = subparsers.add_parser(
+        "datasets",
+        help="list, show and remove X-dataset versions",
+        description="The X-dataset versions under an output root: what made each, how "
+        "complete it is, what uses it; and removing superseded ones.",
+    )
+    commands = parser.add_subparsers(dest="datasets_command", required=True)
+
+    listing = commands.add_parser("list", help="every version: model, settings, size, age")
+    listing.add_argument("uri", metavar="URI", help=_URI_HELP)
+    _add_common(listing)
+    listing.set_defaults(func=cmd_list)
+
+    show = commands.add_parser("show", help="one version in full")
+    show.add_argument(
+        "uri",
+        metavar="URI/NAME/VERSION",
+        help="a version folder, e.g. out/xdata/shapes-x/v-0123abcd (as list prints it)",
+    )
+    _add_common(show)
+    show.set_defaults(func=cmd_show)
+
+    gc = commands.add_parser(
+        "gc",
+        help="remove superseded versions (dry run unless --yes)",
+        description="For each dataset name and split, keep the N newest complete versions "
+        "and every newer one (a build running or waiting for a rerun); remove the older ones "
+        "and half-deleted folders, unless a model sidecar, vector or sweep summary under the "
+        "root (or --refs-from) names them. A dry run unless --yes. A version some run reads "
+        "without recording it (a fine-tuning in progress) is not protected: run gc between runs.",
+    )
+    gc.add_argument("uri", metavar="URI", help=_URI_HELP)
+    gc.add_argument(
+        "--keep",
+        type=_at_least_one,
+        required=True,
+        metavar="N",
+        help="complete versions kept per dataset name and split",
+    )
+    gc.add_argument(
+        "--yes", "--delete", dest="yes", action="store_true", help="delete (default: dry run)"
+    )
+    _add_common(gc)
+    gc.set_defaults(func=cmd_gc)
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--refs-from",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="another output root whose models and sweeps count as users (repeatable)",
+    )
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """``datasets list``: a table (or JSON) of every version under the root."""
+    from storage.catalogue import list_versions
+
+    versions = list_versions(args.uri, references_from=args.refs_from)
+    if args.json:
+        _print_json([version.to_dict() for version in versions])
+    else:
+        print(version_table(versions))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """``datasets show``: one version's facts, the shards it misses, what uses it."""
+    from storage.catalogue import show_version
+
+    version = show_version(args.uri, references_from=args.refs_from)
+    if args.json:
+        _print_json(version.to_dict())
+    else:
+        print(describe_version(version))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """``datasets gc``: the plan (dry run), or the plan applied with ``--yes``."""
+    from storage.catalogue import apply_gc, plan_gc
+
+    plan = plan_gc(args.uri, args.keep, references_from=args.refs_from)
+    for record in plan.unreadable_records:
+        print(f"warning: record {record} cannot be read; it protects nothing", file=sys.stderr)
+    if not args.yes:
+        if args.json:
+            _print_json({"dry_run": True, **plan.to_dict()})
+            return 0
+        total = len(plan.remove) + len(plan.kept)
+        print(
+            f"would remove {len(plan.remove)} of {total} version(s) under {plan.uri}, "
+            f"{human_size(plan.bytes)} (dry run: pass --yes to delete)"
+        )
+        if plan.remove:
+            print(_decision_table(plan.remove))
+        if plan.kept:
+            print(f"\nkept ({len(plan.kept)}):")
+            print(_decision_table(plan.kept))
+        return 0
+    result = apply_gc(plan)
+    if args.json:
+        _print_json({"dry_run": False, **result.to_dict()})
+        return 0
+    print(
+        f"removed {len(result.removed)} version(s) under {plan.uri}: {result.objects} "
+        f"object(s), {human_size(result.bytes)} freed"
+    )
+    if result.removed:
+        print(version_table(result.removed))
+    if result.skipped:
+        print(f"\nleft alone ({len(result.skipped)}):")
+        print(_decision_table(result.skipped))
+    return 0
+
+
+def version_table(versions: Sequence[Any], now: datetime | None = None) -> str:
+    """Versions as an aligned table: one row each, sizes and ages for people."""
+    return render_table([header for header, _ in _COLUMNS], [_row(v, now) for v in versions])
+
+
+def _row(version: Any, now: datetime | None) -> list[str]:
+    expected = "?" if version.shards_expected is None else str(version.shards_expected)
+    return [
+        version.name,
+        version.split or "-",
+        version.version,
+        version.model_fingerprint or "-",
+        version.labelling,
+        f"{version.shards_done}/{expected}",
+        str(version.shards_failed),
+        str(version.samples),
+        human_size(version.bytes),
+        human_age(version.created, now),
+        version.status,
+        str(len(version.references)),
+    ]
+
+
+def _decision_table(decisions: Sequence[Any]) -> str:
+    headers = ["NAME", "SPLIT", "VERSION", "STATUS", "SAMPLES", "SIZE", "CREATED", "REASON"]
+    rows = [
+        [
+            d.version.name,
+            d.version.split or "-",
+            d.version.version,
+            d.version.status,
+            str(d.version.samples),
+            human_size(d.version.bytes),
+            human_age(d.version.created),
+            d.reason,
+        ]
+        for d in decisions
+    ]
+    return render_table(headers, rows, right={"SAMPLES", "SIZE", "CREATED"})
+
+
+def render_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[str] | None = None
+) -> str:
+    """Columns padded to their widest cell, two spaces apart; ``right`` names the
+    right-aligned columns (by default those of :data:`_COLUMNS` marked so)."""
+    right = right if right is not None else {header for header, flush in _COLUMNS if flush}
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            cell.rjust(width) if header in right else cell.ljust(width)
+            for header, cell, width in zip(headers, cells, widths, strict=True)
+        ]
+        return "  ".join(padded).rstrip()
+
+    return "\n".join([line(headers), *(line(row) for row in rows)])
+
+
+def describe_version(version: Any, now: datetime | None = None) -> str:
+    """One version as ``field: value`` lines, for ``datasets show``."""
+    from storage.catalogue import STATUS_MEANINGS
+
+    expected = "?" if version.shards_expected is None else str(version.shards_expected)
+    label = ", ".join(f"{key}={value}" for key, value in sorted(version.label.items())) or "-"
+    fields: list[tuple[str, str]] = [
+        ("name", version.name),
+        ("split", version.split or "-"),
+        ("version", version.version),
+        ("uri", version.uri),
+        ("status", f"{version.status} ({STATUS_MEANINGS[version.status]})"),
+        ("model", f"{version.model_name or '-'} (fingerprint {version.model_fingerprint or '-'})"),
+        ("checkpoint", version.checkpoint or "- (random initialisation)"),
+        ("input", version.input or "-"),
+        ("labelling", version.labelling),
+        ("label settings", label),
+        ("shards", f"{version.shards_done} of {expected} done, {version.shards_failed} failed"),
+        ("samples", str(version.samples)),
+        ("size", f"{human_size(version.bytes)} in {version.objects} objects"),
+        ("created", _when(version.created, now)),
+        ("updated", _when(version.updated, now)),
+    ]
+    if version.missing_shards:
+        shown = ", ".join(version.missing_shards[:10])
+        more = len(version.missing_shards) - 10
+        fields.append(("missing shards", shown + (f" and {more} more" if more > 0 else "")))
+    width = max(len(key) for key, _ in fields) + 1
+    lines = [f"{key + ':':<{width}} {value}" for key, value in fields]
+    if version.references:
+        lines.append(f"{'used by:':<{width}}")
+        lines.extend(f"  {ref.kind} {ref.record} ({ref.field})" for ref in version.references)
+    else:
+        lines.append(f"{'used by:':<{width}} nothing under the root")
+    return "\n".join(lines)
+
+
+def _when(moment: datetime | None, now: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    stamp = moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{stamp} ({human_age(moment, now)})"
+
+
+def human_size(size: int) -> str:
+    """``532 B``, ``1.2 KiB``, ``3.4 GiB``: binary units, one decimal."""
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def human_age(moment: datetime | None, now: datetime | None = None) -> str:
+    """How long ago ``moment`` was: ``42s ago``, ``5m ago``, ``3h ago``, ``12d ago``."""
+    if moment is None:
+        return "-"
+    seconds = max(0.0, ((now or datetime.now(UTC)) - moment).total_seconds())
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"{int(seconds // length)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``explain-transfer datasets ...`` on its own: the CLI's parsing and error convention."""
+    parser = argparse.ArgumentParser(prog="explain-transfer")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except EXPECTED_ERRORS as exc:
+        print("\n".join(error_lines(exc)), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    from flows.cli_errors import configure_logging
+
+    configure_logging(verbose=False)
+    sys.exit(main())
