@@ -1,7 +1,8 @@
 """Batched Kernel SHAP over a grid of image cells (stage 1 of the pipeline, DESIGN.md).
 
 (Over 500 lines: sampling, the constrained solve and the batched masking engine are one
-algorithm whose parts share the coalition layout; they are tested together against shap.)
+algorithm whose parts share the coalition layout; they are tested together against shap. The
+schedule that overlaps them across batches is a module of its own, kernel_shap_stream.)
 
 The players are the cells of a ``gh x gw`` grid over the image. A coalition keeps its cells and
 replaces the others by a baseline; its value is the explained model's logit (or probability) of a
@@ -21,6 +22,13 @@ and the grid cells are whole blocks of ViT patches, masking happens on the patch
 instead of the pixels; because the patch embedding is a convolution with stride = kernel = patch,
 this gives the same values without materialising one image per coalition.
 
+A batch is explained in three steps that need different resources: :func:`plan_coalitions`
+(the coalitions of every image from its seed, and the layout of the forward rows: CPU only),
+:func:`evaluate_coalitions` (the forwards on the model's device, the values copied back by one
+non-blocking copy) and :func:`solve_coalitions` (the regressions, CPU, float64).
+:func:`kernel_shap_explain` runs them in turn; :mod:`tasks.algorithms.kernel_shap_stream`
+overlaps them across batches, so that the model never waits for sampling or solving.
+
 Any model can be explained; :class:`TokenMaskable` is the protocol a ViT classifier implements
 to get token masking (:mod:`tasks.model.vit` and :mod:`tasks.model.sem` do).
 """
@@ -31,6 +39,7 @@ import hashlib
 import itertools
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -42,7 +51,7 @@ from torch import Tensor, nn
 
 from tasks.algorithms.leverage_shap import (
     BOOTSTRAP_REPLICATES,
-    sample_leverage_coalitions,
+    sample_leverage_coalitions_batch,
     solve_leverage_shap,
 )
 
@@ -315,7 +324,8 @@ def solve_kernel_shap(
     return torch.cat([coef, phi_last], dim=1)
 
 
-def _model_device(model: Callable[[Tensor], Tensor], fallback: torch.device) -> torch.device:
+def model_device(model: Callable[[Tensor], Tensor], fallback: torch.device) -> torch.device:
+    """The device of a module's first parameter or buffer, else ``fallback``."""
     if isinstance(model, nn.Module):
         for tensor in itertools.chain(model.parameters(), model.buffers()):
             return tensor.device
@@ -413,117 +423,256 @@ def _token_cells(model: Any, images: Tensor, grid: tuple[int, int], masking: str
     return (row_cell.unsqueeze(1) * grid[1] + col_cell.unsqueeze(0)).reshape(-1)
 
 
-def kernel_shap_explain(
-    model: Callable[[Tensor], Tensor],
-    images: Tensor,
-    classes: Tensor,
-    *,
-    grid: tuple[int, int] = (7, 7),
-    budget: int = 150,
-    baseline: str | Tensor = "mean",
-    output: str = "logit",
-    seed: int | Sequence[int] | Tensor = 0,
-    batch_size: int | None = None,
-    masking: str = "auto",
-    sampler: str = "leverage",
-    error_estimate: bool = False,
-) -> KernelShapResult:
-    """Kernel SHAP attributions of grid cells for a batch of images, with v(empty) and v(full).
+@dataclass(frozen=True)
+class KernelShapConfig:
+    """How a batch is explained: the players, the budget and the rest, checked once.
 
-    Args:
-        model: callable mapping float ``[B, 3, H, W]`` to logits ``[B, C]``; should be in eval
-            mode. If it implements :class:`TokenMaskable` and the grid aligns with its patches,
-            masking happens on patch embeddings.
-        images: ``[N, 3, H, W]`` model inputs.
-        classes: ``[N]`` or ``[N, k]`` class indices; several classes per image share the
-            same model evaluations.
-        grid: ``(gh, gw)`` cells; the players.
-        budget: model evaluations per image, the empty and full coalitions included (>= 2;
-            about ``2 * P + 2`` are needed to determine ``P`` attributions, because
-            sampled coalitions come with their complements).
-        baseline: replacement of absent cells: ``"mean"`` (per-channel mean of ``images``;
-            pass the dataset mean as a tensor to make results independent of the batch),
-            ``"zero"``, ``"blur"`` (the image blurred with sigma = half a cell), or a tensor
-            ``[3]``, ``[3, H, W]`` or ``[N, 3, H, W]``.
-        output: ``"logit"`` or ``"prob"`` (softmax probability of the class).
-        seed: one seed for every image, or one per image (sequence or tensor). Coalitions of an
-            image depend only on its seed and the number of players, never on the batch.
-        batch_size: forward rows per model call (masked inputs of several images mixed);
-            default 1024.
-        masking: ``"auto"`` (token space when possible), ``"pixel"`` or ``"token"``.
-        sampler: ``"leverage"`` (default): coalition sizes uniform, stratified complementary
-            pairs without replacement, exact reweighting, and a solve shrunk towards the known
-            population Gram matrix (tasks/algorithms/leverage_shap.py); exact when the budget covers all
-            coalitions. ``"kernel"``: shap.KernelExplainer's scheme and solve, for comparisons.
-        error_estimate: also estimate each attribution's standard error by a stratified
-            bootstrap over the coalition pairs (no extra model evaluation; ``"leverage"`` only).
-
-    Returns:
-        A :class:`KernelShapResult`.
+    The arguments of :func:`kernel_shap_explain` that do not depend on the batch; see there.
     """
+
+    grid: tuple[int, int] = (7, 7)
+    budget: int = 150
+    baseline: str | Tensor = "mean"
+    output: str = "logit"
+    batch_size: int = DEFAULT_BATCH_ROWS
+    masking: str = "auto"
+    sampler: str = "leverage"
+    error_estimate: bool = False
+
+    def __post_init__(self) -> None:
+        grid = (int(self.grid[0]), int(self.grid[1]))
+        object.__setattr__(self, "grid", grid)
+        object.__setattr__(self, "batch_size", int(self.batch_size or DEFAULT_BATCH_ROWS))
+        if grid[0] * grid[1] < 2:
+            raise ValueError(f"grid {grid} has fewer than 2 cells")
+        if self.budget < 2:
+            raise ValueError("budget counts the empty and full coalitions and must be >= 2")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
+        if self.masking not in MASKINGS:
+            raise ValueError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.error_estimate and self.sampler != "leverage":
+            raise ValueError(
+                "error_estimate needs the leverage sampler (its pairs are bootstrapped)"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if isinstance(self.baseline, str) and self.baseline not in BASELINES:
+            raise ValueError(
+                f"baseline must be one of {BASELINES} or a tensor, got {self.baseline!r}"
+            )
+
+    @property
+    def players(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def check_batch(images: Tensor, classes: Tensor) -> None:
+    """Raise ``ValueError`` unless ``images`` is ``[N, 3, H, W]`` (N >= 1), ``classes`` ``[N(, k)]``."""
     if images.dim() != 4:
         raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
     n = images.shape[0]
+    if n == 0:
+        raise ValueError("images must hold at least one image")
     if classes.dim() not in (1, 2) or classes.shape[0] != n:
         raise ValueError(f"classes must be [N] or [N, k] with N={n}, got {tuple(classes.shape)}")
-    grid = (int(grid[0]), int(grid[1]))
-    players = grid[0] * grid[1]
-    if players < 2:
-        raise ValueError(f"grid {grid} has fewer than 2 cells")
-    if budget < 2:
-        raise ValueError("budget counts the empty and full coalitions and must be >= 2")
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    if masking not in MASKINGS:
-        raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if error_estimate and sampler != "leverage":
-        raise ValueError("error_estimate needs the leverage sampler (its pairs are bootstrapped)")
-    if isinstance(model, nn.Module) and model.training:
-        log.warning("explaining a model in training mode (dropout etc. make values random)")
-    batch_size = int(batch_size or DEFAULT_BATCH_ROWS)
-    seeds = _seeds(seed, n)
 
-    device = _model_device(model, images.device)
-    images = images.to(device)
-    class_rows = (classes.unsqueeze(1) if classes.dim() == 1 else classes).to(device)
-    base, baseline_name, shared_base = _baseline_images(images, baseline, grid)
 
-    coalitions = []
-    strata = []
-    for image_seed in seeds:
-        generator = torch.Generator().manual_seed(image_seed)
-        if sampler == "kernel":
-            coalitions.append(sample_coalitions(players, budget - 2, generator))
-        else:
-            image_masks, image_weights, image_strata = sample_leverage_coalitions(
-                players, budget - 2, generator
-            )
-            coalitions.append((image_masks, image_weights))
-            strata.append(image_strata)
-    counts = [len(c[0]) for c in coalitions]
+@dataclass
+class CoalitionPlan:
+    """The coalitions of a batch and their layout: everything that depends on the seeds only.
 
-    # rows per image: empty, full, then its sampled coalitions
-    row_masks = torch.cat(
-        [
-            torch.cat(
-                [
-                    torch.zeros(1, players, dtype=torch.bool),
-                    torch.ones(1, players, dtype=torch.bool),
-                    c[0],
-                ]
-            )
-            for c in coalitions
-        ]
-    ).to(device)
-    row_image = torch.repeat_interleave(
-        torch.arange(n, device=device), torch.tensor(counts, device=device) + 2
+    Attributes:
+        seeds: the per-image seeds.
+        counts: ``[N]`` sampled coalitions per image (empty and full excluded).
+        row_masks: ``[R, P]`` bool forward rows: per image its empty and full coalitions, then
+            its sampled ones (pinned when made for a CUDA model).
+        row_image: ``[R]`` image of each forward row.
+        first_row: ``[N]`` each image's first row (its empty coalition; the full one follows).
+        masks: ``[N, L, P]`` sampled coalitions padded to the longest image (padding: weight 0).
+        weights: ``[N, L]`` their weights.
+        strata: ``[N, L // 2]`` stratum of each pair (``"leverage"``), -1 for padding.
+        slot_image, slot_index, slot_row: where each sampled coalition's value goes in the
+            padded layout (image, index) and which forward row it comes from.
+    """
+
+    seeds: list[int]
+    counts: Tensor
+    row_masks: Tensor
+    row_image: Tensor
+    first_row: Tensor
+    masks: Tensor
+    weights: Tensor
+    strata: Tensor | None
+    slot_image: Tensor
+    slot_index: Tensor
+    slot_row: Tensor
+
+
+def _padded_slots(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """``(image, index)`` of each of ``counts.sum()`` items laid out image after image."""
+    image = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    return image, torch.arange(int(counts.sum())) - starts[image]
+
+
+def plan_coalitions(
+    config: KernelShapConfig, seeds: Sequence[int], *, pin_memory: bool = False
+) -> CoalitionPlan:
+    """Draw every image's coalitions (from its own seed) and lay out the forward rows.
+
+    Pure CPU work that needs neither the model nor the images, so a labeller can run it for the
+    next batch while the model evaluates this one. An image's coalitions depend only on its
+    seed, the number of players, the budget and the sampler.
+
+    Args:
+        config: the labelling settings.
+        seeds: one seed per image.
+        pin_memory: put the forward rows in pinned memory (for a non-blocking copy to a GPU).
+    """
+    players = config.players
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    strata_all = None
+    if config.sampler == "kernel":
+        drawn = [sample_coalitions(players, config.budget - 2, g) for g in generators]
+        masks_all = torch.cat([m for m, _ in drawn])
+        weights_all = torch.cat([w for _, w in drawn])
+        counts = torch.tensor([len(m) for m, _ in drawn], dtype=torch.long)
+    else:
+        masks_all, weights_all, strata_all, counts = sample_leverage_coalitions_batch(
+            players, config.budget - 2, generators
+        )
+    n = len(seeds)
+    longest = int(counts.max()) if n else 0
+    slot_image, slot_index = _padded_slots(counts)
+    first_row = torch.cumsum(counts + 2, 0) - (counts + 2)
+    slot_row = first_row[slot_image] + 2 + slot_index
+    masks = torch.zeros(n, longest, players, dtype=torch.bool)
+    masks[slot_image, slot_index] = masks_all
+    weights = torch.zeros(n, longest, dtype=torch.float64)
+    weights[slot_image, slot_index] = weights_all
+    strata = None
+    if strata_all is not None:
+        strata = torch.full((n, longest // 2), -1, dtype=torch.long)
+        pair_image, pair_index = _padded_slots(counts // 2)
+        strata[pair_image, pair_index] = strata_all
+    rows = int((counts + 2).sum())
+    row_masks = torch.zeros(rows, players, dtype=torch.bool, pin_memory=pin_memory)
+    row_masks[first_row + 1] = True
+    row_masks[slot_row] = masks_all
+    row_image = torch.repeat_interleave(torch.arange(n), counts + 2)
+    return CoalitionPlan(
+        seeds=list(seeds),
+        counts=counts,
+        row_masks=row_masks,
+        row_image=row_image.pin_memory() if pin_memory else row_image,
+        first_row=first_row,
+        masks=masks,
+        weights=weights,
+        strata=strata,
+        slot_image=slot_image,
+        slot_index=slot_index,
+        slot_row=slot_row,
     )
 
-    token_cells = _token_cells(model, images, grid, masking)
+
+@dataclass
+class CoalitionValues:
+    """The model's values of a batch's forward rows, on the host (or on their way there).
+
+    Attributes:
+        plan: the batch's :class:`CoalitionPlan`.
+        values: float64 ``[R, k]`` value of each forward row for each explained class.
+        classes: the explained classes as given (``[N]`` or ``[N, k]``), on the host.
+        baseline: name of the baseline used.
+        masking: ``"pixel"`` or ``"token"``.
+        ready: on CUDA, the event after the device-to-host copies (wait for it before reading
+            ``values``); ``None`` on the CPU.
+        timing: on CUDA, events around the model's work (for :attr:`device_seconds`).
+        host_seconds: time the evaluation took in its thread (on CUDA: to queue the work).
+    """
+
+    plan: CoalitionPlan
+    values: Tensor
+    classes: Tensor
+    baseline: str
+    masking: str
+    ready: Any = None
+    timing: tuple[Any, Any] | None = None
+    host_seconds: float = 0.0
+    # the device values, kept alive until their copy to the host is done
+    _device_values: Tensor | None = None
+
+    def wait(self) -> None:
+        """Block until ``values`` and ``classes`` are on the host (a no-op on the CPU)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+
+    @property
+    def device_seconds(self) -> float | None:
+        """Seconds the device spent on the model's work (CUDA events; after :meth:`wait`)."""
+        if self.timing is None:
+            return None
+        start, end = self.timing
+        return start.elapsed_time(end) / 1000.0
+
+
+def _to_host(tensor: Tensor) -> Tensor:
+    """A non-blocking copy of a CUDA tensor into pinned host memory (others as they are)."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
+def evaluate_coalitions(
+    model: Callable[[Tensor], Tensor],
+    config: KernelShapConfig,
+    plan: CoalitionPlan,
+    images: Tensor,
+    classes: Tensor,
+) -> CoalitionValues:
+    """Run a batch's forward rows through the model and start copying the values to the host.
+
+    The masked inputs of all the batch's images go through the model ``config.batch_size``
+    rows at a time, in token space when the model and grid allow it. On CUDA nothing here
+    waits for the device: the values are copied into pinned memory by one non-blocking copy per
+    batch, and :meth:`CoalitionValues.wait` waits for it.
+
+    Args:
+        model: see :func:`kernel_shap_explain`.
+        config: the labelling settings.
+        plan: the batch's coalitions from :func:`plan_coalitions`.
+        images: ``[N, 3, H, W]`` model inputs.
+        classes: ``[N]`` or ``[N, k]`` classes to explain.
+    """
+    started = time.perf_counter()
+    check_batch(images, classes)
+    n = images.shape[0]
+    if n != len(plan.seeds):
+        raise ValueError(f"got {len(plan.seeds)} seeds for {n} images")
+    grid, batch_size, output = config.grid, config.batch_size, config.output
+    if isinstance(model, nn.Module) and model.training:
+        log.warning("explaining a model in training mode (dropout etc. make values random)")
+    device = model_device(model, images.device)
+    cuda = device.type == "cuda"
+    timing = None
+    if cuda:
+        timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        timing[0].record()
+    images = images.to(device, non_blocking=cuda and images.is_pinned())
+    class_rows = (classes.unsqueeze(1) if classes.dim() == 1 else classes).to(device)
+    base, baseline_name, shared_base = _baseline_images(images, config.baseline, grid)
+    row_masks = plan.row_masks.to(device, non_blocking=cuda and plan.row_masks.is_pinned())
+    row_image = plan.row_image.to(device, non_blocking=cuda and plan.row_image.is_pinned())
+
+    token_cells = _token_cells(model, images, grid, config.masking)
     values = torch.empty(len(row_masks), class_rows.shape[1], dtype=torch.float64, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     with torch.inference_mode(), autocast:
         if token_cells is not None:
             image_tokens = torch.cat(
@@ -560,63 +709,151 @@ def kernel_shap_explain(
                 logits = logits.softmax(dim=-1)
             values[start : start + len(rows)] = logits.gather(1, class_rows[owner]).double()
 
-    values = values.cpu()
-    k = class_rows.shape[1]
-    longest = max(counts)
-    masks = torch.zeros(n, longest, players, dtype=torch.bool)
-    weights = torch.zeros(n, longest, dtype=torch.float64)
+    ready = None
+    if cuda:
+        timing[1].record()
+        # one copy per batch into pinned memory; the solve waits for the event, not the model
+        host_values, host_classes = _to_host(values), _to_host(classes)
+        ready = torch.cuda.Event()
+        ready.record()
+    else:
+        host_values, host_classes = values, classes.cpu()
+    return CoalitionValues(
+        plan=plan,
+        values=host_values,
+        classes=host_classes,
+        baseline=baseline_name,
+        masking="pixel" if token_cells is None else "token",
+        ready=ready,
+        timing=timing,
+        host_seconds=time.perf_counter() - started,
+        _device_values=values if cuda else None,
+    )
+
+
+def solve_coalitions(config: KernelShapConfig, evaluated: CoalitionValues) -> KernelShapResult:
+    """The attributions of an evaluated batch: the regressions of all its images at once.
+
+    Waits for the values' copy to the host, places them in the padded layout of the plan
+    (vectorised, no per-image loop) and solves in float64 on the CPU.
+    """
+    evaluated.wait()
+    plan, values = evaluated.plan, evaluated.values
+    n, longest = plan.weights.shape
+    k = values.shape[1]
+    grid = config.grid
+    v_empty = values[plan.first_row]
+    v_full = values[plan.first_row + 1]
     sampled = torch.zeros(n, longest, k, dtype=torch.float64)
-    v_empty = torch.empty(n, k, dtype=torch.float64)
-    v_full = torch.empty(n, k, dtype=torch.float64)
-    offset = 0
-    for i, (image_masks, image_weights) in enumerate(coalitions):
-        count = counts[i]
-        v_empty[i], v_full[i] = values[offset], values[offset + 1]
-        masks[i, :count] = image_masks
-        weights[i, :count] = image_weights
-        sampled[i, :count] = values[offset + 2 : offset + 2 + count]
-        offset += count + 2
+    sampled[plan.slot_image, plan.slot_index] = values[plan.slot_row]
 
     phi_err = None
-    if sampler == "kernel":
-        phi = solve_kernel_shap(masks, weights, sampled, v_empty, v_full)
+    if config.sampler == "kernel":
+        phi = solve_kernel_shap(plan.masks, plan.weights, sampled, v_empty, v_full)
     else:
-        pair_strata = torch.full((n, longest // 2), -1, dtype=torch.long)
-        for i, image_strata in enumerate(strata):
-            pair_strata[i, : len(image_strata)] = image_strata
         phi, phi_err, _ = solve_leverage_shap(
-            masks,
-            weights,
+            plan.masks,
+            plan.weights,
             sampled,
             v_empty,
             v_full,
-            strata=pair_strata,
-            bootstrap=BOOTSTRAP_REPLICATES if error_estimate else 0,
+            strata=plan.strata,
+            bootstrap=BOOTSTRAP_REPLICATES if config.error_estimate else 0,
             # the bootstrap's own stream, so the estimate is as reproducible as the labels
-            generators=[torch.Generator().manual_seed(s ^ 0x5EED) for s in seeds],
+            generators=[torch.Generator().manual_seed(s ^ 0x5EED) for s in plan.seeds],
         )
     phi = phi.transpose(1, 2).reshape(n, k, *grid).float()
     if phi_err is not None:
         phi_err = phi_err.transpose(1, 2).reshape(n, k, *grid).float()
+    classes = evaluated.classes
     single = classes.dim() == 1
-    log.debug("explained %d images with %d forward rows", n, len(row_masks))
+    log.debug("explained %d images with %d forward rows", n, len(values))
     if single and phi_err is not None:
         phi_err = phi_err[:, 0]
     return KernelShapResult(
         phi=phi[:, 0] if single else phi,
         v_empty=v_empty[:, 0] if single else v_empty,
         v_full=v_full[:, 0] if single else v_full,
-        classes=classes.cpu(),
-        evaluations=torch.tensor(counts) + 2,
-        seeds=seeds,
-        budget=budget,
+        classes=classes,
+        evaluations=plan.counts + 2,
+        seeds=plan.seeds,
+        budget=config.budget,
         grid=grid,
-        baseline=baseline_name,
-        output=output,
-        masking="pixel" if token_cells is None else "token",
-        sampler=sampler,
+        baseline=evaluated.baseline,
+        output=config.output,
+        masking=evaluated.masking,
+        sampler=config.sampler,
         phi_err=phi_err,
     )
+
+
+def kernel_shap_explain(
+    model: Callable[[Tensor], Tensor],
+    images: Tensor,
+    classes: Tensor,
+    *,
+    grid: tuple[int, int] = (7, 7),
+    budget: int = 150,
+    baseline: str | Tensor = "mean",
+    output: str = "logit",
+    seed: int | Sequence[int] | Tensor = 0,
+    batch_size: int | None = None,
+    masking: str = "auto",
+    sampler: str = "leverage",
+    error_estimate: bool = False,
+) -> KernelShapResult:
+    """Kernel SHAP attributions of grid cells for a batch of images, with v(empty) and v(full).
+
+    The three steps (:func:`plan_coalitions`, :func:`evaluate_coalitions`,
+    :func:`solve_coalitions`) run one after the other; to overlap them across batches, use
+    :func:`tasks.algorithms.kernel_shap_stream.kernel_shap_stream`, which gives the same results.
+
+    Args:
+        model: callable mapping float ``[B, 3, H, W]`` to logits ``[B, C]``; should be in eval
+            mode. If it implements :class:`TokenMaskable` and the grid aligns with its patches,
+            masking happens on patch embeddings.
+        images: ``[N, 3, H, W]`` model inputs.
+        classes: ``[N]`` or ``[N, k]`` class indices; several classes per image share the
+            same model evaluations.
+        grid: ``(gh, gw)`` cells; the players.
+        budget: model evaluations per image, the empty and full coalitions included (>= 2;
+            about ``2 * P + 2`` are needed to determine ``P`` attributions, because
+            sampled coalitions come with their complements).
+        baseline: replacement of absent cells: ``"mean"`` (per-channel mean of ``images``;
+            pass the dataset mean as a tensor to make results independent of the batch),
+            ``"zero"``, ``"blur"`` (the image blurred with sigma = half a cell), or a tensor
+            ``[3]``, ``[3, H, W]`` or ``[N, 3, H, W]``.
+        output: ``"logit"`` or ``"prob"`` (softmax probability of the class).
+        seed: one seed for every image, or one per image (sequence or tensor). Coalitions of an
+            image depend only on its seed and the number of players, never on the batch.
+        batch_size: forward rows per model call (masked inputs of several images mixed);
+            default 1024.
+        masking: ``"auto"`` (token space when possible), ``"pixel"`` or ``"token"``.
+        sampler: ``"leverage"`` (default): coalition sizes uniform, stratified complementary
+            pairs without replacement, exact reweighting, and a solve shrunk towards the known
+            population Gram matrix (tasks/algorithms/leverage_shap.py); exact when the budget covers all
+            coalitions. ``"kernel"``: shap.KernelExplainer's scheme and solve, for comparisons.
+        error_estimate: also estimate each attribution's standard error by a stratified
+            bootstrap over the coalition pairs (no extra model evaluation; ``"leverage"`` only).
+
+    Returns:
+        A :class:`KernelShapResult`.
+    """
+    config = KernelShapConfig(
+        grid=grid,
+        budget=budget,
+        baseline=baseline,
+        output=output,
+        batch_size=batch_size or DEFAULT_BATCH_ROWS,
+        masking=masking,
+        sampler=sampler,
+        error_estimate=error_estimate,
+    )
+    check_batch(images, classes)
+    seeds = _seeds(seed, images.shape[0])
+    cuda = model_device(model, images.device).type == "cuda"
+    plan = plan_coalitions(config, seeds, pin_memory=cuda)
+    return solve_coalitions(config, evaluate_coalitions(model, config, plan, images, classes))
 
 
 def kernel_shap(

@@ -9,8 +9,10 @@ the consumer sees:
   it decodes and resizes, and storage reads wait on I/O, so threads run them in parallel.
 - :class:`RunAhead` runs a whole iterator in one daemon thread that fills a bounded queue, so
   the consumer finds its next item ready.
+- :func:`map_ahead` is :func:`ordered_map` on a pool of any size, one thread included: a
+  consumer busy with its own work (a labeller's model) finds the next results computed.
 
-Both are deterministic (order never depends on timing), bounded (memory is a few queue slots,
+All are deterministic (order never depends on timing), bounded (memory is a few queue slots,
 not a whole input) and leave nothing behind: closing them (or an exception on either side)
 cancels pending work and joins every thread they started.
 """
@@ -78,16 +80,55 @@ def ordered_map(
         for item in items:
             yield fn(item)
         return
+    yield from map_ahead(fn, items, workers=workers, ahead=ahead)
+
+
+def map_ahead(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    workers: int = 1,
+    ahead: int | None = None,
+    name: str = "map",
+) -> Iterator[R]:
+    """:func:`ordered_map` that always runs ``fn`` on pool threads, even with one worker.
+
+    A consumer that has its own work to do between items (a labeller running its model) gets
+    the next results computed meanwhile: with ``ahead`` items in flight, ``fn`` runs up to
+    ``ahead`` items ahead of the consumer. ``items`` is still consumed in the calling thread,
+    in order; results come in input order; an exception of ``fn`` is raised at its item's
+    place, and one of ``items`` after the results of the items before it (as a serial map
+    does); closing the generator cancels what has not started and joins the pool's threads.
+
+    Args:
+        fn: the function; runs in pool threads, so it must not touch state the caller mutates.
+        items: the inputs, in order.
+        workers: pool threads (at least 1).
+        ahead: most items in flight (default ``2 * workers``; at least ``workers``).
+        name: thread name suffix, for logs and debuggers.
+    """
+    workers = max(1, workers)
     ahead = max(workers, ahead if ahead is not None else 2 * workers)
-    executor = ThreadPoolExecutor(workers, thread_name_prefix=f"{THREAD_PREFIX}-map")
+    executor = ThreadPoolExecutor(workers, thread_name_prefix=f"{THREAD_PREFIX}-{name}")
     pending: deque[Future[R]] = deque()
+    iterator = iter(items)
+    source_error: Exception | None = None
     try:
-        for item in items:
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                break
+            except Exception as error:  # the source failed: what it gave before comes first,
+                source_error = error  # as in a serial map
+                break
             pending.append(executor.submit(fn, item))
             if len(pending) >= ahead:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+        if source_error is not None:
+            raise source_error
     finally:
         for future in pending:
             future.cancel()

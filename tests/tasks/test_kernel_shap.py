@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from pathlib import Path
@@ -26,7 +27,12 @@ from tasks.algorithms.kernel_shap import (
     sample_coalitions,
     solve_kernel_shap,
 )
-from tasks.algorithms.leverage_shap import sample_leverage_coalitions, solve_leverage_shap
+from tasks.algorithms.leverage_shap import (
+    _place_members,
+    sample_leverage_coalitions,
+    sample_leverage_coalitions_batch,
+    solve_leverage_shap,
+)
 from tasks.model.vit import (
     OpenCLIPClassifier,
     vit_embed_patches,
@@ -585,3 +591,56 @@ def test_samplers_and_error_estimate_through_the_labeller():
         kernel_shap_explain(model, images, classes, sampler="kernel", error_estimate=True)
     with pytest.raises(ValueError):
         kernel_shap_explain(model, images, classes, sampler="uniform")
+
+
+def _coalitions_digest(sample) -> str:
+    digest = hashlib.sha256()
+    for players in (4, 9, 12, 49):
+        for budget in (10, 40, 150, 600):
+            for seed in range(3):
+                for tensor in sample(players, budget - 2, torch.Generator().manual_seed(seed)):
+                    digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_the_coalitions_of_a_seed_never_change():
+    # Labels are reproducible from (key, seed): a faster sampler must draw the same coalitions
+    # as the one the existing X-datasets were labelled with (these digests are of that one).
+    assert _coalitions_digest(sample_leverage_coalitions) == (
+        "e1726a16dc6dbcc6340593706fe1b1a37f7219e7af5ecf02d5b071be2c7495e2"
+    )
+    assert _coalitions_digest(sample_coalitions) == (
+        "48c1e49f9cabead8ec8daa8a4f38a87603b86c7a4e646f8e6e9497da6aecbf45"
+    )
+
+
+@pytest.mark.parametrize(("players", "budget"), [(5, 20), (6, 40), (8, 100), (10, 150), (49, 150)])
+def test_batched_sampling_gives_each_image_its_own_coalitions(players, budget):
+    # small games repeat subsets often in a first draw, which sends an image down the
+    # one-by-one path; large ones do not
+    seeds = list(range(40))
+    masks, weights, strata, counts = sample_leverage_coalitions_batch(
+        players, budget - 2, [torch.Generator().manual_seed(s) for s in seeds]
+    )
+    alone = [
+        sample_leverage_coalitions(players, budget - 2, torch.Generator().manual_seed(s))
+        for s in seeds
+    ]
+    assert counts.tolist() == [len(m) for m, _, _ in alone]
+    assert torch.equal(masks, torch.cat([m for m, _, _ in alone]))
+    assert torch.equal(weights, torch.cat([w for _, w, _ in alone]))
+    assert torch.equal(strata, torch.cat([s for _, _, s in alone]))
+
+
+def test_subsets_from_tied_draws_are_those_of_the_argsort():
+    generator = torch.Generator().manual_seed(0)
+    m = 10
+    # few distinct values: ties at the threshold in most rows
+    draws = torch.randint(0, 4, (500, m), generator=generator).float() / 4
+    sizes = torch.randint(1, m // 2 + 1, (500,), generator=generator).numpy()
+    expected = np.zeros((500, m), dtype=bool)
+    order = draws.argsort(dim=1).numpy()
+    np.put_along_axis(expected, order, np.arange(m)[None, :] < sizes[:, None], axis=1)
+    middle = 2 * sizes == m
+    expected[middle] = np.where(expected[middle, :1], expected[middle], ~expected[middle])
+    np.testing.assert_array_equal(_place_members(draws, sizes, m), expected)

@@ -9,7 +9,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tasks.data.prefetch import THREAD_PREFIX, RunAhead, default_decode_workers, ordered_map
+from tasks.data.prefetch import (
+    THREAD_PREFIX,
+    RunAhead,
+    default_decode_workers,
+    map_ahead,
+    ordered_map,
+)
 
 
 def _prefetch_threads() -> list[threading.Thread]:
@@ -75,6 +81,80 @@ def test_closing_ordered_map_early_cancels_the_rest_and_joins_its_threads() -> N
     stream.close()
     assert _prefetch_threads() == []
     assert len(calls) <= 4 + 6  # cancelled, not run to the end
+
+
+def test_map_ahead_with_one_worker_computes_the_next_item_while_the_consumer_works() -> None:
+    # The consumer does not take item 1 until item 1's call has started: with the call inline
+    # (ordered_map's one worker) this would wait forever; here it runs on the pool's thread.
+    started = [threading.Event() for _ in range(4)]
+    threads = []
+
+    def record(x: int) -> int:
+        threads.append(threading.current_thread())
+        started[x].set()
+        return x * x
+
+    results = []
+    for x, value in enumerate(map_ahead(record, range(4), ahead=2, name="test")):
+        if x + 1 < 4:
+            assert started[x + 1].wait(timeout=30)
+        results.append(value)
+    assert results == [0, 1, 4, 9]
+    assert all(t is not threading.current_thread() for t in threads)
+    assert all(t.name.startswith(f"{THREAD_PREFIX}-test") for t in threads)
+    assert _prefetch_threads() == []
+
+
+def test_map_ahead_consumes_its_items_in_the_callers_thread_at_most_ahead_past_it() -> None:
+    pulled_by = []
+
+    def items() -> Iterator[int]:
+        for x in range(20):
+            pulled_by.append(threading.current_thread())
+            yield x
+
+    lead = []
+    for consumed, _ in enumerate(map_ahead(_slow_square, items(), ahead=3), 1):
+        lead.append(len(pulled_by) - consumed)
+    assert set(pulled_by) == {threading.current_thread()}
+    assert max(lead) <= 3 - 1
+    assert _prefetch_threads() == []
+
+
+def test_map_ahead_raises_at_the_failing_item_and_closing_it_joins_its_thread() -> None:
+    def fail_at_3(x: int) -> int:
+        if x == 3:
+            raise ValueError("bad item 3")
+        return x
+
+    results = []
+    with pytest.raises(ValueError, match="bad item 3"):
+        for value in map_ahead(fail_at_3, range(10)):
+            results.append(value)
+    assert results == [0, 1, 2]
+    stream = map_ahead(_slow_square, range(1000), ahead=4)
+    assert next(stream) == 0
+    stream.close()
+    assert _prefetch_threads() == []
+
+
+@pytest.mark.parametrize("mapper", ["ordered_map", "map_ahead"])
+def test_a_failing_source_is_raised_after_the_results_of_what_it_gave(mapper: str) -> None:
+    def items() -> Iterator[int]:
+        yield from range(5)
+        raise OSError("listing lost")
+
+    results = []
+    stream = (
+        ordered_map(_slow_square, items(), workers=3, ahead=4)
+        if mapper == "ordered_map"
+        else map_ahead(_slow_square, items(), ahead=4)
+    )
+    with pytest.raises(OSError, match="listing lost"):
+        for value in stream:
+            results.append(value)
+    assert results == [x * x for x in range(5)]  # as a serial map gives them
+    assert _prefetch_threads() == []
 
 
 def test_run_ahead_yields_in_order_and_stays_within_its_depth() -> None:
