@@ -6,36 +6,53 @@ same order (:class:`tasks.data.stream.TrainStream`: shard order and sample shuff
 run the same forward pass; they differ only in the loss. theta_X - theta_P is then the
 explainability vector. Memory holds one batch per decoding worker, never the split.
 
-A run is resumable: every ``checkpoint_every`` steps and at every epoch end it saves the model
-(``last.safetensors``) and the optimizer, schedule, RNG and metrics state (``last-optim.pt``),
-and a rerun continues from there, mid-epoch included (the seeded stream skips the batches
-already taken), to bit-identical final weights on CPU. The final model is
-``model.safetensors`` with a JSON sidecar, and its completion marker makes a rerun a no-op.
+A run is resumable: at every epoch end, every ``checkpoint_minutes`` of training and, when set,
+every ``checkpoint_every`` steps it saves a checkpoint: the model and the optimizer, schedule,
+RNG and metrics state, written into the one of two slots (``last-{a,b}.safetensors`` and
+``last-{a,b}-optim.pt``) that the record ``last.json`` does not name, then the record naming
+it, so a crash mid-write leaves the previous checkpoint usable. On CUDA the write runs in a
+background thread from a copy of the state on the host while training goes on
+(``checkpoint_async``). A rerun continues from the recorded checkpoint, mid-epoch included (the
+seeded stream skips the batches already taken), to bit-identical final weights on CPU. The
+final model is ``model.safetensors`` with a JSON sidecar, and its completion marker makes a
+rerun a no-op. When and how checkpoints are written never changes the weights.
 
-With ``nproc_per_node * nnodes > 1`` the run is data-parallel (:mod:`tasks.distributed`):
-``torch.distributed.run`` starts one process per device, each trains on its share of the
-shards under DistributedDataParallel, and only rank 0 writes checkpoints and the marker.
+With ``nproc_per_node * nnodes > 1`` the run is data-parallel: :func:`tasks.distributed.launch`
+starts one process per device running :func:`train_rank`, each trains on its share of the
+shards under DistributedDataParallel, only rank 0 writes checkpoints and the marker, and no
+rank returns before rank 0 has written them.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
 import logging
 import math
+import re
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from storage.checkpoints import checkpoint_fingerprint
+from storage import open_storage
+from storage.checkpoints import (
+    checkpoint_fingerprint,
+    load_sidecar,
+    load_state_dict,
+    save_state_dict,
+)
 from storage.fingerprints import fingerprint_of
 from tasks.config import Device, StageConfig, resolve_device
 from tasks.data.stream import Decoder, OrderedStream, TrainStream, first_sample, list_split
+from tasks.distributed import Topology, launch, rank_device
 from tasks.model import (
     DEFAULT_MODEL,
     DEFAULT_TEMPLATES,
@@ -50,15 +67,29 @@ from tasks.model.loading import resolve_class_names
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
+#: The record of the latest resumable checkpoint: its step, fingerprints and the files holding
+#: it (``load_sidecar(out, LAST_FILE)`` reads it).
+LAST_RECORD = "last.json"
+#: The files of a record that names none: the layout before checkpoint slots.
 LAST_FILE = "last.safetensors"
 LAST_OPTIM_FILE = "last-optim.pt"
+#: (model, optimizer) files of the two checkpoint slots; a checkpoint goes into the slot the
+#: record does not name.
+CHECKPOINT_SLOTS = (
+    ("last-a.safetensors", "last-a-optim.pt"),
+    ("last-b.safetensors", "last-b-optim.pt"),
+)
 COMPLETION_UNIT = "model"
+#: The rank entry of a data-parallel run (:func:`tasks.distributed.launch`).
+TRAIN_RANK_ENTRY = "tasks.finetune:train_rank"
 ProgressCallback = Callable[[int, int], None]
 
 # Fields that may change between an interrupted run and its resumption without changing the
 # result (where and how often it saves, where it runs).
 _RESUME_NEUTRAL_FIELDS = (
     "checkpoint_every",
+    "checkpoint_minutes",
+    "checkpoint_async",
     "eval_every",
     "device",
     "node_rank",
@@ -92,7 +123,12 @@ class FinetuneConfig(StageConfig):
         beta: weight of the explanation loss (X mode).
         grid: attribution grid side (``grid x grid`` cells, the SHAP grid).
         seed: seeds the data order and the torch RNG.
-        checkpoint_every: steps between resumable checkpoints.
+        checkpoint_every: steps between resumable checkpoints (None: by time and epoch only).
+        checkpoint_minutes: minutes of training between resumable checkpoints (None: by steps
+            and epoch only); there is one at every epoch end whatever these two say.
+        checkpoint_async: write checkpoints in a background thread from a copy of the state,
+            training meanwhile (``"auto"``: when training on CUDA, where the copy to the host is
+            quick and the host's cores are free; on CPU the write would compete with training).
         eval_every: evaluate on ``val_data`` after every this many epochs and after the last
             (the weights do not depend on it).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
@@ -130,7 +166,9 @@ class FinetuneConfig(StageConfig):
     beta: float = Field(default=1.0, ge=0)
     grid: int = Field(default=7, ge=1)
     seed: int = 0
-    checkpoint_every: int = Field(default=50, ge=1)
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    checkpoint_minutes: float | None = Field(default=10.0, gt=0)
+    checkpoint_async: Literal["auto"] | bool = "auto"
     eval_every: int = Field(default=1, ge=1)
     device: Device = "auto"
     image_size: int = Field(default=56, ge=8)
@@ -143,10 +181,30 @@ class FinetuneConfig(StageConfig):
     rdzv_endpoint: str | None = None
     rdzv_id: str = "finetune"
 
+    @model_validator(mode="after")
+    def _one_device_per_rank(self) -> FinetuneConfig:
+        if self.world_size > 1 and re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError(
+                f"device {self.device!r} names one GPU, but the {self.world_size} processes of "
+                "a data-parallel run each take their own: use 'cuda' or 'auto'"
+            )
+        return self
+
     @property
     def world_size(self) -> int:
         """Training processes in all."""
         return self.nproc_per_node * self.nnodes
+
+    @property
+    def topology(self) -> Topology:
+        """Where the processes of a data-parallel run are."""
+        return Topology(
+            nproc_per_node=self.nproc_per_node,
+            nnodes=self.nnodes,
+            node_rank=self.node_rank,
+            rdzv_endpoint=self.rdzv_endpoint,
+            rdzv_id=self.rdzv_id,
+        )
 
     def resume_fingerprint(self) -> str:
         """Fingerprint of the fields that determine the trained weights."""
@@ -281,6 +339,81 @@ def evaluate(model: SelfExplainingCLIP, data: OrderedStream) -> dict[str, float 
     }
 
 
+class CheckpointWriter:
+    """Writes one checkpoint at a time, in a background thread or in the caller's.
+
+    Written in the background, a checkpoint's bytes travel to storage while training goes on,
+    so what a write reads must be a snapshot that training does not modify (:func:`snapshot`).
+    :meth:`submit` first waits for the previous write: checkpoints land in order and at most
+    one snapshot is held in memory. A failed write raises at the next :meth:`submit`,
+    :meth:`wait` or :meth:`close`, failing the run as a synchronous write would.
+
+    Args:
+        asynchronous: write in a background thread.
+    """
+
+    def __init__(self, asynchronous: bool) -> None:
+        self.asynchronous = asynchronous
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+            if asynchronous
+            else None
+        )
+        self._pending: Future[None] | None = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        """Run ``write`` after the previous one: in the background, or here and now."""
+        self.wait()
+        if self._executor is None:
+            write()
+        else:
+            self._pending = self._executor.submit(write)
+
+    def wait(self) -> None:
+        """Wait for the write in flight, raising its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        self.close(raise_errors=kind is None)
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Wait for the write in flight and stop the thread.
+
+        Args:
+            raise_errors: raise a failed write's error; False logs it instead (when the run is
+                failing already, its own error is the one to report).
+        """
+        try:
+            self.wait()
+        except Exception:
+            if raise_errors:
+                raise
+            logger.exception("a checkpoint write failed while the run was failing")
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+
+
+def snapshot(value: Any) -> Any:
+    """A copy of ``value`` on the CPU that later in-place updates of its tensors do not reach.
+
+    Tensors (model parameters, AdamW's moments) are copied, dicts, lists and tuples rebuilt
+    around the copies; other values are immutable scalars and strings, shared.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: snapshot(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(snapshot(item) for item in value)
+    return value
+
+
 class Finetuner:
     """One fine-tuning run writing under ``storage.child(out_key)``.
 
@@ -303,6 +436,8 @@ class Finetuner:
         self.out_key = out_key.strip("/")
         self.out = storage.child(self.out_key)
         self.progress = progress
+        # The (model, optimizer) files the record names: the slot the next checkpoint avoids.
+        self._recorded_slot: tuple[str, str] | None = None
 
     def inputs_fingerprint(self) -> str:
         """What the model depends on: the config and the content of the base weights."""
@@ -315,8 +450,6 @@ class Finetuner:
 
     def result(self, skipped: bool) -> dict[str, Any]:
         """What :func:`finetune` returns for a complete run."""
-        from storage.checkpoints import load_sidecar
-
         sidecar = load_sidecar(self.out, MODEL_FILE)
         return {
             "key": f"{self.out_key}/{MODEL_FILE}",
@@ -343,9 +476,16 @@ class Finetuner:
             logger.info("fine-tuning %s already complete: skipping", self.out.uri)
             return self.result(skipped=True)
         if self.config.world_size > 1:
-            from tasks.distributed import launch_finetune
-
-            launch_finetune(self.config, self.storage.uri, self.out_key)
+            config = self.config
+            arguments = ["--config", config.model_dump_json()]
+            arguments += ["--storage", self.storage.uri, "--out-key", self.out_key]
+            launch(
+                TRAIN_RANK_ENTRY,
+                arguments,
+                config.topology,
+                config.device,
+                what=f"fine-tuning of {config.domain} ({config.mode})",
+            )
             if not self.is_complete():
                 raise RuntimeError(f"distributed fine-tuning of {self.out.uri} left no model")
             if self.progress is not None:
@@ -354,14 +494,24 @@ class Finetuner:
             return self.result(skipped=False)
         return self.train()
 
-    def train(self, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    def train(
+        self, rank: int = 0, world_size: int = 1, device: torch.device | None = None
+    ) -> dict[str, Any]:
         """The training loop of one process (of ``world_size``, in an initialised group).
 
-        Only rank 0 evaluates, writes checkpoints, the final model and its marker.
+        Only rank 0 evaluates, writes checkpoints, the final model and its marker; under
+        :func:`tasks.distributed.launch` no rank returns before every rank is done.
+
+        Args:
+            rank: this process's rank.
+            world_size: processes in the group.
+            device: where to train (default: the config's; a rank's own GPU when data-parallel).
         """
         config = self.config
-        distributed = world_size > 1
+        data_parallel = world_size > 1
         writer = rank == 0
+        if device is None:
+            device = rank_device(config.device) if data_parallel else resolve_device(config.device)
         grid = (config.grid, config.grid)
         train = training_stream(config, rank, world_size)
         val = validation_stream(config) if writer else None
@@ -369,21 +519,19 @@ class Finetuner:
         torch.manual_seed(config.seed)
         clip_model = load_clip(config.model_name, config.base)
         base_fingerprint = model_fingerprint(clip_model)
+        # The head's prompts go through the text tower where training runs: ImageNet's 1000
+        # classes x 4 templates are minutes of a CPU and a moment of a GPU.
+        clip_model = clip_model.to(device)
         head = zero_shot_head(
             clip_model,
             resolve_class_names(config.class_names, {}, config.domain),
             config.templates,
             model_name=config.model_name,
         )
-        device = resolve_device(config.device)
-        if distributed and device.type == "cuda":
-            from tasks.distributed import local_device
-
-            device = local_device()
         model = SelfExplainingCLIP(clip_model, head, grid=grid).to(device)
         optimizer = build_optimizer(model, config)
         forward = model
-        if distributed:
+        if data_parallel:
             from torch.nn.parallel import DistributedDataParallel
 
             forward = DistributedDataParallel(
@@ -405,47 +553,66 @@ class Finetuner:
             total,
             f"resuming at step {step}" if step else "from the start",
         )
+        asynchronous = config.checkpoint_async
+        if asynchronous == "auto":
+            asynchronous = device.type == "cuda"
+        saved_at = time.monotonic()
         model.train()
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        while step < total:
-            epoch, offset = divmod(step, steps_per_epoch)
-            train.set_epoch(epoch, skip_batches=offset)
-            for batch in train.loader():
-                images, labels = batch.images.to(device), batch.labels.to(device)
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * _lr_factor(step, total, config)
-                with autocast:
-                    logits, maps = forward(images)
-                ce = F.cross_entropy(logits.float(), labels)
-                targets = batch.targets
-                expl = (
-                    explanation_loss(maps, labels, targets.to(device))
-                    if targets is not None
-                    else None
-                )
-                loss = ce + config.beta * expl if config.mode == "X" else ce
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                _accumulate(running, loss, ce, expl, len(labels), distributed)
-                if self.progress is not None:
-                    self.progress(step, total)
-                epoch_done = step % steps_per_epoch == 0 or step == total
-                if epoch_done and writer:
-                    evaluated = (epoch + 1) % config.eval_every == 0 or step == total
-                    rows.append(
-                        self._epoch_row(epoch, step, running, model, val if evaluated else None)
+        # Leaving the block waits for the checkpoint in flight, on success and on failure.
+        with CheckpointWriter(asynchronous=asynchronous) as checkpoints:
+            while step < total:
+                epoch, offset = divmod(step, steps_per_epoch)
+                train.set_epoch(epoch, skip_batches=offset)
+                for batch in train.loader():
+                    images, labels = batch.images.to(device), batch.labels.to(device)
+                    for group in optimizer.param_groups:
+                        group["lr"] = config.lr * _lr_factor(step, total, config)
+                    with autocast:
+                        logits, maps = forward(images)
+                    ce = F.cross_entropy(logits.float(), labels)
+                    targets = batch.targets
+                    expl = (
+                        explanation_loss(maps, labels, targets.to(device))
+                        if targets is not None
+                        else None
                     )
-                if epoch_done:
-                    running = _new_running()
-                if writer and (epoch_done or step % config.checkpoint_every == 0):
-                    self._save_last(model, optimizer, base_fingerprint, step, rows, running)
-                if step == total:
-                    break
+                    loss = ce + config.beta * expl if config.mode == "X" else ce
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    step += 1
+                    _accumulate(running, loss, ce, expl, len(labels), data_parallel)
+                    if self.progress is not None:
+                        self.progress(step, total)
+                    epoch_done = step % steps_per_epoch == 0 or step == total
+                    if epoch_done and writer:
+                        evaluated = (epoch + 1) % config.eval_every == 0 or step == total
+                        rows.append(
+                            self._epoch_row(epoch, step, running, model, val if evaluated else None)
+                        )
+                    if epoch_done:
+                        running = _new_running()
+                    # No checkpoint at the last step: the final model follows at once.
+                    if writer and step < total and self._checkpoint_due(step, epoch_done, saved_at):
+                        self._save_last(
+                            model, optimizer, base_fingerprint, step, rows, running, checkpoints
+                        )
+                        saved_at = time.monotonic()
+                    if step == total:
+                        break
         if not writer:
             return {"steps": step, "rank": rank}
         return self._finish(model, base_fingerprint, step, rows)
+
+    def _checkpoint_due(self, step: int, epoch_done: bool, saved_at: float) -> bool:
+        """Whether a resumable checkpoint is due after ``step``: epoch end, steps or time."""
+        every, minutes = self.config.checkpoint_every, self.config.checkpoint_minutes
+        return (
+            epoch_done
+            or (every is not None and step % every == 0)
+            or (minutes is not None and time.monotonic() - saved_at >= 60.0 * minutes)
+        )
 
     def _epoch_row(
         self,
@@ -479,11 +646,16 @@ class Finetuner:
         step: int,
         rows: list[dict[str, Any]],
         running: dict[str, float],
+        checkpoints: CheckpointWriter,
     ) -> None:
-        from storage.checkpoints import save_state_dict
-
-        # The optimizer file goes first and the model's sidecar last: a crash in between leaves
-        # two different steps, which _resume detects and refuses instead of mixing them.
+        """Hand the checkpoint of ``step`` to ``checkpoints``: what the training loop waits for."""
+        # The previous write done, the record names its slot: this one goes into the other.
+        checkpoints.wait()
+        slot = (
+            CHECKPOINT_SLOTS[1]
+            if self._recorded_slot == CHECKPOINT_SLOTS[0]
+            else CHECKPOINT_SLOTS[0]
+        )
         resume_state = {
             "step": step,
             "resume_fingerprint": self.config.resume_fingerprint(),
@@ -492,47 +664,71 @@ class Finetuner:
             "running": running,
             "rows": rows,
         }
+        tensors = model.encoder_state_dict()
+        if checkpoints.asynchronous:
+            # Training goes on while the write reads these: AdamW and the model update in place.
+            resume_state, tensors = snapshot(resume_state), snapshot(tensors)
+        checkpoints.submit(
+            lambda: self._write_checkpoint(slot, step, base_fingerprint, tensors, resume_state)
+        )
+
+    def _write_checkpoint(
+        self,
+        slot: tuple[str, str],
+        step: int,
+        base_fingerprint: str,
+        tensors: dict[str, torch.Tensor],
+        resume_state: dict[str, Any],
+    ) -> None:
+        model_key, optim_key = slot
         buffer = io.BytesIO()
         torch.save(resume_state, buffer)
-        self.out.write_bytes(LAST_OPTIM_FILE, buffer.getvalue())
-        save_state_dict(
-            self.out,
-            LAST_FILE,
-            model.encoder_state_dict(),
-            metadata={
-                "step": step,
-                "base_fingerprint": base_fingerprint,
-                "resume_fingerprint": self.config.resume_fingerprint(),
-            },
-        )
-        logger.debug("checkpoint at step %d in %s", step, self.out.uri)
+        self.out.write_bytes(optim_key, buffer.getvalue())
+        record = {
+            "step": step,
+            "base_fingerprint": base_fingerprint,
+            "resume_fingerprint": self.config.resume_fingerprint(),
+            "model": model_key,
+            "optimizer": optim_key,
+        }
+        fingerprint = save_state_dict(self.out, model_key, tensors, metadata=record)
+        # The record last: until it names this slot, a rerun resumes from the previous one.
+        self.out.write_json(LAST_RECORD, {**record, "state_fingerprint": fingerprint})
+        self._recorded_slot = slot
+        logger.debug("checkpoint at step %d in %s (%s)", step, self.out.uri, model_key)
 
     def _resume(
         self, model: SelfExplainingCLIP, optimizer: torch.optim.Optimizer, base_fingerprint: str
     ) -> dict[str, Any]:
-        from storage.checkpoints import load_sidecar, load_state_dict
-
         fresh = {"step": 0, "rows": [], "running": _new_running()}
-        if not (self.out.exists(LAST_FILE) and self.out.exists(LAST_OPTIM_FILE)):
+        if not self.out.exists(LAST_RECORD):
             return fresh
-        sidecar = load_sidecar(self.out, LAST_FILE)
-        resume_state = torch.load(
-            io.BytesIO(self.out.read_bytes(LAST_OPTIM_FILE)), weights_only=True
-        )
+        record = self.out.read_json(LAST_RECORD)
+        slot = (record.get("model", LAST_FILE), record.get("optimizer", LAST_OPTIM_FILE))
+        if slot not in ((LAST_FILE, LAST_OPTIM_FILE), *CHECKPOINT_SLOTS):
+            logger.warning("checkpoint record in %s names unknown files: restarting", self.out.uri)
+            return fresh
+        model_key, optim_key = slot
+        if not (self.out.exists(model_key) and self.out.exists(optim_key)):
+            logger.warning("checkpoint files named in %s are missing: restarting", self.out.uri)
+            return fresh
+        resume_state = torch.load(io.BytesIO(self.out.read_bytes(optim_key)), weights_only=True)
         expected = (self.config.resume_fingerprint(), base_fingerprint)
-        if (sidecar.get("resume_fingerprint"), sidecar.get("base_fingerprint")) != expected:
+        if (record.get("resume_fingerprint"), record.get("base_fingerprint")) != expected:
             logger.warning(
                 "checkpoint in %s is from another config or base: restarting", self.out.uri
             )
             return fresh
-        if resume_state["step"] != sidecar.get("step"):
+        if resume_state["step"] != record.get("step"):
+            # Only the layout before slots can tear (one pair of files, overwritten in place).
             logger.warning(
                 "checkpoint in %s is torn (crash while saving): restarting", self.out.uri
             )
             return fresh
-        model.clip.load_state_dict(load_state_dict(self.out, LAST_FILE), strict=True)
+        model.clip.load_state_dict(load_state_dict(self.out, model_key), strict=True)
         optimizer.load_state_dict(resume_state["optimizer"])
         torch.set_rng_state(resume_state["torch_rng"])
+        self._recorded_slot = slot
         return resume_state
 
     def _finish(
@@ -542,8 +738,6 @@ class Finetuner:
         step: int,
         rows: list[dict[str, Any]],
     ) -> dict[str, Any]:
-        from storage.checkpoints import save_state_dict
-
         model.eval()
         state = {key: value.detach().cpu() for key, value in model.encoder_state_dict().items()}
         fingerprint = model_fingerprint(model.clip)
@@ -620,3 +814,21 @@ def finetune(
         The summary of :meth:`Finetuner.run`.
     """
     return Finetuner(config, storage, out_key, progress).run()
+
+
+def train_rank(argv: list[str], device: torch.device) -> None:
+    """One rank of a data-parallel fine-tuning: the entry :func:`tasks.distributed.launch` runs.
+
+    Args:
+        argv: ``--config`` (the run's :class:`FinetuneConfig` as JSON), ``--storage`` (URI of
+            the output root) and ``--out-key`` (the run's folder under it).
+        device: this rank's device.
+    """
+    parser = argparse.ArgumentParser(prog=TRAIN_RANK_ENTRY, description="one fine-tuning rank")
+    parser.add_argument("--config", required=True, help="FinetuneConfig as JSON")
+    parser.add_argument("--storage", required=True, help="URI of the output root")
+    parser.add_argument("--out-key", required=True, help="the run's folder under --storage")
+    args = parser.parse_args(argv)
+    config = FinetuneConfig.model_validate_json(args.config)
+    finetuner = Finetuner(config, open_storage(args.storage), args.out_key)
+    finetuner.train(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from storage.layout import shard_name
 from storage.shards import ShardWriter
 from tasks.data.synthetic import make_split
 from tasks.distributed import launch_command
-from tasks.finetune import FinetuneConfig, finetune
+from tasks.finetune import TRAIN_RANK_ENTRY, FinetuneConfig, finetune
 from tasks.model import DEFAULT_MODEL, load_clip
 
 DOMAIN = "shapes"
@@ -139,14 +141,104 @@ def test_multi_node_launch_names_the_rendezvous() -> None:
         rdzv_endpoint="10.0.0.1:29400",
         rdzv_id="run-7",
     )
-    command = launch_command(config, "s3://bucket/out", "models/x")
+    command = launch_command(TRAIN_RANK_ENTRY, ["--out-key", "models/x"], config.topology, "cuda")
     assert "--nproc-per-node=8" in command and "--nnodes=2" in command
     assert "--rdzv-endpoint=10.0.0.1:29400" in command and "--node-rank=1" in command
-    assert "--standalone" not in command
+    assert "--rdzv-id=run-7" in command and "--standalone" not in command
+    # Every rank runs the generic rank main, which calls the fine-tuning's entry.
+    tail = command[command.index("tasks.distributed") - 1 :]
+    assert tail == ["-m", "tasks.distributed", "--entry", "tasks.finetune:train_rank"] + [
+        "--device",
+        "cuda",
+        "--",
+        "--out-key",
+        "models/x",
+    ]
+    no_endpoint = config.model_copy(update={"rdzv_endpoint": None})
     with pytest.raises(ValueError, match="rdzv_endpoint"):
-        launch_command(config.model_copy(update={"rdzv_endpoint": None}), "s3://b/o", "m")
+        launch_command(TRAIN_RANK_ENTRY, [], no_endpoint.topology)
     # Where the nodes meet and which node this is do not change the weights.
     assert (
         config.resume_fingerprint()
         == config.model_copy(update={"node_rank": 0, "rdzv_endpoint": "h:1"}).resume_fingerprint()
     )
+
+
+_TWO_NODE_HOOK = """
+import os
+
+if os.environ.get("RANK") is None:
+    # torchrun's agent waits this long for the other nodes' agents once its own ranks are done
+    # (300 s by default); a 1 s wait makes a slow final write of rank 0 outlast it in a test.
+    from torch.distributed.elastic.agent.server import api
+
+    _init = api.SimpleElasticAgent.__init__
+
+    def _short_exit_barrier(self, *args, **kwargs):
+        _init(self, *args, **kwargs)
+        self._exit_barrier_timeout = 1.0
+
+    api.SimpleElasticAgent.__init__ = _short_exit_barrier
+else:
+    # Each rank logs its writes of the final model, and rank 0's takes 5 s more.
+    import time
+
+    import storage.checkpoints as checkpoints
+
+    _save = checkpoints.save_state_dict
+
+    def _logged_save(storage, key, *args, **kwargs):
+        if key == "model.safetensors":
+            if os.environ["RANK"] == "0":
+                time.sleep(5)
+            with open(os.environ["MODEL_WRITES"], "a") as log:
+                log.write(os.environ["RANK"] + "\\n")
+        return _save(storage, key, *args, **kwargs)
+
+    checkpoints.save_state_dict = _logged_save
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_both_succeed_and_rank_0_writes_the_model_once(
+    data, tmp_path, monkeypatch
+) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_TWO_NODE_HOOK)
+    writes = tmp_path / "model-writes.log"
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("MODEL_WRITES", str(writes))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    storage = open_storage(str(tmp_path / "shared"))
+    endpoint = f"127.0.0.1:{_free_port()}"
+    outcomes: dict[int, object] = {}
+
+    def node(rank: int) -> None:
+        # Two launches of the same task on one machine stand for two nodes: nnodes=2, one
+        # process each, meeting at one c10d endpoint on loopback, writing to shared storage.
+        config = _config(
+            data, 1, nnodes=2, node_rank=rank, rdzv_endpoint=endpoint, rdzv_id=tmp_path.name
+        )
+        try:
+            outcomes[rank] = finetune(config, storage, "run")
+        except Exception as error:  # reported below, per node
+            outcomes[rank] = error
+
+    nodes = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
+    for thread in nodes:
+        thread.start()
+    for thread in nodes:
+        thread.join(timeout=300)
+    errors = {rank: o for rank, o in outcomes.items() if isinstance(o, Exception)}
+    assert not errors and len(outcomes) == 2, errors
+    assert [outcomes[rank]["steps"] for rank in (0, 1)] == [4, 4]
+    assert outcomes[0]["fingerprint"] == outcomes[1]["fingerprint"]
+    assert writes.read_text().split() == ["0"]  # one write of the model, by rank 0
+    assert storage.child("run").is_complete("model")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -18,7 +20,13 @@ from storage.layout import shard_name
 from storage.shards import ShardWriter
 from tasks.data.stream import Decoder, OrderedStream, list_split
 from tasks.data.synthetic import make_split
-from tasks.finetune import FinetuneConfig, finetune, pearson_per_image, training_stream
+from tasks.finetune import (
+    FinetuneConfig,
+    Finetuner,
+    finetune,
+    pearson_per_image,
+    training_stream,
+)
 from tasks.model import (
     DEFAULT_MODEL,
     load_clip,
@@ -176,9 +184,27 @@ class _Crash(RuntimeError):
     pass
 
 
-def test_resume_after_a_crash_reaches_the_same_weights(data, tmp_path) -> None:
-    config = _config(data, "X", epochs=2, checkpoint_every=3)
-    reference = finetune(config, open_storage(str(tmp_path / "a")), "run")
+@pytest.fixture(scope="module")
+def x_reference(data, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An uninterrupted 2-epoch X run (10 steps), checkpointed every 3 steps."""
+    storage = open_storage(str(tmp_path_factory.mktemp("x-reference")))
+    return finetune(_config(data, "X", epochs=2, checkpoint_every=3), storage, "run")
+
+
+@pytest.fixture(scope="module")
+def p_reference(data, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Any]:
+    """An uninterrupted 2-epoch P run on the default checkpoint schedule, and its storage."""
+    storage = open_storage(str(tmp_path_factory.mktemp("p-reference")))
+    config = _config(data, "P", epochs=2, val_data=None, checkpoint_every=None)
+    return finetune(config, storage, "run"), storage
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_resume_after_a_crash_reaches_the_same_weights(
+    data, tmp_path, x_reference, asynchronous
+) -> None:
+    config = _config(data, "X", epochs=2, checkpoint_every=3, checkpoint_async=asynchronous)
+    reference = x_reference
 
     def crash_at_step_8(step: int, total: int) -> None:
         if step == 8:  # mid-epoch 2; the last checkpoint is at step 6
@@ -187,13 +213,111 @@ def test_resume_after_a_crash_reaches_the_same_weights(data, tmp_path) -> None:
     storage = open_storage(str(tmp_path / "b"))
     with pytest.raises(_Crash):
         finetune(config, storage, "run", progress=crash_at_step_8)
-    assert storage.exists("run/last.safetensors") and not storage.exists("run/model.safetensors")
+    assert storage.exists("run/last.json") and not storage.exists("run/model.safetensors")
+    # A failing run still waits for the checkpoint it was writing.
     assert load_sidecar(storage, "run/last.safetensors")["step"] == 6
     steps_seen: list[int] = []
     resumed = finetune(config, storage, "run", progress=lambda step, total: steps_seen.append(step))
     assert steps_seen == [7, 8, 9, 10]
     assert resumed["fingerprint"] == reference["fingerprint"]
     assert resumed["metrics"] == reference["metrics"]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_crash_mid_checkpoint_leaves_the_previous_one_usable(
+    data, tmp_path, x_reference, monkeypatch, asynchronous
+) -> None:
+    # The checkpoint schedule does not change the weights: x_reference saves every 3 steps.
+    config = _config(data, "X", epochs=2, checkpoint_every=2, checkpoint_async=asynchronous)
+    reference = x_reference
+    storage = open_storage(str(tmp_path / "b"))
+    write_bytes = type(storage).write_bytes
+
+    def lose_the_disk(self, key: str, data: bytes) -> None:
+        # The second checkpoint (step 4) dies between its optimizer file and its tensors.
+        if key == "last-b.safetensors":
+            raise OSError("disk lost mid-checkpoint")
+        write_bytes(self, key, data)
+
+    monkeypatch.setattr(type(storage), "write_bytes", lose_the_disk)
+    with pytest.raises(OSError, match="disk lost"):
+        finetune(config, storage, "run")
+    monkeypatch.undo()
+    run = storage.child("run")
+    torn = torch.load(io.BytesIO(run.read_bytes("last-b-optim.pt")), weights_only=True)
+    assert torn["step"] == 4 and not run.exists("last-b.safetensors")
+    assert load_sidecar(run, "last.safetensors")["step"] == 2  # the record names step 2
+    steps_seen: list[int] = []
+    resumed = finetune(config, storage, "run", progress=lambda step, total: steps_seen.append(step))
+    assert steps_seen == list(range(3, 11))
+    assert resumed["fingerprint"] == reference["fingerprint"]
+    assert resumed["metrics"] == reference["metrics"]
+
+
+def test_asynchronous_checkpoints_let_training_go_on_and_hold_their_own_step(
+    data, tmp_path, x_reference, monkeypatch
+) -> None:
+    config = _config(data, "X", epochs=2, checkpoint_every=2, checkpoint_async=True)
+    storage = open_storage(str(tmp_path / "run"))
+    write_checkpoint = Finetuner._write_checkpoint
+    step_3_trained = threading.Event()
+    waits: list[bool] = []
+
+    def slow_write(self, slot, step, *args) -> None:
+        # The checkpoint of step 2 is written only once step 3 has trained, which a synchronous
+        # write never lets happen; it must still hold step 2's weights and optimizer state.
+        if step == 2:
+            waits.append(step_3_trained.wait(timeout=30))
+        write_checkpoint(self, slot, step, *args)
+
+    def crash_at_step_4(step: int, total: int) -> None:
+        if step == 3:
+            step_3_trained.set()
+        if step == 4:  # before the checkpoint of step 4
+            raise _Crash
+
+    monkeypatch.setattr(Finetuner, "_write_checkpoint", slow_write)
+    with pytest.raises(_Crash):
+        finetune(config, storage, "run", progress=crash_at_step_4)
+    monkeypatch.undo()
+    assert waits == [True]
+    record = load_sidecar(storage, "run/last.safetensors")
+    assert (record["step"], record["model"]) == (2, "last-a.safetensors")
+    resumed = finetune(config, storage, "run")
+    assert resumed["fingerprint"] == x_reference["fingerprint"]  # the weights, to the bit
+    assert resumed["metrics"] == x_reference["metrics"]
+    # Then 4 (slot b), 5 (epoch end, a), 6 (b), 8 (a); none at the last step.
+    record = load_sidecar(storage, "run/last.safetensors")
+    assert (record["step"], record["model"]) == (8, "last-a.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("every", "minutes", "last_saved"),
+    [(None, None, 5), (None, 1e-9, 7), (3, None, 6)],
+    ids=["epoch-ends", "by-time", "by-steps"],
+)
+def test_checkpoints_come_at_epoch_ends_by_steps_or_by_time_and_never_change_the_weights(
+    data, tmp_path, p_reference, every, minutes, last_saved
+) -> None:
+    defaults = FinetuneConfig(domain=DOMAIN, mode="P", data="unused")
+    assert (defaults.checkpoint_every, defaults.checkpoint_minutes) == (None, 10.0)
+    reference, reference_storage = p_reference
+    # 10 steps in 2 epochs of 5, no checkpoint at the last: the final model follows at once.
+    assert load_sidecar(reference_storage, "run/last.safetensors")["step"] == 5
+    config = _config(
+        data, "P", epochs=2, val_data=None, checkpoint_every=every, checkpoint_minutes=minutes
+    )
+
+    def crash_at_step_8(step: int, total: int) -> None:
+        if step == 8:
+            raise _Crash
+
+    storage = open_storage(str(tmp_path / "b"))
+    with pytest.raises(_Crash):
+        finetune(config, storage, "run", progress=crash_at_step_8)
+    assert load_sidecar(storage, "run/last.safetensors")["step"] == last_saved
+    resumed = finetune(config, storage, "run")
+    assert resumed["fingerprint"] == reference["fingerprint"]
 
 
 def test_eval_every_evaluates_less_often_and_always_last_with_the_same_weights(

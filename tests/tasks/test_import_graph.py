@@ -8,17 +8,10 @@ owns what. The graph is read from the source with :mod:`ast`, so nothing is impo
 from __future__ import annotations
 
 import ast
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("tasks", "storage", "flows", "deployments")
-
-# Circles still being broken elsewhere (issue #26). Remove an entry once its circle is gone:
-# the test then asserts that no circle exists at all.
-ALLOWED_CYCLES: set[frozenset[str]] = {
-    frozenset({"tasks.finetune", "tasks.distributed"}),
-}
 
 
 def _module_name(path: Path) -> str:
@@ -142,15 +135,9 @@ def test_sweep_accuracy_and_inputs_are_not_in_a_circle() -> None:
 
 def test_no_import_cycles_among_project_modules() -> None:
     cycles = import_cycles(import_graph())
-    allowed = [cycle for cycle in cycles if cycle in ALLOWED_CYCLES]
-    if allowed:
-        warnings.warn(f"allowed import circles still present: {_describe(allowed)}", stacklevel=1)
-    for stale in ALLOWED_CYCLES - set(cycles):
-        warnings.warn(
-            f"allowed import circle is gone, drop its entry: {sorted(stale)}", stacklevel=1
-        )
-    unexpected = [cycle for cycle in cycles if cycle not in ALLOWED_CYCLES]
-    assert unexpected == [], (
-        f"import circles among project modules: {_describe(unexpected)} "
-        f"(all circles: {_describe(cycles)})"
-    )
+    assert cycles == [], f"import circles among project modules: {_describe(cycles)}"
+
+
+def test_finetune_and_distributed_are_not_in_a_circle() -> None:
+    graph = import_graph()
+    assert "tasks.finetune" not in graph["tasks.distributed"]
