@@ -2,10 +2,10 @@
 
 ``explain-transfer serve`` calls :func:`serve_stack`: it starts ``prefect server start``
 (SQLite under ``{out}/prefect-home``) as a subprocess, waits for ``/api/health``, creates the
-``gpu`` tag concurrency limit if it is missing, and serves the deployments of
-``deployments/prefect.yaml`` with ``prefect.serve`` (schedules included), so a new user opens
-http://127.0.0.1:4200 and triggers a run. The deployments run the same flow functions the
-command line runs.
+``gpu`` tag concurrency limit if it is missing (one per GPU of this host unless told), and
+serves the deployments of ``deployments/prefect.yaml`` with ``prefect.serve`` (schedules
+included), so a new user opens http://127.0.0.1:4200 and triggers a run. The deployments run
+the same flow functions the command line runs.
 """
 
 from __future__ import annotations
@@ -243,13 +243,27 @@ def environment(variables: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = old
 
 
-def ensure_tag_concurrency_limit(tag: str = GPU_TAG, limit: int = 1) -> bool:
+def default_gpu_limit() -> int:
+    """The ``gpu`` tag limit when none is given: the CUDA devices this host sees, at least 1.
+
+    The served flow runs execute on this host, so its GPUs are the ones their shard tasks use;
+    without a GPU, one shard at a time already keeps every CPU core busy.
+    """
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def ensure_tag_concurrency_limit(
+    tag: str = GPU_TAG, limit: int = 1, *, replace: bool = False
+) -> bool:
     """Create the tag concurrency limit ``tag`` (like ``prefect concurrency-limit create``).
 
-    An existing limit is kept as it is: an operator may have tuned it.
+    An existing limit is kept as it is unless ``replace``: an operator may have tuned it, and
+    only a limit given explicitly overrides that.
 
     Returns:
-        True when the limit was created, False when it already existed.
+        True when the limit was created or set, False when an existing one was kept.
     """
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -258,8 +272,11 @@ def ensure_tag_concurrency_limit(tag: str = GPU_TAG, limit: int = 1) -> bool:
         try:
             existing = client.read_concurrency_limit_by_tag(tag)
         except ObjectNotFound:
+            existing = None
+        if existing is None or (replace and existing.concurrency_limit != limit):
+            # Creating an existing tag's limit sets it (the server upserts by tag).
             client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
-            logger.info("created the %r tag concurrency limit (%d at a time)", tag, limit)
+            logger.info("set the %r tag concurrency limit to %d at a time", tag, limit)
             return True
     logger.info("keeping the %r tag concurrency limit (%d)", tag, existing.concurrency_limit)
     return False
@@ -287,7 +304,7 @@ def serve_stack(
     port: int = 4200,
     api_url: str | None = None,
     data_root: str | None = None,
-    gpu_limit: int = 1,
+    gpu_limit: int | None = None,
     result_storage_block: str | None = None,
     deployment_names: Sequence[str] | None = None,
     run_limit: int | None = None,
@@ -301,7 +318,11 @@ def serve_stack(
         api_url: an existing Prefect API to serve on instead of starting a local server.
         data_root: root URI every deployment writes under (default ``$EXPLAIN_TRANSFER_DATA``,
             else ``{out}/data``).
-        gpu_limit: the ``gpu`` tag concurrency limit created when missing.
+        gpu_limit: the ``gpu`` tag concurrency limit: label-shard and sweep-target tasks
+            running at once across every run on this API. Given, it is set even over an
+            existing limit; None creates one of :func:`default_gpu_limit` (this host's GPUs)
+            when missing and keeps an existing one. A Dask cluster of more GPUs needs its
+            total given here.
         result_storage_block: Prefect block of task results for a non-local data root.
         deployment_names: serve only these ``flow/deployment`` names (default: all).
         run_limit: flow runs executed at once by this process (default: Prefect's).
@@ -323,7 +344,10 @@ def serve_stack(
         stack.enter_context(
             environment(stack_environment(api_url, data_root, result_storage_block))
         )
-        ensure_tag_concurrency_limit(GPU_TAG, gpu_limit)
+        if gpu_limit is None:
+            ensure_tag_concurrency_limit(GPU_TAG, default_gpu_limit())
+        else:
+            ensure_tag_concurrency_limit(GPU_TAG, gpu_limit, replace=True)
         deployments = [spec.to_runner_deployment() for spec in specs]
         logger.info(
             "serving %d deployments on %s (UI: %s); data under %s",

@@ -7,6 +7,7 @@ start.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from datetime import datetime, timedelta, timezone
@@ -131,8 +132,45 @@ def test_build_run_completes_with_artifacts_and_shards(stack, build_run) -> None
 
 @pytest.mark.slow
 def test_gpu_concurrency_limit_exists(stack) -> None:
+    from deployments.serve import default_gpu_limit
+
+    # Served without --gpu-limit: one shard task at a time per GPU of the serving host.
     limit = stack.api("GET", "/concurrency_limits/tag/gpu")
-    assert limit["tag"] == "gpu" and limit["concurrency_limit"] == 1
+    assert limit["tag"] == "gpu" and limit["concurrency_limit"] == default_gpu_limit()
+
+
+def test_the_default_gpu_limit_is_the_hosts_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from deployments.serve import default_gpu_limit
+    from flows.serve_cli import add_serve_arguments
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert default_gpu_limit() == 8
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert default_gpu_limit() == 1  # on CPU one shard at a time already uses every core
+    parser = add_serve_arguments(argparse.ArgumentParser())
+    assert parser.parse_args([]).gpu_limit is None  # resolved by serve_stack
+    assert parser.parse_args(["--gpu-limit", "16"]).gpu_limit == 16
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--gpu-limit", "0"])
+
+
+@pytest.mark.slow
+def test_a_given_gpu_limit_is_set_and_a_default_one_keeps_an_existing_limit(stack) -> None:
+    """An operator's limit survives a restart of ``serve``; ``--gpu-limit N`` replaces it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from deployments.serve import ensure_tag_concurrency_limit
+
+    tag = "gpu-limit-test"
+    with temporary_settings(updates={PREFECT_API_URL: stack.api_url}):
+        assert ensure_tag_concurrency_limit(tag, 8) is True  # missing: created
+        assert ensure_tag_concurrency_limit(tag, 2) is False  # the default: kept
+        assert stack.api("GET", f"/concurrency_limits/tag/{tag}")["concurrency_limit"] == 8
+        assert ensure_tag_concurrency_limit(tag, 4, replace=True) is True  # given: set
+        assert ensure_tag_concurrency_limit(tag, 4, replace=True) is False  # already so
+    assert stack.api("GET", f"/concurrency_limits/tag/{tag}")["concurrency_limit"] == 4
 
 
 @pytest.mark.slow
