@@ -1,63 +1,44 @@
 """The ``explain-transfer`` command line: every subcommand runs the same Prefect flow a
-deployment runs, with a progress bar on the terminal.
+deployment runs, with its progress on the console (:mod:`flows.progress`: a bar on a terminal,
+a line every 10 % or 30 s in a log, nothing with ``-q``).
 
 Without a Prefect API configured (``PREFECT_API_URL``), a run starts a private temporary one
 (:mod:`flows.cli_prefect`), whose logs go to files, not the console; ``explain-transfer serve``
 starts a persistent one with the UI. Every location is a storage URI (a path or ``s3://...``)
 and stays one. Expected failures print one ``error:`` line and exit with status 2
 (:mod:`flows.cli_errors`), after checks that run before any compute (:mod:`flows.cli_checks`).
+
+Each command checks in this order, so that a mistake costs as little as it can: first its
+arguments alone (required options, paths that exist and are of the right kind, an output that
+can be written, a bucket or scheduler that answers), importing only :mod:`storage`, within a
+second or so; then what needs the typed config (field values, the model's image size, domain
+names), which imports torch; only then does the Prefect API start. Argument errors of argparse
+itself are one ``error:`` line too.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from flows.cli_errors import EXPECTED_ERRORS, configure_logging, error_lines
+from flows.cli_errors import (
+    EXPECTED_ERRORS,
+    OneLineErrorParser,
+    configure_logging,
+    error_lines,
+)
+from flows.datasets_cli import add_parser as add_datasets_parser
 
 logger = logging.getLogger(__name__)
-
-
-class _Poller:
-    """Drives a tqdm bar from a ``count()`` function polled in a background thread."""
-
-    def __init__(self, total: int, description: str, count: Callable[[], int]) -> None:
-        self.bar = tqdm(total=total, desc=description, unit="shard", file=sys.stderr)
-        self.count = count
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            self._update()
-
-    def _update(self) -> None:
-        try:
-            done = self.count()
-        except Exception:  # a storage hiccup only delays the bar
-            return
-        self.bar.update(max(0, min(done, self.bar.total) - self.bar.n))
-
-    def __enter__(self) -> _Poller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._update()
-        self.bar.close()
 
 
 def _load_json(path: str | None) -> dict[str, Any]:
@@ -101,9 +82,7 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.cli_checks import check_image_size, check_output, check_scheduler
-    from flows.pipeline import PipelineConfig, check_domains, explain_transfer_pipeline
-    from flows.progress import enable_console_progress
+    from flows.cli_checks import check_pipeline_arguments
 
     fields = _load_json(args.config)
     out = args.out or fields.pop("out_uri", None)
@@ -111,13 +90,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"config {args.config}: give out_uri in it, or --out")
     out = _root_uri(out)
     fields.pop("out_uri", None)
+    check_pipeline_arguments(fields, out)
+
+    from flows.cli_checks import check_image_size
+    from flows.pipeline import PipelineConfig, check_domains, explain_transfer_pipeline
+    from flows.progress import enable_console_progress
+
     make = PipelineConfig.miniature if getattr(args, "miniature", False) else PipelineConfig
     config = make(out_uri=out, **fields)
-    check_output(out)
     check_image_size(config.model_name, config.image_size)
-    if config.runner.address:
-        check_scheduler(config.runner.address)
-    check_domains(config)  # a missing path or an empty split fails here, before any compute
+    check_domains(config)  # an unknown class or an empty split fails here, before any compute
     enable_console_progress()
     started = time.perf_counter()
     with _flows(out, args.verbose) as logs:
@@ -172,11 +154,13 @@ def _sweep_table(sweep: dict[str, Any]) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from flows.cli_checks import check_output
+    from flows.cli_checks import check_output, check_synthetic_domain
+
+    check_output(args.out)
+    check_synthetic_domain(args.domain)
     from flows.export import export_domain_flow
 
     per_class = {"train": args.train, "val": args.val, "test": args.test}
-    check_output(args.out)
     with _flows(args.out, args.verbose):
         result = export_domain_flow(args.domain, args.out, per_class, args.image_size, args.seed)
     _print_json(result)
@@ -185,12 +169,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from flows.cli_checks import check_output
+
+    fields = _load_json(args.config)
+    check_output(args.out)
     from flows.pretrain import pretrain_base_flow
     from flows.progress import enable_console_progress
     from tasks.pretrain import PretrainConfig
 
-    config = PretrainConfig(**_load_json(args.config))
-    check_output(args.out)
+    config = PretrainConfig(**fields)
     enable_console_progress()
     with _flows(args.out, args.verbose):
         if not args.shipped:
@@ -208,10 +194,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from flows.build_dataset import build_explanation_dataset
-    from flows.cli_checks import check_image_size, check_input, check_output, check_scheduler
-    from flows.runners import RunnerConfig
-    from tasks.build_dataset import BuildConfig, BuildProgress
+    from flows.cli_checks import check_build_arguments
 
     fields = _load_json(args.config)
     overrides = {
@@ -228,6 +211,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         "image_size": args.image_size,
     }
     fields.update({k: v for k, v in overrides.items() if v is not None})
+    check_build_arguments(fields, args.dask_address)
+
+    from flows.cli_checks import check_image_size, check_synthetic_domain
+    from flows.progress import PolledProgress
+    from flows.runners import RunnerConfig
+    from tasks.build_dataset import BuildConfig, BuildProgress
+
     label = fields.pop("label", {})
     if args.budget is not None and isinstance(label, dict):
         label = {**label, "budget": args.budget}
@@ -239,25 +229,23 @@ def cmd_build(args: argparse.Namespace) -> int:
         address=args.dask_address,
         gpus_per_worker=args.gpus_per_worker,
     )
-    check_output(config.output_uri)
-    if config.input_kind != "synthetic":
-        check_input(config.input_uri)
+    if config.input_kind == "synthetic":
+        check_synthetic_domain(config.input_uri)
     check_image_size(config.model_name, config.image_size)
-    if runner.address:
-        check_scheduler(runner.address)
+    from flows.build_dataset import build_explanation_dataset
+
     progress = BuildProgress(config)
     with _flows(config.output_uri, args.verbose):
-        with _Poller(config.num_shards, f"labelling {config.name}", progress.complete_shards):
+        with PolledProgress(
+            config.num_shards, f"labelling {config.name}", progress.complete_shards, unit="shard"
+        ):
             summary = build_explanation_dataset(config, overwrite=args.overwrite, runner=runner)
     _print_json(summary)
     return 1 if summary["missing"] else 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from flows.cli_checks import check_image_size, check_input, check_output
-    from flows.finetune import finetune_flow
-    from flows.progress import enable_console_progress
-    from tasks.finetune import FinetuneConfig
+    from flows.cli_checks import check_finetune_arguments
 
     fields = _load_json(args.config)
     overrides = {
@@ -270,9 +258,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "model_name": args.model,
     }
     fields.update({k: v for k, v in overrides.items() if v is not None})
+    check_finetune_arguments(fields, args.out)
+
+    from flows.cli_checks import check_image_size
+    from flows.finetune import finetune_flow
+    from flows.progress import enable_console_progress
+    from tasks.finetune import FinetuneConfig
+
     config = FinetuneConfig(**fields)
-    check_output(args.out)
-    check_input(config.data)
     check_image_size(config.model_name, config.image_size)
     enable_console_progress()
     with _flows(args.out, args.verbose):
@@ -282,10 +275,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_vector(args: argparse.Namespace) -> int:
-    from flows.cli_checks import check_output
+    from flows.cli_checks import check_file, check_output
+
+    check_file(args.theta_x, "theta_x")
+    check_file(args.theta_p, "theta_p")
+    check_output(args.out)
     from flows.vector import compute_vector_flow
 
-    check_output(args.out)
     with _flows(args.out, args.verbose):
         result = compute_vector_flow(args.source, args.theta_x, args.theta_p, args.out, args.key)
     _print_json(result)
@@ -293,12 +289,14 @@ def cmd_vector(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from flows.cli_checks import check_output
+    from flows.cli_checks import check_sweep_arguments
+
+    fields = _load_json(args.config)
+    check_sweep_arguments(fields)
     from flows.sweep import transfer_sweep
     from tasks.sweep import SweepConfig
 
-    config = SweepConfig(**_load_json(args.config))
-    check_output(config.output_uri)
+    config = SweepConfig(**fields)
     with _flows(config.output_uri, args.verbose):
         result = transfer_sweep(config)
     print(_sweep_table(result))
@@ -306,11 +304,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from storage import layout, open_storage
+    from flows.cli_checks import check_file, check_folder
+    from storage import join_uri, layout
+
+    out = check_folder(args.out, "output folder")
+    sweep_uri = join_uri(out.uri, layout.sweep_key(args.sweep))
+    check_file(join_uri(sweep_uri, layout.SWEEP_REPORT_FILE), f"report of sweep {args.sweep!r}")
+    check_file(args.preamble, "preamble")
+    from storage import open_storage
     from tasks.sweep.markdown import compose_results
 
-    sweep = open_storage(args.out).child(layout.sweep_key(args.sweep))
-    report = sweep.read_bytes(layout.SWEEP_REPORT_FILE).decode()
+    report = open_storage(sweep_uri).read_bytes(layout.SWEEP_REPORT_FILE).decode()
     print(compose_results(Path(args.preamble).read_text(), report), end="")
     return 0
 
@@ -321,19 +325,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="explain-transfer",
         description="Transfer visual explainability by task arithmetic: a Prefect pipeline.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress on the console (off a terminal it is a line every 10%% or 30 s)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the embedded default")
     demo.add_argument("--out", default="demo-out", help="output folder (default: ./demo-out)")
     demo.add_argument("--miniature", action="store_true", help="a tiny run (about a minute)")
     demo.add_argument("--config", help="JSON file of PipelineConfig fields to override")
-    demo.add_argument("--seeds", type=int, default=1, help="repeat the study over N seeds")
+    demo.add_argument("--seeds", type=_count(1), default=1, help="repeat the study over N seeds")
 
     results = sub.add_parser("results", help="print docs/results.md: a preamble + a sweep report")
     results.add_argument("--out", default="demo-out", help="the demo's output folder")
@@ -350,10 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a synthetic domain to WebDataset shards")
     export.add_argument("--domain", required=True)
     export.add_argument("--out", required=True, help="dataset folder URI")
-    export.add_argument("--train", type=int, default=64)
-    export.add_argument("--val", type=int, default=16)
-    export.add_argument("--test", type=int, default=32)
-    export.add_argument("--image-size", type=int, default=56)
+    export.add_argument("--train", type=_count(0), default=64, help="images per class")
+    export.add_argument("--val", type=_count(0), default=16, help="images per class")
+    export.add_argument("--test", type=_count(0), default=32, help="images per class")
+    export.add_argument("--image-size", type=_count(16), default=56)
     export.add_argument("--seed", type=int, default=0)
     export.set_defaults(func=cmd_export)
 
@@ -380,11 +405,17 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--shards", type=int, help="number of output shards")
     build.add_argument("--out", help="output root URI")
     build.add_argument(
-        "--workers", type=int, help="shard threads (default 1) or local Dask workers (default 2)"
+        "--workers",
+        type=_count(1),
+        help="shard threads (default 1) or local Dask workers (default 2)",
     )
     build.add_argument("--dask", action="store_true", help="run shards on a local Dask cluster")
-    build.add_argument("--dask-address", help="tcp://host:8786 of a Dask scheduler")
-    build.add_argument("--gpus-per-worker", type=int, default=0)
+    build.add_argument(
+        "--dask-address",
+        help="tcp://host:8786 of a Dask scheduler (not on loopback: set PREFECT_API_URL to a "
+        "Prefect server its workers reach)",
+    )
+    build.add_argument("--gpus-per-worker", type=_count(0), default=0)
     build.add_argument("--overwrite", action="store_true", help="relabel complete shards")
     build.set_defaults(func=cmd_build)
 
@@ -417,23 +448,62 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="local Prefect server + UI + scheduled deployments")
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+    add_datasets_parser(sub)
     return parser
 
 
+def _fail(exc: BaseException) -> int:
+    """Print an expected failure as ``error:`` lines; the exit status 2."""
+    logger.debug("expected failure", exc_info=True)
+    print("\n".join(error_lines(exc)), file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The machines this runs on may have no route out: no telemetry from the local server.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if args.func is cmd_serve:
-        return cmd_serve(args)
+    """Run ``explain-transfer ARGV``; the exit status (2 for an expected failure).
+
+    Everything a command started (the private Prefect API, a local Dask cluster, progress
+    threads) is stopped before its result or its ``error:`` line is printed. Called as the
+    program itself (``argv`` None), the process then exits within a second or so: see
+    :func:`_prepare_exit`.
+    """
     try:
-        return args.func(args)
-    except EXPECTED_ERRORS as exc:
-        logger.debug("expected failure", exc_info=True)
-        print("\n".join(error_lines(exc)), file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        configure_logging(args.verbose)
+        from flows.progress import set_quiet
+
+        set_quiet(args.quiet)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # The machines this runs on may have no route out: no telemetry from the local server.
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        if args.func is cmd_serve:
+            from flows.serve_cli import check_serve_arguments
+
+            try:
+                check_serve_arguments(args)
+            except EXPECTED_ERRORS as exc:
+                return _fail(exc)
+            # A running server's own failures keep their tracebacks.
+            return cmd_serve(args)
+        try:
+            return args.func(args)
+        except EXPECTED_ERRORS as exc:
+            return _fail(exc)
+    finally:
+        if argv is None:
+            _prepare_exit()
+
+
+def _prepare_exit() -> None:
+    """Make the interpreter's own shutdown quick once the command is done.
+
+    At exit Python tears down every module and garbage-collects what torch, Prefect and
+    pydantic built: seconds of CPU on a busy 2-core machine, after the last line was printed.
+    Freezing the heap leaves those objects to the operating system, which frees the whole
+    process at once; the shutdown itself stays the ordinary one (atexit handlers, flushed
+    streams). Only for the program itself: an embedding process (a test) keeps collecting.
+    """
+    gc.freeze()
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ something the user can fix; the command prints it as ``error: ...`` lines and ex
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -32,10 +33,36 @@ WIRE_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "aiobotocore", "ht
 SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with its errors in the command line's form: one ``error:`` line, status 2.
+
+    Its sub-command parsers are of the same class, so every subcommand's usage errors read the
+    same (``error: argument --seeds: must be at least 1, got 0 (see explain-transfer demo
+    --help)``) instead of a usage block and then the error.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class FieldErrors(ValueError):
+    """Several problems of one command's arguments found at once, one line each.
+
+    The command line's own checks raise it (:mod:`flows.cli_checks`) in the form pydantic's
+    errors print in (``field: problem``), so a missing option reads the same whichever finds it.
+    """
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = list(lines)
+
+
 def error_lines(exc: BaseException) -> list[str]:
     """The ``error: ...`` lines that describe an expected failure."""
     if isinstance(exc, ValidationError):
         return [f"error: {line}" for line in validation_lines(exc)]
+    if isinstance(exc, FieldErrors):
+        return [f"error: {line}" for line in exc.lines]
     text = str(exc).strip() or type(exc).__name__
     # One line: the first line of a multi-line message is its summary.
     return [f"error: {text.splitlines()[0]}"]

@@ -4,7 +4,9 @@ With ``PREFECT_API_URL`` set (a ``prefect server``, Prefect Cloud, ``explain-tra
 run uses that API. Otherwise it starts a private temporary one: its own Prefect home and SQLite
 database (two commands at once never share one), its server output in a log file instead of the
 console, and a startup timeout that fits a busy 2-core machine. The run's own full log (every
-Prefect record, tracebacks included) is written beside it.
+Prefect record, tracebacks included) is written beside it. The private API listens on
+127.0.0.1, so only processes on this machine reach it: a run on a Dask cluster elsewhere needs
+``PREFECT_API_URL``, or is refused before anything starts (:func:`flows.cli_checks.check_dask_api`).
 
 Where the logs end up: ``{out}/logs/`` when the output is a local folder that the run created or
 used, otherwise the private home ``{PREFECT_HOME}/cli-runs/{time}-{pid}/``.

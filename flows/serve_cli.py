@@ -12,10 +12,27 @@ import sys
 from collections.abc import Sequence
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {value}")
+    return value
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``serve`` options to ``parser`` (the ``serve`` subparser of the main CLI)."""
     parser.add_argument(
-        "--port", type=int, default=4200, help="port of the server and UI (default 4200)"
+        "--port", type=_port, default=4200, help="port of the server and UI (default 4200; 0: any)"
     )
     parser.add_argument(
         "--out", default="serve-out", help="Prefect home and default data root (./serve-out)"
@@ -29,9 +46,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument(
         "--gpu-limit",
-        type=int,
-        default=1,
-        help="the 'gpu' tag concurrency limit, created when missing (default 1)",
+        type=_positive_int,
+        help="the 'gpu' tag concurrency limit: shard tasks at once across all runs, set even "
+        "over an existing limit (default: this host's GPUs, at least 1, when no limit exists; "
+        "give a Dask cluster's total GPUs)",
     )
     parser.add_argument(
         "--result-storage-block",
@@ -49,6 +67,28 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def check_serve_arguments(args: argparse.Namespace) -> None:
+    """What ``serve`` checks before it starts anything, each in a second or less.
+
+    Its output folder and data root can be written; with ``--api-url`` that API accepts
+    connections, otherwise nothing else holds the port the server will listen on.
+
+    Raises:
+        StorageError: a folder or bucket cannot be written.
+        OSError: the API does not answer, or the port is taken.
+        ValueError: a malformed URI or URL.
+    """
+    from flows.cli_checks import check_api, check_output, check_port_free
+
+    check_output(args.out)
+    if getattr(args, "data_root", None):
+        check_output(args.data_root)
+    if getattr(args, "api_url", None):
+        check_api(args.api_url)
+    else:
+        check_port_free(args.port)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the embedded stack with parsed arguments until interrupted; the exit status."""
     from deployments.serve import serve_stack
@@ -58,7 +98,7 @@ def serve(args: argparse.Namespace) -> int:
         port=args.port,
         api_url=getattr(args, "api_url", None),
         data_root=getattr(args, "data_root", None),
-        gpu_limit=getattr(args, "gpu_limit", 1),
+        gpu_limit=getattr(args, "gpu_limit", None),
         result_storage_block=getattr(args, "result_storage_block", None),
         deployment_names=getattr(args, "deployments", None),
         run_limit=getattr(args, "run_limit", None),
@@ -68,8 +108,10 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m flows.serve_cli [--port 4200] [--out DIR] ...``."""
+    from flows.cli_errors import EXPECTED_ERRORS, OneLineErrorParser, error_lines
+
     parser = add_serve_arguments(
-        argparse.ArgumentParser(
+        OneLineErrorParser(
             prog="explain-transfer serve",
             description="local Prefect server + UI + the scheduled deployments",
         )
@@ -80,6 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # One line per API request would bury the stack's own messages.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        check_serve_arguments(args)
+    except EXPECTED_ERRORS as exc:
+        print("\n".join(error_lines(exc)), file=sys.stderr)
+        return 2
     try:
         return serve(args)
     except (ValueError, RuntimeError) as exc:
