@@ -12,83 +12,114 @@ from prefect.futures import as_completed
 
 from flows.artifacts import Progress, artifact_key, markdown_table, publish_markdown
 from flows.runners import RunnerConfig, make_task_runner
-from tasks.build_dataset import BuildConfig, BuildPlan, finalize_build, label_shard, plan_build
+from tasks.build_dataset import BuildConfig, BuildPlan, finalize_build, plan_build
+from tasks.build_dataset.stage import label_task
 
 #: Retries of a failed shard before it is reported as failed (the other shards go on).
 SHARD_RETRIES = 2
+#: Retries of planning and finalizing: both only read and rewrite the same small objects, so a
+#: transient storage error there is retried like one in a shard.
+STEP_RETRIES = 2
 
 
-@task(name="plan-build", task_run_name="plan-{config.name}-{config.split}", cache_policy=NO_CACHE)
+@task(
+    name="plan-build",
+    task_run_name="plan-{config.name}-{config.split}",
+    retries=STEP_RETRIES,
+    retry_delay_seconds=[2, 10],
+    cache_policy=NO_CACHE,
+)
 def plan_build_task(config: BuildConfig) -> dict[str, Any]:
-    """Validate the config, list the input and fix the dataset version."""
+    """Validate the config, list the input and fix the dataset version.
+
+    Returns the plan as small task parameters (no listing: each shard's units are in storage).
+    """
     return plan_build(config).to_dict()
 
 
 @task(
     name="label-shard",
-    task_run_name="label-shard-{shard_index:05d}",
+    task_run_name="label-shard-{task_index:05d}",
     retries=SHARD_RETRIES,
     retry_delay_seconds=[2, 10],
     tags=["gpu"],
     cache_policy=NO_CACHE,
 )
-def label_shard_task(plan: dict[str, Any], shard_index: int, overwrite: bool = False) -> dict:
-    """Label and publish one shard (skipped when its completion marker exists)."""
-    outcome = label_shard(BuildPlan.from_dict(plan), shard_index, overwrite=overwrite)
-    get_run_logger().info(
-        "%s: %d samples, %d quarantined, %.1f images/s%s",
-        outcome.shard,
-        outcome.samples,
-        outcome.quarantined,
-        outcome.images_per_second,
-        " (already complete)" if outcome.skipped else "",
-    )
-    return {
-        "shard": outcome.shard,
-        "samples": outcome.samples,
-        "quarantined": outcome.quarantined,
-        "seconds": round(outcome.seconds, 3),
-        "skipped": outcome.skipped,
-    }
+def label_shard_task(plan: dict[str, Any], task_index: int, overwrite: bool = False) -> list[dict]:
+    """Label and publish the shards of one task (each skipped when its marker exists).
+
+    One output shard per task, except under ``preserve_layout`` (a group of input shards).
+    """
+    logger = get_run_logger()
+    rows = []
+    for outcome in label_task(BuildPlan.from_dict(plan), task_index, overwrite=overwrite):
+        logger.info(
+            "%s: %d samples, %d quarantined, %.1f images/s%s",
+            outcome.shard,
+            outcome.samples,
+            outcome.quarantined,
+            outcome.images_per_second,
+            " (already complete)" if outcome.skipped else "",
+        )
+        rows.append(
+            {
+                "shard": outcome.shard,
+                "samples": outcome.samples,
+                "quarantined": outcome.quarantined,
+                "seconds": round(outcome.seconds, 3),
+                "skipped": outcome.skipped,
+            }
+        )
+    return rows
 
 
-@task(name="finalize-build", task_run_name="finalize-build", cache_policy=NO_CACHE)
+@task(
+    name="finalize-build",
+    task_run_name="finalize-build",
+    retries=STEP_RETRIES,
+    retry_delay_seconds=[2, 10],
+    cache_policy=NO_CACHE,
+)
 def finalize_build_task(plan: dict[str, Any]) -> dict[str, Any]:
     """Write the manifest and the quarantine report of the complete shards."""
     return finalize_build(BuildPlan.from_dict(plan))
 
 
-def _submit_shards(plan: dict[str, Any], shards: list[int], overwrite: bool, gpu: bool) -> list:
+def _submit_tasks(plan: dict[str, Any], tasks: list[int], overwrite: bool, gpu: bool) -> list:
+    # `plan` is the small dict of BuildPlan.to_dict(): what each submit serialises is O(1) in
+    # the size of the input, whatever the task runner.
     if gpu:
-        # A Dask worker advertising GPU=1 runs one shard at a time on its GPU.
+        # A Dask worker advertising GPU=1 runs one task at a time on its GPU.
         with dask.annotate(resources={"GPU": 1}):
-            return [label_shard_task.submit(plan, i, overwrite) for i in shards]
-    return [label_shard_task.submit(plan, i, overwrite) for i in shards]
+            return [label_shard_task.submit(plan, i, overwrite) for i in tasks]
+    return [label_shard_task.submit(plan, i, overwrite) for i in tasks]
 
 
 @flow(name="label-shards", flow_run_name="label-shards-{name}")
 def label_shards_flow(
     plan: dict[str, Any],
     name: str,
-    num_shards: int,
+    num_tasks: int,
     overwrite: bool = False,
     gpu: bool = False,
     progress_id: UUID | None = None,
 ) -> dict[str, list]:
-    """Fan the shards out on this flow's task runner (threads or Dask); failures are collected.
+    """Fan the tasks out on this flow's task runner (threads or Dask); failures are collected.
 
     A subflow because the task runner of a flow is fixed when it starts: the parent picks it
     from its ``runner`` parameter, so deployments choose threads or Dask by parameters alone.
     """
-    progress = Progress(num_shards, f"{name}: shards labelled", artifact_id=progress_id)
-    futures = _submit_shards(plan, list(range(num_shards)), overwrite, gpu=gpu)
+    built = BuildPlan.from_dict(plan)
+    progress = Progress(built.output_shards, f"{name}: shards labelled", artifact_id=progress_id)
+    futures = _submit_tasks(plan, list(range(num_tasks)), overwrite, gpu=gpu)
+    shards_of = {id(future): len(built.task_shards(i)) for i, future in enumerate(futures)}
     outcomes, failed = [], []
     for future in as_completed(futures):
-        progress.advance()
+        progress.advance(shards_of[id(future)])
         # future.state can still read "Running" just after completion (it is fetched, not
         # pushed); result() waits for the final state and raises only when the task failed.
         try:
-            outcomes.append(future.result())
+            outcomes.extend(future.result())
         except Exception as exc:
             failed.append(str(exc) or type(exc).__name__)
     return {"outcomes": outcomes, "failed": failed}
@@ -118,14 +149,15 @@ def build_explanation_dataset(
     logger = get_run_logger()
     runner = runner or RunnerConfig()
     plan = plan_build_task(config)
-    # preserve_layout makes the plan's shard count follow the input's.
-    n = plan["config"]["num_shards"]
+    # Under preserve_layout the output has the input's shards, shared by num_shards tasks.
+    built = BuildPlan.from_dict(plan)
+    n, tasks = built.output_shards, built.num_tasks
     # The progress artifact belongs to this run; the subflow moves it along.
     progress = Progress(n, f"{config.name}-{config.split}: shards labelled")
     shards = label_shards_flow.with_options(task_runner=make_task_runner(runner))(
         plan,
         name=f"{config.name}-{config.split}",
-        num_shards=n,
+        num_tasks=tasks,
         overwrite=overwrite,
         gpu=runner.gpus_per_worker > 0,
         progress_id=progress.id,

@@ -14,21 +14,71 @@ import abc
 import io
 import json
 import logging
+from collections.abc import Callable, Collection, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from os import PathLike
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.errors import PathOutsideRootError
+from storage.errors import EndpointUnreachableError, PathOutsideRootError, StorageError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 COMPLETIONS_PREFIX = "_completions/"
 # A key no stage writes: looking it up tells whether the root can be reached at all.
 _PROBE_KEY = "_completions/.probe"
+
+#: Requests in flight at once when many small objects are read or written (markers, reports,
+#: plan files): object stores answer each in tens of milliseconds, so one at a time would make
+#: thousands of them minutes of waiting. Matches the S3 client's connection pool.
+IO_WORKERS = 16
+
+
+class TransientStorageError(StorageError):
+    """A failure that says nothing about the object: a 5xx, throttling, a dropped connection.
+
+    Raised once the backend's own retries are spent. A reader must not treat the object as bad
+    (quarantine it) on such an error; the unit of work fails instead, so that its retry reads
+    the object again. See :func:`is_transient`.
+    """
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a storage failure a later retry may not see again.
+
+    :class:`TransientStorageError` (server errors, throttling, a connection cut mid-stream) and
+    :class:`~storage.errors.EndpointUnreachableError` (no answer after the retries) are; a
+    missing object, refused credentials or a corrupt shard are not.
+    """
+    return isinstance(exc, TransientStorageError | EndpointUnreachableError)
+
+
+def map_concurrently(
+    fn: Callable[[T], R], items: Iterable[T], *, workers: int = IO_WORKERS
+) -> list[R]:
+    """``[fn(item) for item in items]`` with up to ``workers`` calls in flight; input order kept.
+
+    For many small storage requests (markers, reports): the first exception is raised once the
+    calls in flight have finished, so no thread outlives the call.
+    """
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix="storage-io") as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def normalise_key(key: str) -> str:
@@ -162,6 +212,20 @@ class Storage(abc.ABC):
         """Parse the object as UTF-8 JSON."""
         return json.loads(self.read_bytes(key))
 
+    def read_json_many(self, keys: Sequence[str], *, workers: int = IO_WORKERS) -> list[Any]:
+        """:meth:`read_json` of each key, ``workers`` requests at a time, in ``keys`` order.
+
+        Raises:
+            ObjectNotFoundError: one of the keys has no object.
+        """
+        return map_concurrently(self.read_json, keys, workers=workers)
+
+    def write_json_many(
+        self, items: Sequence[tuple[str, Any]], *, workers: int = IO_WORKERS
+    ) -> None:
+        """:meth:`write_json` of each ``(key, obj)``, ``workers`` requests at a time."""
+        map_concurrently(lambda item: self.write_json(*item), items, workers=workers)
+
     def write_json(self, key: str, obj: Any) -> None:
         """Publish ``obj`` as indented, key-sorted UTF-8 JSON."""
         text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False)
@@ -201,6 +265,19 @@ class Storage(abc.ABC):
         """
         return self.read_json(_completion_key(unit))
 
+    def completion_infos(
+        self, units: Sequence[str], *, workers: int = IO_WORKERS
+    ) -> list[dict[str, Any]]:
+        """:meth:`completion_info` of many units, read concurrently, in ``units`` order.
+
+        One request per unit, ``workers`` at a time: what a stage with thousands of shards
+        needs instead of a request after another.
+
+        Raises:
+            ObjectNotFoundError: a unit has no completion marker.
+        """
+        return self.read_json_many([_completion_key(unit) for unit in units], workers=workers)
+
     def is_done(self, unit: str, fingerprint: str, *outputs: str) -> bool:
         """The one rule every stage uses to skip work: done with *these* inputs.
 
@@ -220,6 +297,57 @@ class Storage(abc.ABC):
             logger.info("%s in %s was made from other inputs: redoing it", unit, self.uri)
             return False
         return all(self.exists(key) for key in outputs)
+
+    def done_units(
+        self,
+        units: Sequence[str],
+        fingerprint: str,
+        outputs: Callable[[str], Sequence[str]] | None = None,
+        *,
+        listing: Collection[str] | None = None,
+        workers: int = IO_WORKERS,
+    ) -> dict[str, dict[str, Any]]:
+        """The units among ``units`` that :meth:`is_done` accepts, with their marker infos.
+
+        The same rule as :meth:`is_done`, for many units at once: one listing of the root tells
+        which markers and outputs exist, and only the markers found are read, concurrently.
+        For a dataset of a thousand shards that is a few listing pages and a thousand parallel
+        reads instead of three requests after another per shard.
+
+        Args:
+            units: the units of work.
+            fingerprint: the fingerprint of the units' inputs.
+            outputs: the keys a unit must have produced (none when omitted).
+            listing: the root's keys, when the caller has just listed them (else listed here).
+            workers: reads in flight at once.
+
+        Returns:
+            ``{unit: marker info}`` of the done units, in ``units`` order.
+        """
+        present = set(self.list()) if listing is None else set(listing)
+        marked = [unit for unit in units if _completion_key(unit) in present]
+
+        def info(unit: str) -> dict[str, Any] | None:
+            try:
+                return self.completion_info(unit)
+            except FileNotFoundError:  # removed since the listing: not done
+                return None
+
+        done = {}
+        for unit, found in zip(
+            marked, map_concurrently(info, marked, workers=workers), strict=True
+        ):
+            if found is None:
+                continue
+            if found.get("fingerprint") != fingerprint:
+                logger.info("%s in %s was made from other inputs: redoing it", unit, self.uri)
+                continue
+            if outputs is not None and not all(
+                normalise_key(key) in present for key in outputs(unit)
+            ):
+                continue
+            done[unit] = found
+        return done
 
     def publish_done(self, unit: str, fingerprint: str, **info: Any) -> None:
         """Mark ``unit`` done for the inputs ``fingerprint``: call it after its outputs exist.

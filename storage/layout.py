@@ -6,7 +6,8 @@ Under an output root (``out_uri``) a run of the pipeline writes::
     models/base-{fingerprint}/model.safetensors    the pretrained base (embedded default only)
     models/{domain}-{mode}-{fingerprint}/          a fine-tuned model: model.safetensors, last.*
     xdata/{name}/v-{hash}/{name}-{split}-NNNNNN.tar  an X-dataset version (+ config.json,
-                                                   manifest.parquet, reports/, _completions/)
+                                                   manifest.parquet, reports/, _completions/,
+                                                   plan/: the build plan, one file per shard)
     vectors/{source}-{x8}-{p8}.safetensors         an explainability vector (+ .json sidecar)
     sweeps/{name}/                                 results.parquet, summary.json, sweep.png,
                                                    targets/{target}.parquet, heatmaps-*.png
@@ -28,6 +29,7 @@ XDATA_PREFIX = "xdata"
 VECTORS_PREFIX = "vectors"
 SWEEPS_PREFIX = "sweeps"
 REPORTS_PREFIX = "reports/"
+PLAN_PREFIX = "plan/"
 
 MODEL_FILE = "model.safetensors"
 DATASET_CONFIG_FILE = "config.json"
@@ -138,6 +140,17 @@ def sweep_target_per_image_key(target: str) -> str:
 def sweep_heatmap_key(target: str) -> str:
     """A sweep's heatmap figure of one target, relative to the sweep's folder."""
     return f"heatmaps-{target}.png"
+
+
+#: The completion unit of a build plan's files (its marker is written after them).
+PLAN_UNIT = "plan"
+#: What listing a build's input skipped, written with the plan.
+PLAN_LISTING_REPORT_KEY = f"{PLAN_PREFIX}listing-report.json"
+
+
+def plan_shard_key(shard: str) -> str:
+    """The plan of one output shard of a build: the input units it labels (and their renames)."""
+    return f"{PLAN_PREFIX}{posixpath.basename(shard).removesuffix('.tar')}.json"
 
 
 def shard_report_key(shard: str) -> str:

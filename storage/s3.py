@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from storage.core import Storage, check_prefix, normalise_key
+from storage.core import IO_WORKERS, Storage, TransientStorageError, check_prefix, normalise_key
 from storage.errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -60,6 +61,24 @@ _ACCESS_CODES = frozenset(
     }
 )
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+# Answers that say the service is busy or failing, not that the request or object is wrong;
+# botocore's standard mode retries them, and what is left after its retries is transient.
+_TRANSIENT_CODES = frozenset(
+    {
+        "InternalError",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "ServiceUnavailable",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "BandwidthLimitExceeded",
+    }
+)
 
 
 @dataclass
@@ -116,9 +135,11 @@ class S3Storage(Storage):
         multipart_threshold: int | None = None,
         client_kwargs: dict[str, Any] | None = None,
     ) -> S3Storage:
-        """Create a client configured the standard AWS way and root it at ``uri``.
+        """A storage rooted at ``uri`` with a client configured the standard AWS way.
 
-        See :func:`storage.open_storage` for the arguments.
+        The client is shared by every storage this process opens with the same options and
+        the same AWS environment variables (creating one costs about 0.2 s of CPU). See
+        :func:`storage.open_storage` for the arguments.
         """
         rest = uri.split("://", 1)[1]
         bucket, _, prefix = rest.partition("/")
@@ -129,6 +150,44 @@ class S3Storage(Storage):
             )
         if not bucket:
             raise ValueError(f"no bucket in storage URI {uri!r}")
+        # client_kwargs may hold anything (a test's stubbed transport): never shared.
+        key = (
+            None
+            if client_kwargs
+            else _connection_key(
+                endpoint_url, max_attempts, connect_timeout, read_timeout, multipart_threshold
+            )
+        )
+        with _CONNECTIONS_LOCK:
+            connection = _CONNECTIONS.get(key) if key is not None else None
+        if connection is None:
+            connection = cls._connect(
+                uri,
+                endpoint_url,
+                max_attempts,
+                connect_timeout,
+                read_timeout,
+                multipart_threshold,
+                client_kwargs,
+            )
+            if key is not None:
+                with _CONNECTIONS_LOCK:
+                    _CONNECTIONS[key] = connection
+                    while len(_CONNECTIONS) > _CONNECTIONS_MAX:
+                        _CONNECTIONS.pop(next(iter(_CONNECTIONS)))
+        return cls(bucket, prefix, connection)
+
+    @staticmethod
+    def _connect(
+        uri: str,
+        endpoint_url: str | None,
+        max_attempts: int | None,
+        connect_timeout: float | None,
+        read_timeout: float | None,
+        multipart_threshold: int | None,
+        client_kwargs: dict[str, Any] | None,
+    ) -> _Connection:
+        """A new boto3 session, client and transfer settings."""
         retries: dict[str, Any] = {"mode": "standard"}
         if max_attempts is not None:
             retries["max_attempts"] = max_attempts
@@ -138,6 +197,9 @@ class S3Storage(Storage):
             or _seconds_from_env("EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
             "read_timeout": read_timeout
             or _seconds_from_env("EXPLAIN_TRANSFER_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
+            # Room for storage.core's concurrent small requests (markers, reports) and the
+            # transfer manager's parts without "connection pool is full" discards.
+            "max_pool_connections": 2 * IO_WORKERS,
         }
         kwargs: dict[str, Any] = {"config": Config(**config_kwargs)}
         if endpoint_url is not None:
@@ -153,7 +215,7 @@ class S3Storage(Storage):
         transfer_config = TransferConfig(
             multipart_threshold=threshold, multipart_chunksize=threshold, max_concurrency=4
         )
-        return cls(bucket, prefix, _Connection(session, client, transfer_config))
+        return _Connection(session, client, transfer_config)
 
     @property
     def _client(self) -> Any:
@@ -211,10 +273,15 @@ class S3Storage(Storage):
         logger.debug("wrote %d bytes to %s", len(data), self.url(key))
 
     def open_read(self, key: str) -> BinaryIO:
-        """botocore's streaming body of the object (a context manager closing the connection)."""
+        """A stream over the object's body (a context manager closing the connection).
+
+        A failure while the body streams (a connection reset, a read timeout) is raised as a
+        :mod:`storage.errors` error like any other request's, not as botocore's own.
+        """
         full_key = self._key(key)
         with self._translated("open", full_key):
-            return self._client.get_object(Bucket=self.bucket, Key=full_key)["Body"]
+            body = self._client.get_object(Bucket=self.bucket, Key=full_key)["Body"]
+        return _TranslatedBody(body, lambda: self._translated("read", full_key))  # type: ignore[return-value]
 
     def upload_file(self, local_path: str | PathLike[str], key: str) -> None:
         """Upload a local file with boto3's transfer manager (multipart from 8 MiB)."""
@@ -305,11 +372,17 @@ class S3Storage(Storage):
                 return AccessDeniedError(
                     f"cannot {operation} {where}: access denied, check the credentials ({detail})"
                 )
+            if code == "NoSuchKey":  # a GET's answer: the bucket exists, the key does not
+                return ObjectNotFoundError(f"no object at {where}")
             if code in _NOT_FOUND_CODES or status == 404:
                 # A HEAD on a missing bucket is a bare 404, indistinguishable from a missing key.
                 if not self._bucket_exists():
                     return BucketNotFoundError(f"cannot {operation} {where}: bucket not found")
                 return ObjectNotFoundError(f"no object at {where}")
+            if code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+                return TransientStorageError(
+                    f"cannot {operation} {where}: the service failed after retries ({detail})"
+                )
             return StorageError(f"cannot {operation} {where}: {detail}")
         if isinstance(
             cause,
@@ -325,6 +398,11 @@ class S3Storage(Storage):
             (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError),
         ):
             return AccessDeniedError(f"cannot {operation} {where}: no usable credentials found")
+        if isinstance(cause, botocore.exceptions.IncompleteReadError):
+            # The body ended before its Content-Length: the connection, not the object, failed.
+            return TransientStorageError(
+                f"cannot {operation} {where}: the connection ended early ({type(cause).__name__})"
+            )
         return StorageError(f"cannot {operation} {where}: {self._redact(str(cause))}")
 
     def _bucket_exists(self) -> bool:
@@ -347,6 +425,60 @@ class S3Storage(Storage):
         for secret in self._connection.secrets():
             text = text.replace(secret, "***")
         return text
+
+
+class _TranslatedBody:
+    """botocore's streaming body, with the errors of its reads translated like a request's."""
+
+    def __init__(self, body: Any, translated: Any) -> None:
+        self._body = body
+        self._translated = translated
+
+    def read(self, size: int | None = -1) -> bytes:
+        with self._translated():
+            return self._body.read(None if size is None or size < 0 else size)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self) -> _TranslatedBody:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# Connections (boto3 session and client) by what configures them: creating a client costs a
+# fifth of a second of CPU (botocore loads its service model), and a shard task opens the same
+# few URIs again and again. boto3 clients are thread-safe; a forked child gets its own (the
+# process id is part of the key), and so does any change of the AWS environment variables.
+_CONNECTIONS: dict[tuple[Any, ...], _Connection] = {}
+_CONNECTIONS_MAX = 16
+_CONNECTIONS_LOCK = threading.Lock()
+_CONFIG_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
+    "EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT",
+    "EXPLAIN_TRANSFER_S3_READ_TIMEOUT",
+)
+
+
+def _connection_key(*options: Any) -> tuple[Any, ...]:
+    return (os.getpid(), options, tuple(os.environ.get(name) for name in _CONFIG_ENV))
 
 
 def _seconds_from_env(name: str, default: float) -> float:

@@ -19,7 +19,7 @@ import re
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, BinaryIO
 
@@ -27,7 +27,7 @@ import pyarrow as pa
 import webdataset
 from webdataset.tariterators import group_by_keys
 
-from storage.core import Storage
+from storage.core import IO_WORKERS, Storage, map_concurrently
 from storage.errors import ObjectNotFoundError, ShardReadError
 from storage.layout import MANIFEST_FILE, shards_of
 
@@ -110,9 +110,12 @@ class ShardWriter:
     """Write one shard: samples go to a local temporary tar, published on a clean exit.
 
     On a clean exit the tar is uploaded to ``key``, then the completion marker
-    ``_completions/{basename}.json`` is written with ``{"samples", "bytes", "sha256"}``. If the
-    block raises, nothing is uploaded and the temporary file is removed. A stale marker of the
-    same shard is removed before the upload, so a marker always describes the object beside it.
+    ``_completions/{basename}.json`` is written with ``{"samples", "bytes", "sha256"}`` and the
+    shard's keys at a glance: ``first_key``, ``last_key`` and ``keys_increasing`` (every key
+    greater than the one before it). Those three let a reader of many shards prove their keys
+    unique without reading a byte of them (shards whose key ranges do not overlap). If the block
+    raises, nothing is uploaded and the temporary file is removed. A stale marker of the same
+    shard is removed before the upload, so a marker always describes the object beside it.
 
     Args:
         storage: the dataset folder.
@@ -143,6 +146,9 @@ class ShardWriter:
         self.samples = 0
         self.bytes: int | None = None
         self.sha256: str | None = None
+        self.first_key: str | None = None
+        self.last_key: str | None = None
+        self.keys_increasing = True
         self._temp_path: str | None = None
         self._handle: BinaryIO | None = None
         self._tar: webdataset.TarWriter | None = None
@@ -168,6 +174,14 @@ class ShardWriter:
             raise RuntimeError("ShardWriter.write called outside its `with` block")
         self._tar.write(sample)
         self.samples += 1
+        key = str(sample["__key__"])
+        # A dot in the base name moves the key/field split when the tar is read back, so such
+        # a key may not read as written: make no promise about the shard's keys then.
+        if "." in key.rsplit("/", 1)[-1] or (self.last_key is not None and not key > self.last_key):
+            self.keys_increasing = False
+        if self.first_key is None:
+            self.first_key = key
+        self.last_key = key
 
     def __exit__(
         self,
@@ -185,7 +199,17 @@ class ShardWriter:
             self.bytes, self.sha256 = _size_and_sha256(self._temp_path)
             self.storage.clear_complete(self.name)
             self.storage.upload_file(self._temp_path, self.key)
-            info = {"samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+            info: dict[str, Any] = {
+                "samples": self.samples,
+                "bytes": self.bytes,
+                "sha256": self.sha256,
+            }
+            if self.samples:
+                info.update(
+                    first_key=self.first_key,
+                    last_key=self.last_key,
+                    keys_increasing=self.keys_increasing,
+                )
             if self.fingerprint is not None:
                 info["fingerprint"] = self.fingerprint
             self.storage.mark_complete(self.name, info)
@@ -219,7 +243,10 @@ def read_shard(storage: Storage, key: str) -> Iterator[dict[str, Any]]:
     """
     url = storage.url(key)
     name = posixpath.basename(key)
-    expected = storage.completion_info(name) if storage.is_complete(name) else None
+    try:  # one request, where asking first whether the marker exists would make two
+        expected: dict[str, Any] | None = storage.completion_info(name)
+    except FileNotFoundError:
+        expected = None
     samples = 0
     with storage.open_read(key) as stream:
         reader = _HashingReader(stream)
@@ -254,12 +281,23 @@ def complete_shards(storage: Storage, name: str, split: str) -> list[str]:
     return shards_of(storage.completed(), name, split)
 
 
-def write_manifest(storage: Storage, shard_keys: Iterable[str]) -> pa.Table:
+def write_manifest(
+    storage: Storage,
+    shard_keys: Iterable[str],
+    infos: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    workers: int = IO_WORKERS,
+) -> pa.Table:
     """Write ``manifest.parquet``: one row per shard, from the shards' completion markers.
+
+    The markers are read concurrently (one request per shard, ``workers`` at a time), and not
+    at all for the shards whose marker the caller already read (``infos``).
 
     Args:
         storage: the dataset folder.
         shard_keys: the shards to list (each must be complete).
+        infos: marker infos already read, by shard name.
+        workers: marker reads in flight at once.
 
     Returns:
         The table written.
@@ -267,12 +305,22 @@ def write_manifest(storage: Storage, shard_keys: Iterable[str]) -> pa.Table:
     Raises:
         ObjectNotFoundError: a shard has no completion marker.
     """
+    names = [posixpath.basename(key) for key in sorted(shard_keys)]
+    known = dict(infos or {})
+    unread = [name for name in names if name not in known]
+
+    def read(name: str) -> dict[str, Any]:
+        try:
+            return storage.completion_info(name)
+        except FileNotFoundError:
+            raise ObjectNotFoundError(
+                f"shard {storage.url(name)} has no completion marker"
+            ) from None
+
+    known.update(zip(unread, map_concurrently(read, unread, workers=workers), strict=True))
     rows: dict[str, list[Any]] = {field: [] for field in MANIFEST_SCHEMA.names}
-    for key in sorted(shard_keys):
-        name = posixpath.basename(key)
-        if not storage.is_complete(name):
-            raise ObjectNotFoundError(f"shard {storage.url(key)} has no completion marker")
-        info = storage.completion_info(name)
+    for name in names:
+        info = known[name]
         rows["name"].append(name)
         rows["samples"].append(int(info["samples"]))
         rows["bytes"].append(int(info["bytes"]))

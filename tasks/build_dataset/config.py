@@ -80,11 +80,17 @@ class BuildConfig(StageConfig):
         None, description="URI of the explained model's weights (theta_P, or the base model)"
     )
     label: LabelConfig = LabelConfig()
-    num_shards: int = Field(4, ge=1)
+    num_shards: int = Field(
+        4,
+        ge=1,
+        description="output shards, one labelling task each; under preserve_layout the "
+        "number of labelling tasks, each labelling a group of consecutive input shards",
+    )
     preserve_layout: bool = Field(
         False,
         description="webdataset input: one output shard per input shard, same samples in the "
-        "same order (num_shards follows the input), so P and X stream in the same order",
+        "same order, so P and X stream in the same order; the input's layout wins over "
+        "num_shards, which then sets how many tasks share the shards (at most one per shard)",
     )
     output_uri: str
     device: Device = "auto"

@@ -1,8 +1,18 @@
-"""The input of a build: its sorted listing, split into output shards, read through the readers."""
+"""The input of a build: its sorted listing, split into output shards, read through the readers.
+
+Planning lists the input once, in one process; nothing here reads image data for the listing
+itself. WebDataset input is listed from its shards' completion markers (read concurrently):
+sample counts, and the key ranges that prove keys unique without reading the shards
+(:func:`~tasks.data.readers.webdataset_key_renames`). The dataset-mean baseline is estimated
+from a seeded, systematic sample over the whole listing (:func:`dataset_mean`).
+"""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
+import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,14 +21,17 @@ from typing import Any, TypeVar
 import torch
 
 from storage import Storage, StorageError, open_storage
+from storage.core import IO_WORKERS, is_transient, map_concurrently
 from storage.shards import complete_shards, read_shard
 from tasks.build_dataset.config import BuildConfig
 from tasks.data.images import BadImageError, decode_image, image_to_tensor, sample_image_bytes
+from tasks.data.prefetch import ordered_map
 from tasks.data.quarantine import QuarantineReport
 from tasks.data.readers import (
     list_image_folder,
     read_class_names,
     read_image_file,
+    read_shard_head,
     read_shard_samples,
     webdataset_key_renames,
 )
@@ -27,8 +40,12 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: How many input images are read to estimate the dataset-mean baseline.
-MEAN_SAMPLE_SIZE = 256
+#: Images read to estimate the dataset-mean baseline: about two per class of ImageNet-1k, spread
+#: over the whole listing (:func:`mean_sample`); every image when the input has fewer.
+MEAN_SAMPLE_SIZE = 2048
+
+#: The name of the sampling rule, recorded with the mean (``config.json``).
+MEAN_SAMPLE_RULE = "systematic-v1"
 
 
 def _input_storage(config: BuildConfig) -> Storage:
@@ -102,17 +119,22 @@ def list_input(config: BuildConfig) -> InputListing:
         raise ValueError(
             f"no complete shards {name}-{config.source_split}-*.tar under {storage.uri}"
         )
+    # One marker per shard, read concurrently: counts and key ranges, no shard data.
+    infos = dict(zip(shards, storage.completion_infos(shards), strict=True))
     if config.max_per_class is not None:
-        units = _webdataset_first_per_class(storage, shards, config.max_per_class)
+        units = _webdataset_first_per_class(storage, shards, config.max_per_class, infos)
     else:
-        units = []
-        for shard in shards:
-            samples = storage.completion_info(shard).get("samples")
-            if not isinstance(samples, int):
-                samples = sum(1 for _ in read_shard(storage, shard))
-            units.append(f"{shard}@{samples}")
-    renames = webdataset_key_renames(storage, shards, report)
+        units = [f"{shard}@{_shard_samples(storage, shard, infos[shard])}" for shard in shards]
+    renames = webdataset_key_renames(storage, shards, report, infos=infos)
     return InputListing(units, read_class_names(storage), renames=renames, report=report)
+
+
+def _shard_samples(storage: Storage, shard: str, info: Mapping[str, Any]) -> int:
+    """A complete shard's sample count: its marker's, or counted when the marker has none."""
+    samples = info.get("samples")
+    if isinstance(samples, int):
+        return samples
+    return sum(1 for _ in read_shard(storage, shard))
 
 
 def _first_per_class(units: Sequence[T], classes: Sequence[int], limit: int | None) -> list[T]:
@@ -128,22 +150,31 @@ def _first_per_class(units: Sequence[T], classes: Sequence[int], limit: int | No
     return kept
 
 
-def _webdataset_first_per_class(storage: Storage, shards: Sequence[str], limit: int) -> list[str]:
+def _webdataset_first_per_class(
+    storage: Storage, shards: Sequence[str], limit: int, infos: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
     """Units ``"{shard}@{start}:{stop}"`` covering the first ``limit`` samples of each class.
 
-    Every shard is read for its labels (the images are not decoded), in listing order. A
-    sample without a usable label is kept: it counts for no class and is quarantined, with
-    its reason, when read.
+    Every shard is read for its labels (the images are not decoded; shards concurrently, the
+    labels counted in listing order). A sample without a usable label is kept: it counts for no
+    class and is quarantined, with its reason, when read.
     """
-    units = []
-    seen: Counter[int] = Counter()
-    for shard in shards:
+
+    def labels_of(shard: str) -> list[Any] | None:
         try:
-            labels = [sample.get("cls") for sample in read_shard(storage, shard)]
+            return [sample.get("cls") for sample in read_shard(storage, shard)]
         except StorageError as exc:
+            if is_transient(exc):
+                raise
             # Listed whole: reading it quarantines the shard (with its reason), as without limit.
             logger.warning("input shard %s unreadable while listing labels: %s", shard, exc)
-            units.append(f"{shard}@0:{int(storage.completion_info(shard).get('samples', 0))}")
+            return None
+
+    units = []
+    seen: Counter[int] = Counter()
+    for shard, labels in zip(shards, map_concurrently(labels_of, shards), strict=True):
+        if labels is None:
+            units.append(f"{shard}@0:{int(infos[shard].get('samples', 0))}")
             continue
         keep = []
         for label in labels:
@@ -272,19 +303,102 @@ def _image_tensor(sample: dict[str, Any], size: int) -> torch.Tensor:
     return image_to_tensor(decode_image(data), size)
 
 
-def _dataset_mean(config: BuildConfig, units: Sequence[str]) -> list[float]:
-    """Per-channel mean of the first images of the listing (deterministic)."""
-    report = QuarantineReport()
+def mean_sample(sizes: Sequence[int], sample_size: int, seed: int) -> list[tuple[int, int]]:
+    """Which images estimate the dataset mean: ``(unit index, images from its head)`` pairs.
+
+    A systematic sample over the whole listing: ``sample_size`` positions evenly spaced over
+    the listing's images, from an offset drawn from ``seed``; every image when there are no
+    more than ``sample_size``. A sorted listing (an image folder, classes in order) is thereby
+    stratified over its classes in proportion to their sizes, and a listing in any order is
+    covered from end to end. Each position is moved to the head of the unit (WebDataset run)
+    holding it, so that a shard is read as a prefix: ``k`` positions in one unit take its first
+    ``k`` images.
+
+    Args:
+        sizes: images per unit of the listing, in order (1 for a file or a synthetic index).
+        sample_size: how many positions.
+        seed: the labelling seed.
+    """
+    total = sum(sizes)
+    if total <= sample_size:
+        return [(index, size) for index, size in enumerate(sizes) if size > 0]
+    offset = random.Random(f"baseline-mean:{seed}").random()
+    ends = list(itertools.accumulate(sizes))
+    counts: Counter[int] = Counter()
+    for j in range(sample_size):
+        position = int((j + offset) * total / sample_size)
+        counts[bisect.bisect_right(ends, position)] += 1
+    return sorted(counts.items())
+
+
+def dataset_mean(config: BuildConfig, units: Sequence[str]) -> tuple[list[float], dict[str, Any]]:
+    """Per-channel mean in ``[0, 1]`` of a sample of the whole input (:func:`mean_sample`).
+
+    Deterministic: the sample depends on the listing and the labelling seed only, and the
+    images are read concurrently but summed in listing order. Unreadable images are left out.
+
+    Returns:
+        ``(mean, provenance)``: the mean (rounded to 6 decimals) and how it was estimated
+        (rule, sample size, seed, images used), which the build stores in ``config.json``.
+
+    Raises:
+        ValueError: no image of the sample could be read.
+    """
+    if config.input_kind == "webdataset":
+        spans = [_unit_span(unit) for unit in units]
+        sizes = [stop - start for _, start, stop in spans]
+    else:
+        sizes = [1] * len(units)
+    chosen = mean_sample(sizes, MEAN_SAMPLE_SIZE, config.label.seed)
+    read = _mean_reader(config, units)
+    # Storage reads wait on I/O: many in flight. A synthetic image is rendered in Python.
+    workers = 1 if config.input_kind == "synthetic" else IO_WORKERS
     total = torch.zeros(3, dtype=torch.float64)
     count = 0
-    for sample in iter_units(config, units[:MEAN_SAMPLE_SIZE], report):
-        try:
-            total += _image_tensor(sample, config.image_size).double().mean(dim=(1, 2))
-        except BadImageError:
-            continue
-        count += 1
-        if count >= MEAN_SAMPLE_SIZE:
-            break
+    for means in ordered_map(read, chosen, workers=workers, ahead=4 * workers):
+        for mean in means:
+            total += mean
+            count += 1
     if count == 0:
-        raise ValueError("no readable image at the start of the input to estimate its mean")
-    return [round(float(v), 6) for v in total / count]
+        raise ValueError(
+            f"no readable image among the {len(chosen)} input units sampled to estimate the "
+            "dataset mean"
+        )
+    provenance = {
+        "rule": MEAN_SAMPLE_RULE,
+        "sample_size": MEAN_SAMPLE_SIZE,
+        "seed": config.label.seed,
+        "images": count,
+        "units": len(chosen),
+    }
+    return [round(float(v), 6) for v in total / count], provenance
+
+
+def _mean_reader(
+    config: BuildConfig, units: Sequence[str]
+) -> Callable[[tuple[int, int]], list[torch.Tensor]]:
+    """``(unit index, images) -> per-image channel means`` of the head of that unit."""
+    size = config.image_size
+    if config.input_kind == "webdataset":
+        storage = _input_storage(config)
+
+        def samples_of(index: int, count: int) -> list[dict[str, Any]]:
+            shard, start, _ = _unit_span(units[index])
+            return read_shard_head(storage, shard, start, start + count)
+
+    else:
+        read = unit_reader(config)
+
+        def samples_of(index: int, count: int) -> list[dict[str, Any]]:
+            return read(units[index])[0]
+
+    def means(item: tuple[int, int]) -> list[torch.Tensor]:
+        out = []
+        for sample in samples_of(*item):
+            try:
+                out.append(_image_tensor(sample, size).double().mean(dim=(1, 2)))
+            except BadImageError:
+                continue
+        return out
+
+    return means

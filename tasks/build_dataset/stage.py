@@ -1,6 +1,6 @@
 """Stage 1: build an explanation dataset (an "X-dataset") with Kernel SHAP labels.
 
-(About 600 lines: plan, label a shard and finalize share the :class:`BuildPlan` and its
+(About 800 lines: plan, label a shard and finalize share the :class:`BuildPlan` and its
 completion rules; the config, the input listing and the batching live beside it.)
 
 The builder turns any image-classification input (a synthetic domain, an ImageNet-style folder,
@@ -12,9 +12,12 @@ The work is split in three steps so that an orchestrator can fan out the middle 
 
 1. :func:`plan_build` validates the config, lists the input (sorted, deterministic), loads the
    explained model to fingerprint it, and derives the dataset *version* from a hash of
-   (model fingerprint, labelling config, input listing). It writes ``config.json`` there.
-2. :func:`label_shard` labels one output shard ``(shard_index, num_shards)`` and publishes it
-   (tar upload first, completion marker last). A complete shard is skipped.
+   (model fingerprint, labelling config, input listing). It writes ``config.json`` there and
+   the plan of every output shard (``plan/{shard}.json``: the input units it labels), so that
+   the :class:`BuildPlan` handed to the shard tasks stays small whatever the input's size.
+2. :func:`label_task` labels the output shards of one task (:meth:`BuildPlan.task_shards`),
+   each with :func:`label_shard`, which publishes it (tar upload first, completion marker last)
+   and skips a complete one.
 3. :func:`finalize_build` writes the Parquet manifest and the run's quarantine report.
 
 A changed config, model or input gives a new version folder; the old one is never touched.
@@ -22,12 +25,13 @@ A changed config, model or input gives a new version folder; the old one is neve
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,23 +40,26 @@ import numpy as np
 import torch
 
 from storage import Storage, layout, open_storage
+from storage.checkpoints import checkpoint_fingerprint
+from storage.core import map_concurrently
 from storage.layout import shard_name, shard_report_key, split_report_key
 from storage.shards import ShardWriter, write_manifest
 from tasks.algorithms.kernel_shap import derive_seed, kernel_shap_explain
 from tasks.build_dataset.batches import decode_workers, input_batches
 from tasks.build_dataset.config import BuildConfig, LabelConfig
 from tasks.build_dataset.inputs import (
-    _dataset_mean,
     _image_tensor,
     _range_size,
     _sample_ranges,
+    _unit_span,
+    dataset_mean,
     list_input,
 )
 from tasks.config import resolve_device
 from tasks.data.images import IMAGE_FIELDS
 from tasks.data.quarantine import QuarantineReport
 from tasks.model import model_fingerprint
-from tasks.model.loading import load_sem
+from tasks.model.loading import load_sem, weights_uri
 
 logger = logging.getLogger(__name__)
 
@@ -67,32 +74,63 @@ PASSED_FIELDS = ("__key__", *IMAGE_FIELDS, "cls", "mask.png")
 class BuildPlan:
     """Everything a shard worker needs, derived once from a :class:`BuildConfig`.
 
+    Small whatever the input: the listing is not part of what :meth:`to_dict` gives a task.
+    :func:`plan_build` writes the units of each output shard to ``plan/{shard}.json`` in the
+    version folder, and a shard task reads its own (:meth:`shard_plan`). The planning process
+    keeps the whole listing in memory (``units``), and uses it instead.
+
     Attributes:
-        config: the validated config.
+        config: the validated config (``num_shards`` as given: under ``preserve_layout`` the
+            number of tasks, see :attr:`output_shards`).
         version: ``v-<hash>`` of (model fingerprint, labelling config, input listing).
         dataset_uri: where the shards of this version live.
-        units: the sorted input listing (sample references or input shard keys).
         class_names: the classes of the explained model's head, in label order.
         model_fingerprint: content hash of the explained model's weights.
+        inputs: the input images listed (samples, for WebDataset input).
+        output_shards: the shards the version holds: ``config.num_shards``, or one per input
+            shard under ``preserve_layout``.
         baseline_mean: per-channel dataset mean in ``[0, 1]`` (the "mean" baseline).
+        units: the sorted input listing (sample references or input shard keys); only in the
+            process that planned (``None`` in a plan rebuilt by :meth:`from_dict`).
         renamed_keys: new keys of WebDataset input samples whose key was used earlier in the
-            listing, by ``"{shard}@{position}"``.
+            listing, by ``"{shard}@{position}"``; only in the process that planned.
         listing_report: what listing the input skipped, with reasons (a
-            :class:`QuarantineReport` as a dict), merged into the run's report.
+            :class:`QuarantineReport` as a dict); only in the process that planned, and
+            written beside the plan for :func:`finalize_build`.
     """
 
     config: BuildConfig
     version: str
     dataset_uri: str
-    units: list[str]
     class_names: list[str]
     model_fingerprint: str
+    inputs: int
+    output_shards: int
     baseline_mean: list[float] = field(default_factory=list)
-    renamed_keys: dict[str, str] = field(default_factory=dict)
-    listing_report: dict[str, Any] = field(default_factory=dict)
+    units: list[str] | None = field(default=None, repr=False)
+    renamed_keys: dict[str, str] | None = field(default=None, repr=False)
+    listing_report: dict[str, Any] | None = field(default=None, repr=False)
+    _renames_by_shard: dict[str, dict[int, str]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def shard_key(self, shard_index: int) -> str:
         return shard_name(self.config.name, self.config.split, shard_index)
+
+    @property
+    def num_tasks(self) -> int:
+        """Labelling tasks: one per output shard, or under ``preserve_layout`` ``num_shards``
+        groups of consecutive output shards (never more tasks than shards)."""
+        if self.config.preserve_layout:
+            return min(self.config.num_shards, self.output_shards)
+        return self.output_shards
+
+    def task_shards(self, task_index: int) -> range:
+        """The output shards one task labels: a contiguous block, blocks differing by one."""
+        tasks, shards = self.num_tasks, self.output_shards
+        if not 0 <= task_index < tasks:
+            raise ValueError(f"task_index {task_index} outside [0, {tasks})")
+        return range(task_index * shards // tasks, (task_index + 1) * shards // tasks)
 
     def shard_units(self, shard_index: int) -> list[str]:
         """The contiguous block of the sorted listing that one output shard labels.
@@ -100,46 +138,80 @@ class BuildPlan:
         For WebDataset input the listing is per input shard (``"{shard}@{samples}"``, counts
         from the completion markers), and the block is cut in samples, so output shards stay
         balanced however many input shards there are: the units returned are sample ranges
-        ``"{shard}@{start}:{stop}"``.
+        ``"{shard}@{start}:{stop}"``. Under ``preserve_layout`` output shard ``i`` is input
+        shard ``i``, whole.
         """
-        shards = self.config.num_shards
-        if not 0 <= shard_index < shards:
-            raise ValueError(f"shard_index {shard_index} outside [0, {shards})")
-        if self.config.preserve_layout:
-            # Output shard i is input shard i, whole: the same samples in the same order.
-            shard, samples = self.units[shard_index].rsplit("@", 1)
-            return [f"{shard}@0:{samples}"]
-        if self.config.input_kind == "webdataset":
-            return _sample_ranges(self.units, shard_index, shards)
-        n = len(self.units)
-        return self.units[shard_index * n // shards : (shard_index + 1) * n // shards]
+        return self.shard_plan(shard_index)[0]
+
+    def shard_plan(self, shard_index: int) -> tuple[list[str], dict[str, str]]:
+        """``(units, renamed keys)`` of one output shard: computed from the listing in the
+        planning process, read from ``plan/{shard}.json`` (one request) anywhere else."""
+        if not 0 <= shard_index < self.output_shards:
+            raise ValueError(f"shard_index {shard_index} outside [0, {self.output_shards})")
+        if self.units is not None:
+            units = _shard_units_of(self.config, self.units, shard_index, self.output_shards)
+            if self._renames_by_shard is None:
+                self._renames_by_shard = {}
+                for where, key in (self.renamed_keys or {}).items():
+                    shard, _, position = where.rpartition("@")
+                    self._renames_by_shard.setdefault(shard, {})[int(position)] = key
+            return units, _renames_within(units, self._renames_by_shard)
+        stored = open_storage(self.dataset_uri).read_json(
+            layout.plan_shard_key(self.shard_key(shard_index))
+        )
+        return list(stored["units"]), dict(stored.get("renames", {}))
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as task parameters: O(1) in the size of the input (no listing)."""
         return {
             "config": self.config.to_dict(),
             "version": self.version,
             "dataset_uri": self.dataset_uri,
-            "units": self.units,
             "class_names": self.class_names,
             "model_fingerprint": self.model_fingerprint,
+            "inputs": self.inputs,
+            "output_shards": self.output_shards,
             "baseline_mean": self.baseline_mean,
-            "renamed_keys": self.renamed_keys,
-            "listing_report": self.listing_report,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildPlan:
+        config = BuildConfig.model_validate(data["config"])
         return cls(
-            config=BuildConfig.model_validate(data["config"]),
+            config=config,
             version=data["version"],
             dataset_uri=data["dataset_uri"],
-            units=list(data["units"]),
             class_names=list(data["class_names"]),
             model_fingerprint=data["model_fingerprint"],
+            inputs=int(data["inputs"]),
+            output_shards=int(data["output_shards"]),
             baseline_mean=list(data["baseline_mean"]),
-            renamed_keys=dict(data.get("renamed_keys", {})),
-            listing_report=dict(data.get("listing_report", {})),
         )
+
+
+def _shard_units_of(
+    config: BuildConfig, units: Sequence[str], shard_index: int, shards: int
+) -> list[str]:
+    if config.preserve_layout:
+        shard, samples = units[shard_index].rsplit("@", 1)
+        return [f"{shard}@0:{samples}"]
+    if config.input_kind == "webdataset":
+        return _sample_ranges(units, shard_index, shards)
+    n = len(units)
+    return list(units[shard_index * n // shards : (shard_index + 1) * n // shards])
+
+
+def _renames_within(units: Sequence[str], renames: dict[str, dict[int, str]]) -> dict[str, str]:
+    """The renamed keys (by input shard, then position) of the samples inside some ranges."""
+    inside: dict[str, str] = {}
+    if not renames:  # the usual case, and every input kind but WebDataset
+        return inside
+    for unit in units:
+        shard, start, stop = _unit_span(unit)
+        for position, key in renames.get(shard, {}).items():
+            if start <= position < stop:
+                inside[f"{shard}@{position}"] = key
+    return inside
 
 
 @dataclass
@@ -159,71 +231,105 @@ class ShardOutcome:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_model(
-    model_name: str,
-    checkpoint: str | None,
-    class_names: tuple[str, ...],
-    grid: tuple[int, int],
-    device: str,
-) -> torch.nn.Module:
-    loaded = load_sem(
-        checkpoint, model_name=model_name, class_names=class_names, grid=grid, device=device
-    )
-    return loaded.sem
+#: Explained models kept per process: a long-lived worker labels shards of a build or two.
+MODEL_CACHE_SIZE = 2
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_fingerprint(
-    model_name: str,
-    checkpoint: str | None,
-    class_names: tuple[str, ...],
-    grid: tuple[int, int],
-    device: str,
-) -> str:
-    model = _cached_model(model_name, checkpoint, class_names, grid, device)
-    return model_fingerprint(model.clip)
+@dataclass
+class _CachedModel:
+    content: str | None
+    model: torch.nn.Module
+    fingerprint: str
+
+
+_models: OrderedDict[tuple[Any, ...], _CachedModel] = OrderedDict()
+_models_lock = threading.Lock()
+
+
+def _explained_model(config: BuildConfig, class_names: Sequence[str]) -> _CachedModel:
+    """The explained model and its fingerprint, cached per process by checkpoint *content*.
+
+    A long-lived worker (Dask) labels many shards; the checkpoint's content fingerprint (its
+    sidecar's, or its bytes' hash cached per object version: one metadata request) is checked
+    for each, so a checkpoint rewritten at the same URI is loaded again, never served stale.
+    """
+    device = str(resolve_device(config.device))
+    key = (config.model_name, config.checkpoint, tuple(class_names), config.label.grid, device)
+    content = checkpoint_fingerprint(weights_uri(config.checkpoint)) if config.checkpoint else None
+    with _models_lock:
+        cached = _models.get(key)
+        if cached is not None and cached.content == content:
+            _models.move_to_end(key)
+            return cached
+        if cached is not None:
+            logger.info(
+                "checkpoint %s changed (%s, was %s): loading it again",
+                config.checkpoint,
+                content,
+                cached.content,
+            )
+            # Dropped before the new one loads: two large models need not fit at once.
+            del _models[key]
+        loaded = load_sem(
+            config.checkpoint,
+            model_name=config.model_name,
+            class_names=tuple(class_names),
+            grid=config.label.grid,
+            device=device,
+        )
+        entry = _CachedModel(content, loaded.sem, model_fingerprint(loaded.sem.clip))
+        _models[key] = entry
+        while len(_models) > MODEL_CACHE_SIZE:
+            _models.popitem(last=False)
+        return entry
 
 
 def clear_model_cache() -> None:
     """Forget the explained models cached in this process (e.g. after changing torch threads)."""
-    _cached_model.cache_clear()
-    _cached_fingerprint.cache_clear()
+    with _models_lock:
+        _models.clear()
 
 
 def load_explained_model(config: BuildConfig, class_names: Sequence[str]) -> torch.nn.Module:
     """The explained model: a self-explaining CLIP whose ``predict`` is explained.
 
-    Cached per process, so the shards a worker labels share one copy.
+    Cached per process, so the shards a worker labels share one copy, as long as the
+    checkpoint's content does not change.
     """
-    device = str(resolve_device(config.device))
-    grid = config.label.grid
-    return _cached_model(config.model_name, config.checkpoint, tuple(class_names), grid, device)
+    return _explained_model(config, class_names).model
 
 
 def explained_model_fingerprint(config: BuildConfig, class_names: Sequence[str]) -> str:
-    """The fingerprint of :func:`load_explained_model`'s weights (cached per process)."""
-    device = str(resolve_device(config.device))
-    key = (config.model_name, config.checkpoint, tuple(class_names), config.label.grid, device)
-    return _cached_fingerprint(*key)
+    """The fingerprint of :func:`load_explained_model`'s weights (cached with the model)."""
+    return _explained_model(config, class_names).fingerprint
 
 
 def plan_build(config: BuildConfig) -> BuildPlan:
     """Validate a build, list its input, fingerprint the model, and fix the dataset version.
 
-    Writes ``config.json`` (the full config, version, fingerprints) into the version folder.
-    Everything that can be wrong with the config (unknown model, missing checkpoint, missing
-    bucket, empty input) fails here, before any labelling.
+    Writes ``config.json`` (the full config, version, fingerprints, how the baseline mean was
+    estimated) into the version folder, then the plan of every output shard
+    (``plan/{shard}.json``, concurrently) and the listing's report, and last the plan's
+    completion marker; a rerun of the same version finds them and writes nothing. Everything
+    that can be wrong with the config (unknown model, missing checkpoint, missing bucket,
+    empty input) fails here, before any labelling.
     """
     output = open_storage(config.output_uri)
     # A missing bucket or refused credentials must fail here, before the model is loaded.
     output.exists(f"{config.name}/config.json")
     listing = list_input(config)
     units, class_names = listing.units, listing.class_names
+    output_shards = len(units) if config.preserve_layout else config.num_shards
     if config.preserve_layout:
-        config = config.model_copy(update={"num_shards": len(units)})
+        logger.info(
+            "preserve_layout: %d output shards, one per input shard (the layout wins over "
+            "num_shards); num_shards=%d sets the labelling tasks: %d",
+            output_shards,
+            config.num_shards,
+            min(config.num_shards, output_shards),
+        )
     fingerprint = explained_model_fingerprint(config, class_names)
-    mean = _dataset_mean(config, units) if config.label.baseline == "mean" else []
+    mean, mean_sample = dataset_mean(config, units) if config.label.baseline == "mean" else ([], {})
     listed = "\n".join(units)
     if listing.renames:
         # Renamed keys change the samples' keys and seeds, so they are part of the version.
@@ -240,18 +346,24 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         config.input_uri,
         config.source_split,
         config.image_size,
-        config.num_shards,
+        output_shards,
         mean,
     )
+    if config.input_kind == "webdataset":
+        inputs = sum(_range_size(unit) for unit in units)
+    else:
+        inputs = len(units)
     dataset = output.child(layout.xdata_version_key(config.name, version))
     plan = BuildPlan(
         config=config,
         version=version,
         dataset_uri=dataset.uri,
-        units=units,
         class_names=class_names,
         model_fingerprint=fingerprint,
+        inputs=inputs,
+        output_shards=output_shards,
         baseline_mean=mean,
+        units=units,
         renamed_keys=listing.renames,
         listing_report=listing.report.to_dict(),
     )
@@ -263,21 +375,38 @@ def plan_build(config: BuildConfig) -> BuildPlan:
                 "version": version,
                 "model_fingerprint": fingerprint,
                 "input_digest": input_digest,
-                "inputs": len(units),
+                "inputs": inputs,
+                "output_shards": output_shards,
                 "class_names": class_names,
                 "baseline_mean": mean,
+                "baseline_mean_sample": mean_sample,
             },
         )
         dataset.write_json("classes.json", {"class_names": class_names})
+    if not dataset.is_done(layout.PLAN_UNIT, version):
+        _write_plan(plan, dataset)
     logger.info(
-        "explanation dataset %s %s: %d inputs in %d shards at %s",
+        "explanation dataset %s %s: %d inputs in %d shards (%d tasks) at %s",
         config.name,
         version,
-        len(units),
-        config.num_shards,
+        inputs,
+        output_shards,
+        plan.num_tasks,
         dataset.uri,
     )
     return plan
+
+
+def _write_plan(plan: BuildPlan, dataset: Storage) -> None:
+    """The plan of every output shard, the listing's report, then the plan's marker."""
+    files = []
+    for index in range(plan.output_shards):
+        units, renames = plan.shard_plan(index)
+        key = layout.plan_shard_key(plan.shard_key(index))
+        files.append((key, {"shard": plan.shard_key(index), "units": units, "renames": renames}))
+    files.append((layout.PLAN_LISTING_REPORT_KEY, plan.listing_report or {}))
+    dataset.write_json_many(files)
+    dataset.publish_done(layout.PLAN_UNIT, plan.version, shards=plan.output_shards)
 
 
 def _classes_to_explain(labels: torch.Tensor, logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -390,23 +519,41 @@ def label_shard(
     point leaves either the whole shard or nothing visible. Bad inputs are quarantined with a
     reason in ``reports/shards/{shard}.json`` (written before the marker).
 
+    A transient storage error (a 5xx, throttling, a dropped connection, after the storage
+    layer's retries) while reading the inputs fails the shard, so that its task's retry reads
+    them again; only inputs that are bad in themselves are quarantined.
+
     Args:
         plan: the build plan from :func:`plan_build`.
-        shard_index: which output shard, in ``[0, num_shards)``.
+        shard_index: which output shard, in ``[0, plan.output_shards)``.
         overwrite: relabel a complete shard.
         progress: optional callable ``(done_images, total_images)``.
     """
-    config = plan.config
     dataset = open_storage(plan.dataset_uri)
     shard = plan.shard_key(shard_index)
-    if not overwrite and dataset.is_done(shard, plan.version, shard):
+    done = None if overwrite else _done_info(dataset, shard, plan.version)
+    if done is not None:
         logger.info("shard %s already complete; skipped", shard)
-        return ShardOutcome(shard=shard, skipped=True, **_marker_counts(dataset, shard))
+        return ShardOutcome(shard=shard, skipped=True, samples=int(done.get("samples", 0)))
+    return _label(plan, shard_index, plan.shard_plan(shard_index), dataset, progress)
+
+
+def _label(
+    plan: BuildPlan,
+    shard_index: int,
+    shard_plan: tuple[list[str], dict[str, str]],
+    dataset: Storage,
+    progress: Any,
+    explained: _CachedModel | None = None,
+) -> ShardOutcome:
+    """Label one output shard whose units are ``shard_plan`` (it is not complete)."""
+    config = plan.config
+    shard = plan.shard_key(shard_index)
     start = time.perf_counter()
-    units = plan.shard_units(shard_index)
+    units, renames = shard_plan
     report = QuarantineReport()
-    model = load_explained_model(config, plan.class_names)
-    fingerprint = explained_model_fingerprint(config, plan.class_names)
+    explained = explained or _explained_model(config, plan.class_names)
+    model, fingerprint = explained.model, explained.fingerprint
     if fingerprint != plan.model_fingerprint:
         # The checkpoint changed since the plan (or the model is not reproducible): labels from
         # another model would be published under this version's name.
@@ -434,7 +581,7 @@ def label_shard(
             num_classes=len(plan.class_names),
             workers=workers,
             pin_memory=device.type == "cuda",
-            renames=plan.renamed_keys,
+            renames=renames,
         ) as batches,
     ):
         while True:
@@ -485,9 +632,66 @@ def label_shard(
     )
 
 
-def _marker_counts(dataset: Storage, shard: str) -> dict[str, Any]:
-    info = dataset.completion_info(shard)
-    return {"samples": int(info.get("samples", 0))}
+def label_task(
+    plan: BuildPlan,
+    task_index: int,
+    *,
+    overwrite: bool = False,
+    progress: Any = None,
+) -> list[ShardOutcome]:
+    """Label the output shards of one task (:meth:`BuildPlan.task_shards`), in order.
+
+    One task per output shard, except under ``preserve_layout``, where ``num_shards`` tasks
+    share the input's shards in consecutive groups (each shard still published on its own),
+    so that thousands of small input shards do not each pay a task's fixed cost.
+
+    Args:
+        plan: the build plan.
+        task_index: which task, in ``[0, plan.num_tasks)``.
+        overwrite: relabel complete shards.
+        progress: optional callable ``(done_images, total_images)``, per shard.
+    """
+    indices = list(plan.task_shards(task_index))
+    dataset = open_storage(plan.dataset_uri)
+
+    def look(index: int) -> tuple[dict[str, Any] | None, tuple[list[str], dict[str, str]] | None]:
+        done = None if overwrite else _done_info(dataset, plan.shard_key(index), plan.version)
+        return done, (None if done is not None else plan.shard_plan(index))
+
+    # The small requests of all the task's shards at once (is it done, its plan), and the
+    # explained model checked once, rather than a few requests after another per shard.
+    looked = map_concurrently(look, indices)
+    explained = None
+    outcomes = []
+    for index, (done, shard_plan) in zip(indices, looked, strict=True):
+        if done is not None:
+            logger.info("shard %s already complete; skipped", plan.shard_key(index))
+            outcomes.append(
+                ShardOutcome(
+                    shard=plan.shard_key(index), skipped=True, samples=int(done.get("samples", 0))
+                )
+            )
+            continue
+        assert shard_plan is not None
+        explained = explained or _explained_model(plan.config, plan.class_names)
+        outcomes.append(_label(plan, index, shard_plan, dataset, progress, explained))
+    return outcomes
+
+
+def _done_info(dataset: Storage, shard: str, version: str) -> dict[str, Any] | None:
+    """The marker of a shard done for ``version`` (:meth:`Storage.is_done`'s rule), or None.
+
+    Two requests (the marker, the tar's existence) where ``is_done`` and a second marker read
+    would make four.
+    """
+    try:
+        info = dataset.completion_info(shard)
+    except FileNotFoundError:
+        return None
+    if info.get("fingerprint") != version:
+        logger.info("%s in %s was made from other inputs: redoing it", shard, dataset.uri)
+        return None
+    return info if dataset.exists(shard) else None
 
 
 def finalize_build(plan: BuildPlan) -> dict[str, Any]:
@@ -501,17 +705,23 @@ def finalize_build(plan: BuildPlan) -> dict[str, Any]:
         to ``reports/{name}-{split}-label-error.json``).
     """
     dataset = open_storage(plan.dataset_uri)
-    expected = [plan.shard_key(i) for i in range(plan.config.num_shards)]
-    complete = [s for s in expected if dataset.is_done(s, plan.version, s)]
-    missing = [s for s in expected if s not in complete]
-    table = write_manifest(dataset, complete)
+    expected = [plan.shard_key(i) for i in range(plan.output_shards)]
+    # One listing tells which markers, shards and reports exist; the markers and reports found
+    # are then read concurrently: O(shards) requests in parallel, a few listing pages.
+    present = set(dataset.list())
+    done = dataset.done_units(expected, plan.version, lambda s: (s,), listing=present)
+    complete = [s for s in expected if s in done]
+    missing = [s for s in expected if s not in done]
+    table = write_manifest(dataset, complete, infos=done)
     report = QuarantineReport()
-    if plan.listing_report:
-        report.merge(QuarantineReport.from_dict(plan.listing_report))
-    for shard in complete:
-        key = shard_report_key(shard)
-        if dataset.exists(key):
-            report.merge(QuarantineReport.from_dict(dataset.read_json(key)))
+    listing_report = plan.listing_report
+    if listing_report is None and layout.PLAN_LISTING_REPORT_KEY in present:
+        listing_report = dataset.read_json(layout.PLAN_LISTING_REPORT_KEY)
+    if listing_report:
+        report.merge(QuarantineReport.from_dict(listing_report))
+    report_keys = [shard_report_key(s) for s in complete if shard_report_key(s) in present]
+    for shard_report in dataset.read_json_many(report_keys):
+        report.merge(QuarantineReport.from_dict(shard_report))
     dataset.write_json(split_report_key(plan.config.name, plan.config.split), report.to_dict())
     samples = int(sum(table.column("samples").to_pylist())) if table.num_rows else 0
     summary = {
@@ -520,14 +730,16 @@ def finalize_build(plan: BuildPlan) -> dict[str, Any]:
         "complete": complete,
         "missing": missing,
         "samples": samples,
-        "inputs": len(plan.units),
+        "inputs": plan.inputs,
         "quarantined": report.num_quarantined(),
     }
+    error_keys = [
+        layout.shard_error_report_key(s)
+        for s in complete
+        if layout.shard_error_report_key(s) in present
+    ]
     errors = [
-        value
-        for shard in complete
-        if dataset.exists(layout.shard_error_report_key(shard))
-        for value in dataset.read_json(layout.shard_error_report_key(shard))["relative_error"]
+        value for found in dataset.read_json_many(error_keys) for value in found["relative_error"]
     ]
     if errors:
         values = np.asarray(errors)
@@ -568,11 +780,14 @@ class BuildProgress:
         key = f"{layout.xdata_version_key(self.config.name, version)}/{layout.DATASET_CONFIG_FILE}"
         if not self.output.exists(key):
             return False
-        # decode_workers changes how fast, not what, so a rerun with other workers is the same build.
+        # decode_workers changes how fast, not what, so a rerun with other workers is the same
+        # build; so does num_shards under preserve_layout (the tasks, not the shards).
+        ignored = ["decode_workers"] + (["num_shards"] if self.config.preserve_layout else [])
         planned = dict(self.output.read_json(key).get("config") or {})
-        planned.pop("decode_workers", None)
         current = self.config.to_dict()
-        current.pop("decode_workers", None)
+        for name in ignored:
+            planned.pop(name, None)
+            current.pop(name, None)
         return planned == current
 
     def complete_shards(self) -> int:

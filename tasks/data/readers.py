@@ -1,6 +1,6 @@
 """Readers: one per input kind (ImageNet-style folders, WebDataset shards), used by every stage.
 
-(About 600 lines: the two readers share the key rules, the image normalisation and the sample
+(About 700 lines: the two readers share the key rules, the image normalisation and the sample
 checks that make their outputs interchangeable; apart they would drift, as they once did.)
 
 Every reader yields WebDataset sample dicts (``__key__``, ``jpg`` or ``png``, ``cls``, extra
@@ -13,6 +13,9 @@ deterministic order (sorted listings), which is what makes sharded stages reprod
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import itertools
 import json
 import logging
 import numbers
@@ -23,6 +26,7 @@ from os import PathLike
 from typing import Any
 
 from storage import Storage, StorageError, layout, open_file, open_storage
+from storage.core import IO_WORKERS, is_transient, map_concurrently
 from storage.shards import read_shard
 from tasks.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -335,6 +339,11 @@ def read_image_file(
     try:
         data = storage.read_bytes(path)
     except (StorageError, OSError) as exc:
+        if is_transient(exc):
+            # A 5xx or a dropped connection says nothing about the file: quarantining it would
+            # lose it for good and shift every later position. The unit of work fails instead,
+            # and its retry reads the file again.
+            raise
         # StorageError covers a symlink that leads outside the input root.
         report.quarantine(path, f"unreadable: {exc}", stage="read")
         return None
@@ -407,7 +416,12 @@ def _stored_image(
 
 
 def webdataset_key_renames(
-    storage: Storage, shards: Sequence[str], report: QuarantineReport | None = None
+    storage: Storage,
+    shards: Sequence[str],
+    report: QuarantineReport | None = None,
+    *,
+    infos: Mapping[str, Mapping[str, Any]] | None = None,
+    workers: int = IO_WORKERS,
 ) -> dict[str, str]:
     """New keys for the samples of WebDataset input whose key was already used before them.
 
@@ -415,32 +429,113 @@ def webdataset_key_renames(
     :func:`list_image_folder` does for files: the second ``k`` becomes ``k_2``. Two samples
     with one key would otherwise be merged by webdataset's reader into one sample (when
     adjacent: ``duplicate file name in tar file``) or be two samples nobody can tell apart.
-    Every shard is read once for its keys (the images are not decoded); a shard that cannot be
-    read is left out here and quarantined when its samples are read.
+
+    Only the shards that could hold a repeated key are read, for their keys (the images are not
+    decoded), concurrently. A shard written by :class:`~storage.shards.ShardWriter` records its
+    first and last key and whether its keys increase; shards whose key ranges overlap no other
+    shard's cannot repeat a key, so an export of a sorted listing is not read at all. The
+    others (ranges that overlap, keys out of order, markers from another writer) are read, and
+    so is any shard whose range holds a key of those (original or renamed), until none does:
+    the result is the one a read of every shard would give. A shard that cannot be read is left
+    out here and quarantined when its samples are read; a transient storage error is raised.
 
     Args:
         storage: the input folder.
         shards: its complete shards, in listing order.
         report: receives the ``renamed`` count.
+        infos: the shards' completion marker infos, when already read (else read here).
+        workers: shards (or markers) read at once.
 
     Returns:
         ``{"{shard}@{position}": new_key}`` for the renamed samples only (usually empty).
     """
-    used: set[str] = set()
-    renames: dict[str, str] = {}
-    for shard in shards:
-        try:
-            keys = [str(sample.get("__key__")) for sample in read_shard(storage, shard)]
-        except StorageError as exc:
-            logger.warning("input shard %s unreadable while listing keys: %s", shard, exc)
-            continue
-        for position, key in enumerate(keys):
-            unique = _unique_key(key, used)
-            if unique != key:
-                renames[f"{shard}@{position}"] = unique
+    if infos is None:
+        infos = dict(zip(shards, storage.completion_infos(shards, workers=workers), strict=True))
+    ranges = {shard: _key_range(infos.get(shard, {})) for shard in shards}
+    suspects = {shard for shard, found in ranges.items() if found is None}
+    suspects |= _overlapping({s: r for s, r in ranges.items() if r not in (None, ())})
+    keys_of: dict[str, list[str]] = {}
+    while True:
+        unread = [shard for shard in shards if shard in suspects and shard not in keys_of]
+        keys_of.update(
+            zip(
+                unread,
+                map_concurrently(lambda s: _shard_keys(storage, s), unread, workers=workers),
+                strict=True,
+            )
+        )
+        used: set[str] = set()
+        renames: dict[str, str] = {}
+        for shard in shards:
+            for position, key in enumerate(keys_of.get(shard, ())):
+                unique = _unique_key(key, used)
+                if unique != key:
+                    renames[f"{shard}@{position}"] = unique
+        # A key of the shards read that falls inside an unread shard's range could equal one of
+        # that shard's keys: read that one too and decide again.
+        unread_ranges = sorted(
+            (found[0], found[1], shard)
+            for shard, found in ranges.items()
+            if shard not in suspects and found not in (None, ())
+        )
+        firsts = [first for first, _, _ in unread_ranges]
+        hits = set()
+        for key in used:
+            index = bisect.bisect_right(firsts, key) - 1
+            if index >= 0 and key <= unread_ranges[index][1]:
+                hits.add(unread_ranges[index][2])
+        if not hits:
+            break
+        suspects |= hits
+    logger.info(
+        "input keys: %d of %d shards read to check uniqueness, %d keys renamed",
+        len(keys_of),
+        len(shards),
+        len(renames),
+    )
     if report is not None:
         report.count("renamed", len(renames))
     return renames
+
+
+def _key_range(info: Mapping[str, Any]) -> tuple[str, str] | tuple[()] | None:
+    """``(first, last)`` key of a shard whose marker promises increasing keys, ``()`` for an
+    empty shard, ``None`` when the marker does not tell."""
+    if info.get("samples") == 0:
+        return ()
+    first, last = info.get("first_key"), info.get("last_key")
+    if info.get("keys_increasing") is True and isinstance(first, str) and isinstance(last, str):
+        return (first, last)
+    return None
+
+
+def _overlapping(ranges: Mapping[str, tuple[str, str]]) -> set[str]:
+    """The shards whose closed key range ``[first, last]`` meets another shard's."""
+    overlapping: set[str] = set()
+    cluster: list[str] = []
+    cluster_last = ""
+    for first, last, shard in sorted((r[0], r[1], s) for s, r in ranges.items()):
+        if cluster and first <= cluster_last:
+            cluster.append(shard)
+            cluster_last = max(cluster_last, last)
+            continue
+        if len(cluster) > 1:
+            overlapping.update(cluster)
+        cluster, cluster_last = [shard], last
+    if len(cluster) > 1:
+        overlapping.update(cluster)
+    return overlapping
+
+
+def _shard_keys(storage: Storage, shard: str) -> list[str]:
+    """The sample keys of one shard, in order; none when the shard cannot be read."""
+    try:
+        return [str(sample.get("__key__")) for sample in read_shard(storage, shard)]
+    except StorageError as exc:
+        if is_transient(exc):
+            raise
+        logger.warning("input shard %s unreadable while listing keys: %s", shard, exc)
+        return []
 
 
 def iter_webdataset(
@@ -514,6 +609,10 @@ def read_shard_samples(
     try:
         samples = list(read_shard(storage, shard))
     except StorageError as exc:
+        if is_transient(exc):
+            # Not the shard's fault: the unit of work fails and its retry reads it again,
+            # where quarantining it would drop all its samples for good.
+            raise
         report.count("bad_shards")
         report.quarantine(shard, f"bad shard: {exc}", stage="read")
         return []
@@ -522,17 +621,56 @@ def read_shard_samples(
         report.count("read")
         if renames and f"{shard}@{position}" in renames:
             sample["__key__"] = renames[f"{shard}@{position}"]
-        problem = key_problem(sample.get("__key__"))
-        if problem is None:
-            problem = _image_field_problem(sample, report, max_pixels)
-        if problem is None:
-            problem = _sample_problem(sample, None, validate, max_pixels)
+        problem = _usable_problem(sample, report, validate, max_pixels)
         if problem is not None:
             report.quarantine(f"{shard}:{sample.get('__key__')}", problem, stage="read")
             continue
         report.count("yielded")
         usable.append(sample)
     return usable
+
+
+def read_shard_head(
+    storage: Storage,
+    shard: str,
+    start: int,
+    stop: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[dict[str, Any]]:
+    """The usable samples at positions ``[start, stop)`` of a shard, reading only that far.
+
+    For a look at a few samples of many shards (the dataset mean): the stream is closed after
+    position ``stop - 1``, so a sample at the head of a shard costs a fraction of the shard.
+    Unlike :func:`read_shard_samples` nothing is checked against the marker (the shard is not
+    read to its end) and nothing is reported: an unusable sample is left out, a shard that
+    cannot be read gives none (logged). A transient storage error is raised.
+    """
+    usable = []
+    report = QuarantineReport()
+    try:
+        # Closed on leaving: the rest of the shard is never fetched.
+        with contextlib.closing(read_shard(storage, shard)) as samples:
+            for sample in itertools.islice(samples, start, stop):
+                if _usable_problem(sample, report, False, max_pixels) is None:
+                    usable.append(sample)
+    except StorageError as exc:
+        if is_transient(exc):
+            raise
+        logger.warning("input shard %s unreadable while sampling it: %s", shard, exc)
+    return usable
+
+
+def _usable_problem(
+    sample: dict[str, Any], report: QuarantineReport, validate: bool, max_pixels: int
+) -> str | None:
+    """Why a WebDataset input sample cannot be used (its image normalised in place), or None."""
+    problem = key_problem(sample.get("__key__"))
+    if problem is None:
+        problem = _image_field_problem(sample, report, max_pixels)
+    if problem is None:
+        problem = _sample_problem(sample, None, validate, max_pixels)
+    return problem
 
 
 def _image_field_problem(

@@ -108,6 +108,39 @@ def test_flow_on_s3_endpoint(s3_env, tmp_path: Path) -> None:
     assert len(samples) == summary["inputs"]
 
 
+def test_flow_hands_tasks_and_subflow_a_plan_without_the_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What Prefect and Dask serialise per task submit stays small whatever the input's size."""
+    import cloudpickle
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    import flows.build_dataset as module
+
+    submitted = []
+    original = module._submit_tasks
+
+    def recording(plan, tasks, overwrite, gpu):
+        submitted.append(plan)
+        return original(plan, tasks, overwrite, gpu)
+
+    monkeypatch.setattr(module, "_submit_tasks", recording)
+    config = _config(str(tmp_path), name="params-x", synthetic_per_class=4)
+    summary = build_explanation_dataset(config)
+    assert summary["missing"] == [] and summary["samples"] == 20
+    (plan,) = submitted
+    assert "units" not in plan and len(cloudpickle.dumps(plan)) < 4096
+    assert all(f"shapes-val-{i:06d}" not in json.dumps(plan) for i in range(20))
+    with get_client(sync_client=True) as client:
+        (subflow,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(any_=["label-shards-params-x-val"])
+            )
+        )
+    assert len(json.dumps(subflow.parameters)) < 4096
+
+
 def test_budget_not_above_players_is_refused_before_compute() -> None:
     with pytest.raises(ValueError, match="budget 40 is not larger than the number of players 49"):
         LabelConfig(budget=40)

@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import tempfile
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -70,6 +72,10 @@ def test_write_read_round_trip(storage_uri):
         "samples": 5,
         "bytes": len(data),
         "sha256": writer.sha256,
+        # The keys at a glance: what lets a planner prove keys unique without reading shards.
+        "first_key": "000000",
+        "last_key": "000004",
+        "keys_increasing": True,
     }
     read = list(read_shard(storage, key))
     assert read == samples
@@ -204,3 +210,44 @@ def test_complete_shards_and_manifest(storage_uri):
 
     with pytest.raises(ObjectNotFoundError, match="completion marker"):
         write_manifest(storage, [*shards, shard_name("dom", "train", 3)])
+
+
+def test_marker_says_whether_the_keys_increase(tmp_path):
+    storage = open_storage(str(tmp_path))
+    samples = _samples(3)
+    _write_shard(storage, "d-train-000000.tar", [samples[1], samples[0], samples[2]])
+    _write_shard(storage, "d-train-000001.tar", [samples[0], samples[0]])  # repeated key
+    dotted = {**samples[2], "__key__": "a/b.c"}  # reads back as key "a/b": no promise
+    _write_shard(storage, "d-train-000002.tar", [samples[0], dotted])
+    _write_shard(storage, "d-train-000003.tar", [])
+    infos = [storage.completion_info(f"d-train-00000{i}.tar") for i in range(4)]
+    assert [info.get("keys_increasing") for info in infos] == [False, False, False, None]
+    assert (infos[0]["first_key"], infos[0]["last_key"]) == ("000001", "000002")
+    assert "first_key" not in infos[3] and infos[3]["samples"] == 0
+
+
+def test_manifest_reads_markers_concurrently_or_not_at_all(tmp_path, monkeypatch):
+    storage = open_storage(str(tmp_path))
+    shards = [shard_name("dom", "train", i) for i in range(12)]
+    for index, key in enumerate(shards):
+        _write_shard(storage, key, _samples(1, offset=index))
+    reads: list[str] = []
+    threads: set[int] = set()
+    original = type(storage).read_bytes
+
+    def read_bytes(self, key):
+        reads.append(key)
+        threads.add(threading.get_ident())
+        time.sleep(0.01)  # a request's latency: calls overlap only if they run concurrently
+        return original(self, key)
+
+    monkeypatch.setattr(type(storage), "read_bytes", read_bytes)
+    table = write_manifest(storage, shards)
+    # One read per marker and nothing else (no existence checks), spread over a thread pool.
+    assert sorted(reads) == sorted(f"_completions/{key}.json" for key in shards)
+    assert len(threads) > 1
+    reads.clear()
+    infos = {key: storage.completion_info(key) for key in shards}
+    reads.clear()
+    assert write_manifest(storage, shards, infos=infos).equals(table)
+    assert reads == []  # the markers the caller had were not read again

@@ -248,3 +248,81 @@ def test_open_read_is_a_binary_stream(storage_uri):
     with storage.open_read("s.bin") as stream:
         assert stream.read(2) == b"ab"
         assert stream.read() == b"cdef"
+
+
+def test_done_units_is_is_done_for_many_units_with_one_listing(storage_uri):
+    storage = open_storage(storage_uri)
+    for unit in ("u0", "u1", "u2", "u3"):
+        storage.write_bytes(unit, b"x")
+    storage.publish_done("u0", "fp", samples=1)
+    storage.publish_done("u1", "other inputs")
+    storage.publish_done("u2", "fp")
+    storage.delete("u2")  # marked, but its output is gone
+    units = ["u0", "u1", "u2", "u3", "u4"]
+    done = storage.done_units(units, "fp", lambda unit: (unit,))
+    assert done == {"u0": {"fingerprint": "fp", "samples": 1}}
+    assert list(done) == [u for u in units if storage.is_done(u, "fp", u)]
+    assert storage.completion_infos(["u1", "u0"]) == [
+        {"fingerprint": "other inputs"},
+        {"fingerprint": "fp", "samples": 1},
+    ]
+    with pytest.raises(ObjectNotFoundError):
+        storage.completion_infos(["u0", "u4"])
+    storage.write_json_many([(f"many/{i}.json", {"i": i}) for i in range(20)])
+    assert storage.read_json_many([f"many/{i}.json" for i in range(20)]) == [
+        {"i": i} for i in range(20)
+    ]
+
+
+def test_s3_server_errors_left_after_retries_are_transient_and_others_are_not(s3_env):
+    import botocore.exceptions
+    from botocore.stub import Stubber
+
+    from storage import AccessDeniedError, EndpointUnreachableError
+    from storage.core import TransientStorageError, is_transient
+
+    # One attempt: every stubbed answer is what is left after botocore's retries.
+    storage = open_storage(s3_env.uri("t"), max_attempts=1)
+    with Stubber(storage._client) as stub:
+        stub.add_client_error("get_object", service_error_code="SlowDown", http_status_code=503)
+        stub.add_client_error(
+            "get_object", service_error_code="InternalError", http_status_code=500
+        )
+        stub.add_client_error("head_object", service_error_code="", http_status_code=502)
+        stub.add_client_error("get_object", service_error_code="AccessDenied", http_status_code=403)
+        for call, expected in (
+            (lambda: storage.read_bytes("a"), "SlowDown"),
+            (lambda: storage.read_bytes("a"), "InternalError"),
+            (lambda: storage.exists("a"), "502"),
+        ):
+            with pytest.raises(TransientStorageError, match=expected) as info:
+                call()
+            assert is_transient(info.value) and f"s3://{s3_env.bucket}/t/a" in str(info.value)
+        with pytest.raises(AccessDeniedError) as denied:
+            storage.read_bytes("a")
+        assert not is_transient(denied.value)
+
+    class CutBody:
+        """A body whose connection is reset after the first bytes."""
+
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def read(self, amt=None):
+            self.reads += 1
+            if self.reads > 1:
+                raise botocore.exceptions.ResponseStreamingError(error="connection reset")
+            return b"head"
+
+        def close(self) -> None:
+            pass
+
+    with Stubber(storage._client) as stub:
+        stub.add_response(
+            "get_object", {"Body": CutBody()}, {"Bucket": s3_env.bucket, "Key": "t/a"}
+        )
+        with storage.open_read("a") as stream:
+            assert stream.read(4) == b"head"
+            with pytest.raises(EndpointUnreachableError) as cut:
+                stream.read(4)
+    assert is_transient(cut.value) and f"cannot read s3://{s3_env.bucket}/t/a" in str(cut.value)
