@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,8 @@ from storage.checkpoints import checkpoint_fingerprint
 from storage.core import map_concurrently
 from storage.layout import shard_name, shard_report_key, split_report_key
 from storage.shards import ShardWriter, write_manifest
-from tasks.algorithms.kernel_shap import derive_seed, kernel_shap_explain
+from tasks.algorithms.kernel_shap import KernelShapResult, derive_seed, kernel_shap_explain
+from tasks.algorithms.kernel_shap_stream import ExplainRequest, kernel_shap_stream
 from tasks.build_dataset.batches import decode_workers, input_batches
 from tasks.build_dataset.config import BuildConfig, LabelConfig
 from tasks.build_dataset.inputs import (
@@ -425,6 +426,93 @@ def _unique_in_order(values: Sequence[int]) -> list[int]:
     return seen
 
 
+def _explain_settings(
+    label: LabelConfig, baseline_mean: Sequence[float] | None, device: torch.device
+) -> dict[str, Any]:
+    """The Kernel SHAP settings of a build (the same for every batch of it)."""
+    baseline: str | torch.Tensor = label.baseline
+    if label.baseline == "mean":
+        baseline = torch.tensor(baseline_mean, dtype=torch.float32, device=device)
+    return {
+        "grid": label.grid,
+        "budget": label.budget,
+        "baseline": baseline,
+        "output": label.output,
+        "batch_size": label.forward_batch_size,
+        "sampler": label.sampler,
+        "error_estimate": label.error_estimate,
+    }
+
+
+def _explain_request(
+    classifier: torch.nn.Module,
+    samples: Sequence[dict[str, Any]],
+    label: LabelConfig,
+    *,
+    image_size: int,
+    images: torch.Tensor | None,
+    device: torch.device,
+) -> ExplainRequest:
+    """The labelling request of one input batch: its images on the device, the classes to explain.
+
+    Runs where the model runs (the labeller's model thread): one classifier forward picks the
+    top predicted classes. The context is ``(samples, classes [N, 1 + top_k], predicted [N])``.
+    """
+    if images is None:
+        images = torch.stack([_image_tensor(s, image_size) for s in samples])
+    # Pinned host memory (the input batches pin theirs for CUDA) copies without blocking.
+    images = images.to(device, non_blocking=device.type == "cuda" and images.is_pinned())
+    labels = torch.tensor([int(s["cls"]) for s in samples], dtype=torch.long)
+    with torch.inference_mode():
+        logits = classifier(images)
+    classes = _classes_to_explain(labels, logits, label.top_k)
+    return ExplainRequest(
+        images=images,
+        classes=classes.to(device),
+        seeds=[derive_seed(str(s["__key__"]), label.seed) for s in samples],
+        context=(samples, classes, logits.argmax(dim=1).cpu()),
+    )
+
+
+def _labelled_samples(
+    request: ExplainRequest,
+    result: KernelShapResult,
+    *,
+    baseline_mean: Sequence[float] | None,
+    model_fingerprint: str,
+) -> list[dict[str, Any]]:
+    """The X-dataset samples of an explained request (see :func:`label_samples`)."""
+    samples, classes, predicted = request.context
+    relative_error = result.relative_error()
+    labelled = []
+    for i, sample in enumerate(samples):
+        meta = result.image_metadata(i)
+        row_classes = [int(c) for c in classes[i]]
+        keep = [row_classes.index(c) for c in _unique_in_order(row_classes)]
+        phi = result.phi[i][keep].numpy().astype(np.float32)
+        meta.update(
+            classes=[row_classes[j] for j in keep],
+            v_empty=[meta["v_empty"][j] for j in keep],
+            v_full=[meta["v_full"][j] for j in keep],
+            predicted=int(predicted[i]),
+            baseline_mean=list(baseline_mean or []),
+            model=model_fingerprint,
+        )
+        out = {k: v for k, v in sample.items() if k in PASSED_FIELDS}
+        out["shap.npy"] = _npy_bytes(phi)
+        if result.phi_err is not None and relative_error is not None:
+            out["shap_err.npy"] = _npy_bytes(result.phi_err[i][keep].numpy().astype(np.float32))
+            meta["relative_error"] = [float(relative_error[i][j]) for j in keep]
+        out["json"] = meta
+        labelled.append(out)
+    return labelled
+
+
+def _classifier(model: torch.nn.Module) -> torch.nn.Module:
+    classifier = model.as_classifier() if hasattr(model, "as_classifier") else model
+    return classifier.eval()
+
+
 def label_samples(
     model: torch.nn.Module,
     samples: Sequence[dict[str, Any]],
@@ -442,62 +530,28 @@ def label_samples(
     ``[k, gh, gw]``, label class first, then the top predicted classes that differ) and
     ``json`` (the labelling metadata). With ``label.error_estimate`` it also adds
     ``shap_err.npy`` (the bootstrap standard error of each attribution, same shape) and
-    ``relative_error`` per class in ``json`` (``||err|| / ||phi||``).
+    ``relative_error`` per class in ``json`` (``||err|| / ||phi||``). :func:`label_shard`
+    labels its batches the same way, overlapped (:func:`kernel_shap_stream`).
 
     Args:
         images: the samples' images already decoded (``[N, 3, S, S]`` in ``[0, 1]``); decoded
             here when omitted.
     """
     device = next(model.parameters()).device
-    if images is None:
-        images = torch.stack([_image_tensor(s, image_size) for s in samples])
-    # Pinned host memory (the input batches pin theirs for CUDA) copies without blocking.
-    images = images.to(device, non_blocking=device.type == "cuda" and images.is_pinned())
-    labels = torch.tensor([int(s["cls"]) for s in samples], dtype=torch.long)
-    classifier = model.as_classifier() if hasattr(model, "as_classifier") else model
-    classifier.eval()
-    with torch.inference_mode():
-        logits = classifier(images)
-    classes = _classes_to_explain(labels, logits, label.top_k)
-    baseline: str | torch.Tensor = label.baseline
-    if label.baseline == "mean":
-        baseline = torch.tensor(baseline_mean, dtype=images.dtype, device=device)
+    classifier = _classifier(model)
+    request = _explain_request(
+        classifier, samples, label, image_size=image_size, images=images, device=device
+    )
     result = kernel_shap_explain(
         classifier,
-        images,
-        classes.to(device),
-        grid=label.grid,
-        budget=label.budget,
-        baseline=baseline,
-        output=label.output,
-        seed=[derive_seed(str(s["__key__"]), label.seed) for s in samples],
-        batch_size=label.forward_batch_size,
-        sampler=label.sampler,
-        error_estimate=label.error_estimate,
+        request.images,
+        request.classes,
+        seed=request.seeds,
+        **_explain_settings(label, baseline_mean, device),
     )
-    relative_error = result.relative_error()
-    labelled = []
-    for i, sample in enumerate(samples):
-        meta = result.image_metadata(i)
-        row_classes = [int(c) for c in classes[i]]
-        keep = [row_classes.index(c) for c in _unique_in_order(row_classes)]
-        phi = result.phi[i][keep].numpy().astype(np.float32)
-        meta.update(
-            classes=[row_classes[j] for j in keep],
-            v_empty=[meta["v_empty"][j] for j in keep],
-            v_full=[meta["v_full"][j] for j in keep],
-            predicted=int(logits[i].argmax()),
-            baseline_mean=list(baseline_mean or []),
-            model=model_fingerprint,
-        )
-        out = {k: v for k, v in sample.items() if k in PASSED_FIELDS}
-        out["shap.npy"] = _npy_bytes(phi)
-        if result.phi_err is not None and relative_error is not None:
-            out["shap_err.npy"] = _npy_bytes(result.phi_err[i][keep].numpy().astype(np.float32))
-            meta["relative_error"] = [float(relative_error[i][j]) for j in keep]
-        out["json"] = meta
-        labelled.append(out)
-    return labelled
+    return _labelled_samples(
+        request, result, baseline_mean=baseline_mean, model_fingerprint=model_fingerprint
+    )
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -568,9 +622,31 @@ def _label(
         expected = len(units)
     device = next(model.parameters()).device
     workers = decode_workers(config, device)
+    classifier = _classifier(model)
     written = 0
     waited = 0.0
     errors: list[float] = []
+
+    def requests(batches: Iterator[Any]) -> Iterator[ExplainRequest]:
+        """The input batches as labelling requests; runs in the labeller's model thread."""
+        nonlocal waited
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - asked
+            if batch is None:
+                return
+            report.merge(batch.report)
+            if batch.samples:
+                yield _explain_request(
+                    classifier,
+                    batch.samples,
+                    config.label,
+                    image_size=config.image_size,
+                    images=batch.images,
+                    device=device,
+                )
+
     with (
         ShardWriter(dataset, shard, fingerprint=plan.version) as writer,
         # Streamed in batches, read and decoded ahead of the model by `workers` threads: each
@@ -583,24 +659,19 @@ def _label(
             pin_memory=device.type == "cuda",
             renames=renames,
         ) as batches,
+        # Coalitions of the next batch drawn and the last one solved while the model runs.
+        kernel_shap_stream(
+            classifier,
+            requests(batches),
+            **_explain_settings(config.label, plan.baseline_mean, device),
+        ) as labelled,
     ):
-        while True:
-            asked = time.perf_counter()
-            batch = next(batches, None)
-            waited += time.perf_counter() - asked
-            if batch is None:
-                break
-            report.merge(batch.report)
-            if not batch.samples:
-                continue
-            for out in label_samples(
-                model,
-                batch.samples,
-                config.label,
-                image_size=config.image_size,
+        for request, result in labelled:
+            for out in _labelled_samples(
+                request,
+                result,
                 baseline_mean=plan.baseline_mean,
                 model_fingerprint=plan.model_fingerprint,
-                images=batch.images,
             ):
                 writer.write(out)
                 written += 1
@@ -614,13 +685,14 @@ def _label(
     seconds = time.perf_counter() - start
     logger.info(
         "shard %s: %d samples labelled, %d quarantined, %.1f images/s, "
-        "%.0f%% of the time waiting for input (%d decode workers)",
+        "%.0f%% of the time waiting for input (%d decode workers), model idle %.0f%%",
         shard,
         written,
         report.num_quarantined(),
         written / seconds if seconds else 0.0,
         100 * waited / seconds if seconds else 0.0,
         workers,
+        100 * labelled.stats.model_wait_share,
     )
     return ShardOutcome(
         shard=shard,

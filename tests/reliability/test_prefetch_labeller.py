@@ -221,6 +221,8 @@ def test_the_readers_run_a_bounded_distance_ahead_of_the_model(
 
     with pytest.raises(KeyboardInterrupt):
         label_shard(plan, 0, progress=slow_model)
-    # 2 workers, batches of 2: 8 files being read, 8 being decoded, 3 to 4 batches queued.
-    assert ahead and ahead[0] <= 8 + 8 + 4 * 2
+    # 2 workers, batches of 2: 8 files being read, 8 being decoded, 3 to 4 batches queued, and
+    # in the labeller's stream 3 * depth + 2 = 8 batches (2 pulled ahead of the model, 1 + 2
+    # handed to the solver, 1 + 2 solved for the writer).
+    assert ahead and ahead[0] <= 8 + 8 + 4 * 2 + 8 * 2
     assert _prefetch_threads() == []
