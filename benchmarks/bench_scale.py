@@ -432,7 +432,7 @@ def main() -> None:
     )
     parser.add_argument("--kinds", default="imagefolder,webdataset")
     parser.add_argument("--imagenet-images", type=int, default=1_281_167)
-    parser.add_argument("--imagenet-shards", type=int, default=1024)
+    parser.add_argument("--imagenet-shards", type=int, default=64)  # configs/imagenet-vit-b-32.json
     parser.add_argument("--gpu-images-per-second", type=float, default=360.0)
     parser.add_argument("--out", help="write the figures here as JSON")
     parser.add_argument(

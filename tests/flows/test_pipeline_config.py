@@ -190,7 +190,7 @@ def test_the_embedded_default_models_keep_their_configs_and_fingerprints():
 def test_a_reference_has_shards_in_proportion_to_its_images():
     real = PipelineConfig(**_imagenet_fields(out_uri="s3://bucket/run"))
     plans = _plans(real, IMAGENET_CLASSES)
-    # ImageNet: 1 image per class of 1,000 classes, 16 a shard; not the 512 of the X-dataset.
+    # ImageNet: 1 image per class of 1,000 classes, 16 a shard (63, under num_shards 64).
     assert reference_shards(real, plans["imagenet"], "test", 1) == 63
     # Pets: 3 per class asked, 37 classes; EuroSAT: 3 of its 20 val images per class.
     assert reference_shards(real, plans["pets"], "test", 3) == 7
@@ -268,7 +268,7 @@ def test_the_real_config_fans_out_8_gpu_finetunes_and_small_references(tmp_path,
     assert len(p_models) == 4 and max(p_models) < first_build
     shards = {(b.name, b.split): (b.num_shards, b.max_per_class) for b in recorder.builds}
     assert shards == {
-        ("imagenet-x", "train"): (512, None),  # the X-dataset: whole shards, in P's layout
+        ("imagenet-x", "train"): (64, None),  # the X-dataset: 64 tasks over whole shards of P
         ("pets-ref", "val"): (3, 1),
         ("pets-ref", "test"): (7, 3),
         ("food101-ref", "val"): (7, 1),
