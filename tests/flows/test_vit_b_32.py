@@ -65,15 +65,16 @@ def test_vit_b_32_runs_the_whole_pipeline_and_its_checkpoints_load_into_open_cli
     save_file({k: v.contiguous() for k, v in _vanilla_vit_b_32().state_dict().items()}, base)
     source = _drawn_image_folder(tmp_path / "drawn", {"train": 2, "val": 1, "test": 1})
 
+    # Every labelling result, the one-shot (references) and the overlapped stream (X-dataset
+    # shards) alike, passes through `_labelled_samples` on its way to a sample.
     maskings: list[str] = []
-    explain = build_stage.kernel_shap_explain
+    labelled_samples = build_stage._labelled_samples
 
-    def recording_explain(*args, **kwargs):
-        result = explain(*args, **kwargs)
+    def recording_labelled_samples(request, result, **kwargs):
         maskings.append(result.masking)
-        return result
+        return labelled_samples(request, result, **kwargs)
 
-    monkeypatch.setattr(build_stage, "kernel_shap_explain", recording_explain)
+    monkeypatch.setattr(build_stage, "_labelled_samples", recording_labelled_samples)
 
     config = PipelineConfig(
         out_uri=str(tmp_path / "out"),
