@@ -8,6 +8,11 @@ starts a persistent one with the UI. Every location is a storage URI (a path or 
 and stays one. Expected failures print one ``error:`` line and exit with status 2
 (:mod:`flows.cli_errors`), after checks that run before any compute (:mod:`flows.cli_checks`).
 
+A failure of storage once the run has started (a full, read-only or locked volume, an input
+deleted mid-run, an object store that throttles or never answers) is one ``error:`` line too,
+naming the path and the cause, and the console's last line; a shard the build gave up on makes
+the summary on stdout and then that line. Exit status 2 in every such case.
+
 Each command checks in this order, so that a mistake costs as little as it can: first its
 arguments alone (required options, paths that exist and are of the right kind, an output that
 can be written, a bucket or scheduler that answers), importing only :mod:`storage`, within a
@@ -33,8 +38,10 @@ from typing import Any
 from flows.cli_errors import (
     EXPECTED_ERRORS,
     OneLineErrorParser,
+    ShardsFailedError,
     configure_logging,
     error_lines,
+    reported_error,
 )
 from flows.datasets_cli import add_parser as add_datasets_parser
 
@@ -241,7 +248,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         ):
             summary = build_explanation_dataset(config, overwrite=args.overwrite, runner=runner)
     _print_json(summary)
-    return 1 if summary["missing"] else 0
+    if summary["missing"]:
+        # The summary (stdout) lists them; the console's last line says why they failed.
+        raise ShardsFailedError(summary)
+    return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -487,8 +497,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args)
         try:
             return args.func(args)
-        except EXPECTED_ERRORS as exc:
-            return _fail(exc)
+        except Exception as exc:
+            # A storage error raised in a Prefect task comes back as it was raised, or inside
+            # Prefect's or a task group's exception: the line is about the error itself.
+            reported = reported_error(exc)
+            if reported is None:
+                raise
+            return _fail(reported)
     finally:
         if argv is None:
             _prepare_exit()

@@ -1,8 +1,13 @@
 """What the command line prints when something is wrong: one line per problem, no traceback.
 
-An *expected* failure (a bad config, a missing input, an unreachable store or scheduler) is
-something the user can fix; the command prints it as ``error: ...`` lines and exits with status
-2. Anything else is a bug and keeps its traceback.
+An *expected* failure (a bad config, a missing input, an unreachable store or scheduler, a
+full or read-only volume) is something the user can fix; the command prints it as ``error: ...``
+lines and exits with status 2. Anything else is a bug and keeps its traceback.
+
+A storage failure inside a Prefect task reaches the command line as the task raised it (Prefect
+re-raises a failed flow's exception), or, for a shard the build gave up on, as the text the
+build summary kept (:class:`ShardsFailedError`); :func:`reported_error` finds it when Prefect
+or a task group wrapped it.
 """
 
 from __future__ import annotations
@@ -45,6 +50,27 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+class ShardsFailedError(ValueError):
+    """Shards of a build failed after their retries; the others are complete.
+
+    The build summary keeps each failure as text (a task's exception does not travel back),
+    so the line is the first failure's message, which names the path and the cause.
+
+    Args:
+        summary: the build summary (``missing``, ``complete``, ``failed_errors``).
+    """
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        missing = list(summary.get("missing") or [])
+        total = len(missing) + len(summary.get("complete") or [])
+        errors = [e for e in summary.get("failed_errors") or [] if e]
+        first = errors[0].strip().splitlines()[0] if errors else f"shard {missing[0]} failed"
+        super().__init__(
+            f"{first} ({len(missing)} of {total} shards failed, the others are complete; "
+            "the same command finishes them)"
+        )
+
+
 class FieldErrors(ValueError):
     """Several problems of one command's arguments found at once, one line each.
 
@@ -57,12 +83,42 @@ class FieldErrors(ValueError):
         self.lines = list(lines)
 
 
+def reported_error(exc: BaseException) -> BaseException | None:
+    """The expected failure behind ``exc``, or None when ``exc`` is a bug (keep its traceback).
+
+    ``exc`` itself when expected; the first expected one in an exception group (a task group,
+    a cluster's workers); the storage error that a Prefect exception was raised from.
+    """
+    inner_exceptions = getattr(exc, "exceptions", None)  # an ExceptionGroup (Python 3.11+)
+    if isinstance(inner_exceptions, tuple):
+        for inner in inner_exceptions:
+            found = reported_error(inner)
+            if found is not None:
+                return found
+        return None
+    if isinstance(exc, EXPECTED_ERRORS):
+        return exc
+    if type(exc).__module__.startswith("prefect"):
+        seen = {id(exc)}
+        cause = exc.__cause__ or exc.__context__
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, StorageError):
+                return cause
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def error_lines(exc: BaseException) -> list[str]:
     """The ``error: ...`` lines that describe an expected failure."""
     if isinstance(exc, ValidationError):
         return [f"error: {line}" for line in validation_lines(exc)]
     if isinstance(exc, FieldErrors):
         return [f"error: {line}" for line in exc.lines]
+    if isinstance(exc, OSError) and not isinstance(exc, StorageError) and exc.strerror:
+        # An OS error from outside storage, in rsync's and git's form: "path: cause".
+        where = exc.filename
+        return [f"error: {where}: {exc.strerror}" if where else f"error: {exc.strerror}"]
     text = str(exc).strip() or type(exc).__name__
     # One line: the first line of a multi-line message is its summary.
     return [f"error: {text.splitlines()[0]}"]
@@ -154,11 +210,16 @@ class RedactSecrets(logging.Filter):
 class HideExpectedTracebacks(logging.Filter):
     """Drops console records of an expected failure: the command line prints it in one line.
 
+    Those are records that carry the failure (Prefect's task and flow run records), and what
+    storage logs while the failure propagates (a shard abandoned, its partial file removed).
     Records of other exceptions pass, tracebacks included; the run's log file keeps them all.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], EXPECTED_ERRORS):
+            return False
+        # A filter runs in the thread that logs: the exception it is handling, if any.
+        if record.name.startswith("storage") and isinstance(sys.exc_info()[1], StorageError):
             return False
         return not (
             record.levelno >= logging.ERROR

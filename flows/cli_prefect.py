@@ -9,11 +9,14 @@ Prefect record, tracebacks included) is written beside it. The private API liste
 ``PREFECT_API_URL``, or is refused before anything starts (:func:`flows.cli_checks.check_dask_api`).
 
 Where the logs end up: ``{out}/logs/`` when the output is a local folder that the run created or
-used, otherwise the private home ``{PREFECT_HOME}/cli-runs/{time}-{pid}/``.
+used, otherwise the private home ``{PREFECT_HOME}/cli-runs/{time}-{pid}/``. When the output
+cannot take them (a full or read-only volume: what may have ended the run), they stay in the
+private home, and one line on stderr says where, before the run's own error line.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -282,14 +285,55 @@ def prefect_api(output_uri: str | None, verbose: bool = False) -> Iterator[RunLo
 
 
 def _move_logs(home: Path, local_out: Path | None, stamp: str) -> Path | None:
-    """Move the logs under ``{out}/logs/`` and drop the private home, when the output is local."""
+    """Move the logs under ``{out}/logs/`` and drop the private home, when the output is local.
+
+    Returns:
+        The folder holding the logs now: ``{out}/logs``, or None when they stay in ``home``
+        (no local output, or one that cannot take them: then a line on stderr says so).
+    """
+    from storage.errors import StorageError, os_errors_translated
+
     if local_out is None:
         return None
     target = local_out / "logs"
-    target.mkdir(exist_ok=True)
-    for name in ("run.log", "server.log"):
-        source = home / name
-        if source.exists():
-            shutil.move(str(source), target / f"{stamp}-{os.getpid()}-{name}")
+    try:
+        with os_errors_translated("create", target):
+            target.mkdir(exist_ok=True)
+        # The run's own log last: if the volume fills up meanwhile, it is the one kept whole.
+        for name in ("server.log", "run.log"):
+            source = home / name
+            if source.exists():
+                _move_file(source, target / f"{stamp}-{os.getpid()}-{name}")
+    except StorageError as exc:
+        print(f"full log: {home / 'run.log'} (not moved: {exc})", file=sys.stderr, flush=True)
+        return None
     shutil.rmtree(home, ignore_errors=True)
     return target
+
+
+def _move_file(source: Path, destination: Path) -> None:
+    """Move a file; across volumes by a copy that appears complete or not at all.
+
+    Raises:
+        StorageError: the destination cannot take it (``source`` is then left where it was).
+    """
+    from storage.errors import os_errors_translated, storage_error_from_os
+
+    try:
+        os.replace(source, destination)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise storage_error_from_os(exc, "write", destination) from exc
+    partial = destination.with_name(f".{destination.name}.partial")
+    try:
+        with os_errors_translated("write", destination):
+            shutil.copyfile(source, partial)
+            os.replace(partial, destination)
+    except BaseException:
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError:  # a read-only volume: nothing was written there either
+            pass
+        raise
+    source.unlink()

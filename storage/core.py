@@ -24,7 +24,16 @@ from typing import Any, BinaryIO, TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.errors import EndpointUnreachableError, PathOutsideRootError, StorageError
+from storage.errors import (
+    EndpointUnreachableError,
+    NoSpaceError,
+    ObjectNotFoundError,
+    PathOutsideRootError,
+    ReadOnlyStorageError,
+    StorageError,
+    StorageOSError,
+    StoragePermissionError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +60,34 @@ class TransientStorageError(StorageError):
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is a storage failure a later retry may not see again.
+    """Whether ``exc`` says nothing bad about the object itself: fail the unit, do not quarantine.
 
-    :class:`TransientStorageError` (server errors, throttling, a connection cut mid-stream) and
-    :class:`~storage.errors.EndpointUnreachableError` (no answer after the retries) are; a
-    missing object, refused credentials or a corrupt shard are not.
+    A reader of listed inputs quarantines an object only for what is wrong with it (corrupt,
+    outside the root, refused credentials on it); these fail the unit of work instead, so that
+    its retry, or the rerun once the cause is removed, reads the object again:
+
+    - :class:`TransientStorageError` (server errors, throttling, a connection cut mid-stream)
+      and :class:`~storage.errors.EndpointUnreachableError` (no answer within the deadline);
+    - :class:`~storage.errors.StorageOSError`: the volume or its permissions failed (no space,
+      read-only, permission denied, an I/O error), not the object;
+    - :class:`~storage.errors.ObjectNotFoundError`: the object was listed and is gone (an input
+      deleted mid-run). Quarantining it would publish a version whose listing vouches for it.
     """
-    return isinstance(exc, TransientStorageError | EndpointUnreachableError)
+    return isinstance(
+        exc,
+        TransientStorageError | EndpointUnreachableError | StorageOSError | ObjectNotFoundError,
+    )
+
+
+def worth_retrying(exc: BaseException) -> bool:
+    """Whether retrying the unit of work after ``exc`` may succeed without anyone's help.
+
+    False for the causes only a person removes (a full or read-only volume, a permission, an
+    input that vanished): a task retried after them would only print the same error later.
+    """
+    return not isinstance(
+        exc, NoSpaceError | ReadOnlyStorageError | StoragePermissionError | ObjectNotFoundError
+    )
 
 
 def map_concurrently(

@@ -1,10 +1,14 @@
-"""A local folder as a :class:`~storage.core.Storage`."""
+"""A local folder as a :class:`~storage.core.Storage`.
+
+Every operating-system error of an operation (a full disk, a read-only volume, a permission,
+a file that vanished) is raised as the :mod:`storage.errors` class of its cause, naming the
+path: :func:`storage.errors.os_errors_translated`.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -14,7 +18,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from storage.core import Storage, check_prefix, normalise_key
-from storage.errors import ObjectNotFoundError, PathOutsideRootError, StorageError
+from storage.errors import (
+    ObjectNotFoundError,
+    PathOutsideRootError,
+    StorageError,
+    os_errors_translated,
+    storage_error_from_os,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +70,22 @@ class LocalStorage(Storage):
 
     def exists(self, key: str) -> bool:
         """Whether a file exists under ``key``."""
-        return self._path(key).is_file()
+        path = self._path(key)
+        # is_file() is False for a missing path; what it raises (a folder that may not be
+        # searched) is a real failure, not a missing object.
+        with os_errors_translated("check", path):
+            return path.is_file()
 
     def size(self, key: str) -> int:
         """The size of the file in bytes."""
         path = self._path(key)
-        with _not_found_as(path):
+        with _translated("stat", path):
             return path.stat().st_size
 
     def read_bytes(self, key: str) -> bytes:
         """The whole file as bytes."""
         path = self._path(key)
-        with _not_found_as(path):
+        with _translated("read", path):
             _check_regular(path)
             return path.read_bytes()
 
@@ -105,7 +119,7 @@ class LocalStorage(Storage):
     def open_read(self, key: str) -> BinaryIO:
         """The file opened for binary reading."""
         path = self._path(key)
-        with _not_found_as(path):
+        with _translated("open", path):
             _check_regular(path)
             return open(path, "rb")
 
@@ -116,11 +130,7 @@ class LocalStorage(Storage):
         if not source.is_file():
             raise ObjectNotFoundError(f"cannot upload {source}: no such local file")
 
-        def write(handle: BinaryIO) -> None:
-            with open(source, "rb") as reader:
-                shutil.copyfileobj(reader, handle, length=1 << 20)
-
-        _publish(path, write)
+        _publish(path, lambda handle: _copy_from(source, handle))
         logger.debug("copied %s to %s", source, path)
 
     def download_file(self, key: str, local_path: str | PathLike[str]) -> None:
@@ -128,12 +138,7 @@ class LocalStorage(Storage):
         path = self._path(key)
         if not path.is_file():
             raise ObjectNotFoundError(f"no object at {path}")
-
-        def write(handle: BinaryIO) -> None:
-            with open(path, "rb") as reader:
-                shutil.copyfileobj(reader, handle, length=1 << 20)
-
-        _publish(Path(os.path.abspath(local_path)), write)
+        _publish(Path(os.path.abspath(local_path)), lambda handle: _copy_from(path, handle))
 
     @contextmanager
     def local_copy(self, key: str) -> Iterator[Path]:
@@ -156,7 +161,10 @@ class LocalStorage(Storage):
         if not start.is_dir():
             return []
         keys, special = [], []
-        for dirpath, _dirnames, filenames in os.walk(start):
+        # os.walk skips a folder it cannot read without a word: a listing missing a class
+        # folder would be a silent loss, so it fails instead (a folder removed meanwhile is
+        # simply not listed, as on an object store).
+        for dirpath, _dirnames, filenames in os.walk(start, onerror=_raise_unless_gone):
             relative_dir = os.path.relpath(dirpath, self.root)
             for name in filenames:
                 if _is_partial(name):
@@ -182,36 +190,63 @@ class LocalStorage(Storage):
         """Remove the file; a missing file is not an error."""
         path = self._path(key)
         try:
-            path.unlink()
+            with os_errors_translated("delete", path):
+                path.unlink()
         except FileNotFoundError:
             pass
 
 
 def _publish(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through ``write`` into a temporary sibling of ``path``, then rename it over ``path``."""
+    """Write through ``write`` into a temporary sibling of ``path``, then rename it over ``path``.
+
+    Whatever fails (the folder, the temporary file, a write, the rename) is raised as the
+    storage error of its cause naming ``path``, and the temporary file is removed: nothing
+    half-written is left under a name a reader lists.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except NotADirectoryError as exc:
         raise StorageError(f"cannot create {path}: a parent is a file") from exc
-    fd, temp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX
-    )
-    try:
-        # mkstemp creates the file owner-only; published objects are meant to be shared.
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            # Without fsync a crash after the rename could leave a renamed but empty file, and a
-            # completion marker written next would vouch for it.
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
+    except OSError as exc:
+        raise storage_error_from_os(exc, "create", path.parent) from exc
+    with os_errors_translated("write", path):
+        fd, temp_name = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX
+        )
         try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        raise
+            # mkstemp creates the file owner-only; published objects are meant to be shared.
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                # Without fsync a crash after the rename could leave a renamed but empty file,
+                # and a completion marker written next would vouch for it.
+                os.fsync(handle.fileno())
+            os.replace(temp_name, path)
+        except BaseException:
+            try:
+                os.unlink(temp_name)
+            except OSError:  # gone already, or the volume no longer takes even that
+                pass
+            raise
+
+
+def _copy_from(source: Path, handle: BinaryIO) -> None:
+    """Copy the file ``source`` into ``handle``; a failure to read names ``source``."""
+    with os_errors_translated("read", source):
+        reader = open(source, "rb")
+    with reader:
+        while True:
+            with os_errors_translated("read", source):
+                chunk = reader.read(1 << 20)
+            if not chunk:
+                return
+            handle.write(chunk)
+
+
+def _raise_unless_gone(exc: OSError) -> None:
+    if not isinstance(exc, FileNotFoundError):
+        raise storage_error_from_os(exc, "list", exc.filename or "?") from exc
 
 
 def _is_special(path: str) -> bool:
@@ -230,8 +265,14 @@ def _check_regular(path: Path) -> None:
 
 
 @contextmanager
-def _not_found_as(path: Path) -> Iterator[None]:
+def _translated(operation: str, path: Path) -> Iterator[None]:
+    """:func:`~storage.errors.os_errors_translated`, with a folder where a file was expected
+    (the key names a folder, or goes through a file) read as a missing object."""
     try:
         yield
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+    except (IsADirectoryError, NotADirectoryError) as exc:
         raise ObjectNotFoundError(f"no object at {path}") from exc
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise storage_error_from_os(exc, operation, path) from exc

@@ -2,13 +2,27 @@
 
 Configuration is boto3's own: ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), ``AWS_PROFILE``,
 environment credentials, ``~/.aws/config`` and ``AWS_MAX_ATTEMPTS``; :func:`storage.open_storage`
-takes explicit overrides. Every request is bounded in time: a connect timeout and a read timeout
-(:data:`DEFAULT_CONNECT_TIMEOUT`, :data:`DEFAULT_READ_TIMEOUT`, or the
-``EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT``/``EXPLAIN_TRANSFER_S3_READ_TIMEOUT`` environment
-variables) and botocore's bounded "standard" retries (3 attempts unless ``AWS_MAX_ATTEMPTS``), so an
-endpoint that accepts connections and never answers fails with
-:class:`~storage.errors.EndpointUnreachableError` instead of hanging. botocore and s3transfer errors are translated into
+takes explicit overrides. botocore and s3transfer errors are translated into
 :mod:`storage.errors` with messages that name the URI and never a credential.
+
+One deadline per request. Every request (a HEAD, a GET until its body starts, a PUT, one part
+of a multipart upload, one listing page) gets at most :data:`DEFAULT_DEADLINE` seconds in all,
+connection, answer and botocore's retries included (``EXPLAIN_TRANSFER_STORAGE_DEADLINE``, or
+``deadline=``): a retry starts only if its worst case (the backoff, a connect timeout and a read
+timeout) still ends within it. The timeouts of one attempt follow from the deadline unless set
+(``EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT``/``EXPLAIN_TRANSFER_S3_READ_TIMEOUT``, or arguments):
+connect ``min(5, deadline / 4)`` s, read ``min(15, (deadline - connect) / 2)`` s, so a
+timed-out attempt can be tried once more. Timeouts set longer than the deadline are kept, and
+the bound is then one attempt of them; ``AWS_MAX_ATTEMPTS`` is kept too, within the bound. So an
+endpoint that accepts connections and never answers is an
+:class:`~storage.errors.EndpointUnreachableError` naming the endpoint, the URI and the bound
+within it (31 s by default: two attempts of 15 s).
+
+A body that streams (a shard read through :meth:`S3Storage.open_read`, a download) is not
+bounded in total: each read waits at most the read timeout, so a large shard that keeps
+arriving is never cut by a deadline meant for a request, and one that stops arriving fails
+within one read timeout. s3transfer re-requests a download whose body was cut (up to 5 times),
+each request under its own deadline.
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,16 +52,26 @@ from storage.errors import (
     EndpointUnreachableError,
     ObjectNotFoundError,
     StorageError,
+    os_errors_translated,
 )
 
 logger = logging.getLogger(__name__)
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 
-#: Seconds to wait for a TCP connection (``EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT``).
-DEFAULT_CONNECT_TIMEOUT = 10.0
-#: Seconds to wait for bytes on an open connection (``EXPLAIN_TRANSFER_S3_READ_TIMEOUT``).
-DEFAULT_READ_TIMEOUT = 30.0
+#: Seconds one request may take in all, its retries included (``EXPLAIN_TRANSFER_STORAGE_DEADLINE``).
+DEFAULT_DEADLINE = 45.0
+#: The longest wait for a TCP connection (``EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT``); less when
+#: the deadline is short (a quarter of it).
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: The longest wait for bytes on an open connection (``EXPLAIN_TRANSFER_S3_READ_TIMEOUT``);
+#: less when the deadline is short (half of what the connect timeout leaves).
+DEFAULT_READ_TIMEOUT = 15.0
+DEADLINE_VARIABLE = "EXPLAIN_TRANSFER_STORAGE_DEADLINE"
+# botocore's standard retry mode: the longest backoff, and what an x-amz-retry-after header may
+# add to it (botocore.retries.standard.ExponentialBackoff).
+_MAX_BACKOFF = 20.0
+_RETRY_AFTER_EXTRA = 5.0
 
 _ACCESS_CODES = frozenset(
     {
@@ -81,6 +106,108 @@ _TRANSIENT_CODES = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class RequestDeadline:
+    """How long one request may take: its deadline, and the timeouts of one attempt.
+
+    Attributes:
+        deadline: seconds for the request in all, retries included.
+        connect_timeout: seconds one attempt waits for a connection.
+        read_timeout: seconds one attempt waits for each read (the answer, a body's chunk).
+    """
+
+    deadline: float
+    connect_timeout: float
+    read_timeout: float
+
+    @classmethod
+    def resolve(
+        cls,
+        deadline: float | None = None,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
+    ) -> RequestDeadline:
+        """The arguments, else the environment variables, else values derived from the deadline."""
+        deadline = deadline or _seconds_from_env(DEADLINE_VARIABLE) or DEFAULT_DEADLINE
+        connect = (
+            connect_timeout
+            or _seconds_from_env("EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT")
+            or min(DEFAULT_CONNECT_TIMEOUT, deadline / 4)
+        )
+        read = (
+            read_timeout
+            or _seconds_from_env("EXPLAIN_TRANSFER_S3_READ_TIMEOUT")
+            or min(DEFAULT_READ_TIMEOUT, max((deadline - connect) / 2, deadline / 4))
+        )
+        return cls(float(deadline), float(connect), float(read))
+
+    @property
+    def bound(self) -> float:
+        """The most seconds a request takes on an endpoint that never answers.
+
+        The deadline, unless one attempt of the timeouts set is longer: then that attempt.
+        """
+        return max(self.deadline, self.connect_timeout + self.read_timeout)
+
+    def describe(self) -> str:
+        """The bound in words, with the setting that changes it."""
+        if self.bound > self.deadline:
+            return (
+                f"at most {self.bound:g} s per request: one attempt of the connect and read "
+                f"timeouts set, longer than the {self.deadline:g} s deadline"
+            )
+        return f"at most {self.bound:g} s per request, {DEADLINE_VARIABLE}"
+
+    def install(self, client: Any) -> None:
+        """Make ``client`` keep every request within :attr:`bound`."""
+        client.meta.events.register("before-call.s3", self._start)
+        # First: botocore's own handler would otherwise decide on the retry, with no deadline.
+        client.meta.events.register_first("needs-retry.s3", self._stop_retrying_past_bound)
+
+    def _start(self, context: dict[str, Any] | None = None, **_: Any) -> None:
+        if context is not None:
+            context[_STARTED] = time.monotonic()
+
+    def _stop_retrying_past_bound(
+        self,
+        attempts: int,
+        request_dict: dict[str, Any],
+        response: Any = None,
+        caught_exception: BaseException | None = None,
+        **_: Any,
+    ) -> bool | None:
+        """False (no retry) when the worst case of one more attempt would end past the bound;
+        None lets botocore's retry handler decide (its attempts, its backoff)."""
+        started = (request_dict.get("context") or {}).get(_STARTED)
+        if started is None:
+            return None
+        elapsed = time.monotonic() - started
+        if caught_exception is not None:
+            # Read back by S3Storage._translate for the message.
+            caught_exception.storage_attempts = attempts  # type: ignore[attr-defined]
+            caught_exception.storage_seconds = elapsed  # type: ignore[attr-defined]
+        elif response is None or response[0].status_code < 400:
+            return None  # a success is never retried: nothing to decide
+        # botocore's largest backoff before attempt n + 1 (throttling: base 1 s), plus what an
+        # x-amz-retry-after header may add to it.
+        backoff = min(2.0 ** (attempts - 1), _MAX_BACKOFF)
+        if response is not None and "x-amz-retry-after" in response[0].headers:
+            backoff += _RETRY_AFTER_EXTRA
+        if elapsed + backoff + self.connect_timeout + self.read_timeout > self.bound:
+            logger.debug(
+                "no retry after attempt %d (%.1f s): one more could end past %.0f s",
+                attempts,
+                elapsed,
+                self.bound,
+            )
+            return False
+        return None
+
+
+# Where a request's start is kept in botocore's per-request context.
+_STARTED = "explain_transfer_started"
+
+
 @dataclass
 class _Connection:
     """What every :class:`S3Storage` derived from one URI shares."""
@@ -88,6 +215,7 @@ class _Connection:
     session: boto3.session.Session
     client: Any
     transfer_config: TransferConfig
+    deadline: RequestDeadline
     bucket_seen: set[str] = field(default_factory=set)
 
     def secrets(self) -> list[str]:
@@ -134,12 +262,14 @@ class S3Storage(Storage):
         read_timeout: float | None = None,
         multipart_threshold: int | None = None,
         client_kwargs: dict[str, Any] | None = None,
+        deadline: float | None = None,
     ) -> S3Storage:
         """A storage rooted at ``uri`` with a client configured the standard AWS way.
 
         The client is shared by every storage this process opens with the same options and
         the same AWS environment variables (creating one costs about 0.2 s of CPU). See
-        :func:`storage.open_storage` for the arguments.
+        :func:`storage.open_storage` for the arguments; ``deadline`` is the seconds one request
+        may take, retries included (:data:`DEFAULT_DEADLINE`, ``EXPLAIN_TRANSFER_STORAGE_DEADLINE``).
         """
         rest = uri.split("://", 1)[1]
         bucket, _, prefix = rest.partition("/")
@@ -155,7 +285,12 @@ class S3Storage(Storage):
             None
             if client_kwargs
             else _connection_key(
-                endpoint_url, max_attempts, connect_timeout, read_timeout, multipart_threshold
+                endpoint_url,
+                max_attempts,
+                connect_timeout,
+                read_timeout,
+                multipart_threshold,
+                deadline,
             )
         )
         with _CONNECTIONS_LOCK:
@@ -165,8 +300,7 @@ class S3Storage(Storage):
                 uri,
                 endpoint_url,
                 max_attempts,
-                connect_timeout,
-                read_timeout,
+                RequestDeadline.resolve(deadline, connect_timeout, read_timeout),
                 multipart_threshold,
                 client_kwargs,
             )
@@ -182,21 +316,20 @@ class S3Storage(Storage):
         uri: str,
         endpoint_url: str | None,
         max_attempts: int | None,
-        connect_timeout: float | None,
-        read_timeout: float | None,
+        deadline: RequestDeadline,
         multipart_threshold: int | None,
         client_kwargs: dict[str, Any] | None,
     ) -> _Connection:
         """A new boto3 session, client and transfer settings."""
         retries: dict[str, Any] = {"mode": "standard"}
         if max_attempts is not None:
-            retries["max_attempts"] = max_attempts
+            # Attempts in all, as AWS_MAX_ATTEMPTS counts them (botocore's own "max_attempts"
+            # key counts the retries only: one attempt more than asked).
+            retries["total_max_attempts"] = max_attempts
         config_kwargs: dict[str, Any] = {
             "retries": retries,
-            "connect_timeout": connect_timeout
-            or _seconds_from_env("EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
-            "read_timeout": read_timeout
-            or _seconds_from_env("EXPLAIN_TRANSFER_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
+            "connect_timeout": deadline.connect_timeout,
+            "read_timeout": deadline.read_timeout,
             # Room for storage.core's concurrent small requests (markers, reports) and the
             # transfer manager's parts without "connection pool is full" discards.
             "max_pool_connections": 2 * IO_WORKERS,
@@ -211,11 +344,12 @@ class S3Storage(Storage):
         except botocore.exceptions.BotoCoreError as exc:
             # Configuration errors (unknown profile, bad region) name settings, not secrets.
             raise StorageError(f"cannot configure an S3 client for {uri}: {exc}") from exc
+        deadline.install(client)
         threshold = multipart_threshold or MULTIPART_THRESHOLD
         transfer_config = TransferConfig(
             multipart_threshold=threshold, multipart_chunksize=threshold, max_concurrency=4
         )
-        return _Connection(session, client, transfer_config)
+        return _Connection(session, client, transfer_config, deadline)
 
     @property
     def _client(self) -> Any:
@@ -289,7 +423,8 @@ class S3Storage(Storage):
         source = Path(local_path)
         if not source.is_file():
             raise ObjectNotFoundError(f"cannot upload {source}: no such local file")
-        with self._translated("upload", full_key):
+        # Outside: a failure to read the local file (s3transfer raises it as it is) names it.
+        with os_errors_translated("read", source), self._translated("upload", full_key):
             self._client.upload_file(
                 str(source), self.bucket, full_key, Config=self._connection.transfer_config
             )
@@ -299,25 +434,28 @@ class S3Storage(Storage):
         """Download the object; ``local_path`` appears only once complete."""
         full_key = self._key(key)
         destination = Path(os.path.abspath(local_path))
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(
-            dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial"
-        )
-        os.close(fd)
-        try:
-            with self._translated("download", full_key):
-                self._client.download_file(
-                    self.bucket, full_key, temp_name, Config=self._connection.transfer_config
-                )
-            os.replace(temp_name, destination)
-        finally:
-            if os.path.exists(temp_name):
-                os.unlink(temp_name)
+        with os_errors_translated("write", destination):
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            fd, temp_name = tempfile.mkstemp(
+                dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial"
+            )
+            os.close(fd)
+            try:
+                with self._translated("download", full_key):
+                    self._client.download_file(
+                        self.bucket, full_key, temp_name, Config=self._connection.transfer_config
+                    )
+                os.replace(temp_name, destination)
+            finally:
+                if os.path.exists(temp_name):
+                    os.unlink(temp_name)
 
     @contextmanager
     def local_copy(self, key: str) -> Iterator[Path]:
         """Download the object to a temporary file, yield its path, delete it on exit."""
-        with tempfile.TemporaryDirectory(prefix="storage-") as folder:
+        with os_errors_translated("create", tempfile.gettempdir()):
+            temporary = tempfile.TemporaryDirectory(prefix="storage-")
+        with temporary as folder:
             path = Path(folder) / normalise_key(key).rsplit("/", 1)[-1]
             self.download_file(key, path)
             yield path
@@ -380,8 +518,11 @@ class S3Storage(Storage):
                     return BucketNotFoundError(f"cannot {operation} {where}: bucket not found")
                 return ObjectNotFoundError(f"no object at {where}")
             if code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+                retried = cause.response.get("ResponseMetadata", {}).get("RetryAttempts")
+                tries = f" ({retried + 1} attempts)" if isinstance(retried, int) else ""
                 return TransientStorageError(
-                    f"cannot {operation} {where}: the service failed after retries ({detail})"
+                    f"cannot {operation} {where}: the service failed after retries{tries} "
+                    f"({detail})"
                 )
             return StorageError(f"cannot {operation} {where}: {detail}")
         if isinstance(
@@ -391,7 +532,7 @@ class S3Storage(Storage):
             endpoint = self._client.meta.endpoint_url
             return EndpointUnreachableError(
                 f"cannot {operation} {where}: endpoint {endpoint} unreachable after retries "
-                f"({type(cause).__name__})"
+                f"{self._how_long(cause)}({type(cause).__name__})"
             )
         if isinstance(
             cause,
@@ -404,6 +545,19 @@ class S3Storage(Storage):
                 f"cannot {operation} {where}: the connection ended early ({type(cause).__name__})"
             )
         return StorageError(f"cannot {operation} {where}: {self._redact(str(cause))}")
+
+    def _how_long(self, cause: BaseException) -> str:
+        """How long a request waited before it gave up, and the bound, in words (or "")."""
+        deadline = self._connection.deadline
+        attempts = getattr(cause, "storage_attempts", None)
+        seconds = getattr(cause, "storage_seconds", None)
+        if attempts is not None and seconds is not None:
+            plural = "s" if attempts != 1 else ""
+            return f"({attempts} attempt{plural} in {seconds:.1f} s; {deadline.describe()}) "
+        if isinstance(cause, botocore.exceptions.ReadTimeoutError):
+            # A body that stopped arriving: each of its reads has the read timeout.
+            return f"(no data within the {deadline.read_timeout:g} s read timeout) "
+        return ""
 
     def _bucket_exists(self) -> bool:
         if self.bucket in self._connection.bucket_seen:
@@ -474,6 +628,7 @@ _CONFIG_ENV = (
     "AWS_RETRY_MODE",
     "EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT",
     "EXPLAIN_TRANSFER_S3_READ_TIMEOUT",
+    DEADLINE_VARIABLE,
 )
 
 
@@ -481,10 +636,10 @@ def _connection_key(*options: Any) -> tuple[Any, ...]:
     return (os.getpid(), options, tuple(os.environ.get(name) for name in _CONFIG_ENV))
 
 
-def _seconds_from_env(name: str, default: float) -> float:
+def _seconds_from_env(name: str) -> float | None:
     text = os.environ.get(name, "").strip()
     if not text:
-        return default
+        return None
     try:
         value = float(text)
     except ValueError:

@@ -28,7 +28,7 @@ import webdataset
 from webdataset.tariterators import group_by_keys
 
 from storage.core import IO_WORKERS, Storage, map_concurrently
-from storage.errors import ObjectNotFoundError, ShardReadError
+from storage.errors import ObjectNotFoundError, ShardReadError, os_errors_translated
 from storage.layout import MANIFEST_FILE, shards_of
 
 logger = logging.getLogger(__name__)
@@ -155,15 +155,16 @@ class ShardWriter:
 
     def __enter__(self) -> ShardWriter:
         folder = staging_dir(self.temp_dir)
-        os.makedirs(folder, exist_ok=True)
-        if folder not in _swept:
-            # Once per process and folder: the partials of dead writers are never finished.
-            sweep_stale_partials(folder)
-            _swept.add(folder)
-        fd, self._temp_path = tempfile.mkstemp(
-            prefix=f"{self.name}.pid{os.getpid()}.", suffix=".partial", dir=folder
-        )
-        self._handle = os.fdopen(fd, "wb")
+        with os_errors_translated("write", folder):
+            os.makedirs(folder, exist_ok=True)
+            if folder not in _swept:
+                # Once per process and folder: the partials of dead writers are never finished.
+                sweep_stale_partials(folder)
+                _swept.add(folder)
+            fd, self._temp_path = tempfile.mkstemp(
+                prefix=f"{self.name}.pid{os.getpid()}.", suffix=".partial", dir=folder
+            )
+            self._handle = os.fdopen(fd, "wb")
         # A fixed mtime makes the tar a function of its samples, so a rerun reproduces the sha256.
         self._tar = webdataset.TarWriter(self._handle, mtime=0.0)
         return self
@@ -172,7 +173,8 @@ class ShardWriter:
         """Append one sample (a dict with ``__key__``; ``cls`` may be an int)."""
         if self._tar is None:
             raise RuntimeError("ShardWriter.write called outside its `with` block")
-        self._tar.write(sample)
+        with os_errors_translated("write", self._temp_path or self.name):
+            self._tar.write(sample)
         self.samples += 1
         key = str(sample["__key__"])
         # A dot in the base name moves the key/field split when the tar is read back, so such
@@ -192,7 +194,8 @@ class ShardWriter:
         assert self._tar is not None and self._temp_path is not None
         try:
             # TarWriter.close also closes the file object it was given.
-            self._tar.close()
+            with os_errors_translated("write", self._temp_path):
+                self._tar.close()
             if exc_type is not None:
                 logger.warning("shard %s abandoned after an error; nothing published", self.key)
                 return

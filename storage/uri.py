@@ -22,6 +22,7 @@ def open_storage(
     read_timeout: float | None = None,
     multipart_threshold: int | None = None,
     client_kwargs: dict[str, Any] | None = None,
+    deadline: float | None = None,
 ) -> Storage:
     """Open the storage rooted at ``uri``: the one entry point for every byte.
 
@@ -35,12 +36,14 @@ def open_storage(
         uri: the root URI.
         endpoint_url: S3-compatible endpoint, instead of ``AWS_ENDPOINT_URL``/the AWS default.
         max_attempts: total attempts per request (botocore "standard" retry mode).
-        connect_timeout: seconds to wait for a connection (default 10, or
-            ``EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT``).
-        read_timeout: seconds to wait for data on an open connection (default 30, or
-            ``EXPLAIN_TRANSFER_S3_READ_TIMEOUT``).
+        connect_timeout: seconds to wait for a connection (``EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT``;
+            by default 5, less for a deadline under 20 s).
+        read_timeout: seconds to wait for data on an open connection
+            (``EXPLAIN_TRANSFER_S3_READ_TIMEOUT``; by default 15, less for a short deadline).
         multipart_threshold: object size in bytes from which uploads are multipart (8 MiB).
         client_kwargs: extra keyword arguments for ``boto3.client("s3", ...)``.
+        deadline: seconds one request may take, retries included (default 45, or
+            ``EXPLAIN_TRANSFER_STORAGE_DEADLINE``; see :mod:`storage.s3`).
 
     Returns:
         The storage.
@@ -77,6 +80,7 @@ def open_storage(
             read_timeout=read_timeout,
             multipart_threshold=multipart_threshold,
             client_kwargs=client_kwargs,
+            deadline=deadline,
         )
     raise ValueError(f"unsupported storage URI scheme {scheme!r} in {text!r}; use a path or s3://")
 

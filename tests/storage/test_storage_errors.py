@@ -1,12 +1,19 @@
-"""Object-store failures become clear StorageErrors that name the URI and never a credential."""
+"""Storage failures become clear StorageErrors: they name the URI or path and the cause, never a
+credential, and an object store that never answers is given up on within a deadline."""
 
 from __future__ import annotations
 
+import builtins
+import errno
 import json
 import logging
+import os
+import pickle
 import socket
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import boto3
 import pytest
@@ -15,9 +22,19 @@ from storage import (
     AccessDeniedError,
     BucketNotFoundError,
     EndpointUnreachableError,
+    LocalStorage,
+    ObjectNotFoundError,
     StorageError,
     open_storage,
 )
+from storage.core import is_transient, worth_retrying
+from storage.errors import (
+    NoSpaceError,
+    ReadOnlyStorageError,
+    StorageOSError,
+    StoragePermissionError,
+)
+from storage.s3 import DEFAULT_DEADLINE, RequestDeadline, S3Storage
 
 
 def _assert_no_secret(exc: BaseException, caplog: pytest.LogCaptureFixture, *secrets: str) -> None:
@@ -147,3 +164,178 @@ def test_endpoint_override_beats_environment(s3_env, monkeypatch):
 def test_all_errors_are_storage_errors():
     for error in (BucketNotFoundError, AccessDeniedError, EndpointUnreachableError):
         assert issubclass(error, StorageError)
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """A loopback TCP server that accepts every connection and never sends a byte."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_a_request_to_an_endpoint_that_never_answers_ends_within_its_deadline(
+    s3_env, black_hole, monkeypatch
+):
+    """Ten attempts allowed (AWS_MAX_ATTEMPTS's way), a 3 s deadline: botocore would take ten
+    read timeouts and its backoffs; the request gives up within the deadline, saying so."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", black_hole)
+    storage = S3Storage.from_uri(s3_env.uri("root"), max_attempts=10, deadline=3)
+    start = time.monotonic()
+    with pytest.raises(EndpointUnreachableError) as info:
+        storage.exists("k")
+    elapsed = time.monotonic() - start
+    assert elapsed <= 3.5, elapsed
+    message = str(info.value)
+    assert f"cannot check {s3_env.uri('root')}/k: endpoint {black_hole} unreachable" in message
+    assert "at most 3 s per request, EXPLAIN_TRANSFER_STORAGE_DEADLINE" in message
+    assert "ReadTimeoutError" in message and " attempt" in message
+
+    # The same through the environment variable, as the command line reads it.
+    monkeypatch.setenv("EXPLAIN_TRANSFER_STORAGE_DEADLINE", "2")
+    start = time.monotonic()
+    with pytest.raises(EndpointUnreachableError, match="at most 2 s per request"):
+        open_storage(s3_env.uri("root"), max_attempts=10).read_bytes("k")
+    assert time.monotonic() - start <= 2.5
+
+
+def test_the_timeouts_follow_the_deadline_and_longer_ones_set_are_kept_and_said(monkeypatch):
+    for name in (
+        "EXPLAIN_TRANSFER_STORAGE_DEADLINE",
+        "EXPLAIN_TRANSFER_S3_CONNECT_TIMEOUT",
+        "EXPLAIN_TRANSFER_S3_READ_TIMEOUT",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    default = RequestDeadline.resolve()
+    assert (default.deadline, default.connect_timeout, default.read_timeout) == (45, 5, 15)
+    assert default.bound == 45 and DEFAULT_DEADLINE <= 45
+    short = RequestDeadline.resolve(deadline=5)
+    assert (short.connect_timeout, short.read_timeout, short.bound) == (1.25, 1.875, 5)
+
+    monkeypatch.setenv("EXPLAIN_TRANSFER_S3_READ_TIMEOUT", "60")
+    slow = RequestDeadline.resolve()
+    assert (slow.read_timeout, slow.bound) == (60, 65)
+    assert "at most 65 s per request" in slow.describe()
+    assert "longer than the 45 s deadline" in slow.describe()
+
+    monkeypatch.setenv("EXPLAIN_TRANSFER_STORAGE_DEADLINE", "soon")
+    with pytest.raises(ValueError, match="EXPLAIN_TRANSFER_STORAGE_DEADLINE must be a number"):
+        RequestDeadline.resolve()
+
+
+def test_quick_failures_are_still_retried_as_configured_within_the_deadline(s3_env, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    storage = S3Storage.from_uri(s3_env.uri("root"), max_attempts=4, deadline=45)
+    with pytest.raises(EndpointUnreachableError, match=r"\(4 attempts in \d+\.\d s;"):
+        storage.read_bytes("k")
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "words"),
+    [
+        (errno.ENOSPC, NoSpaceError, "No space left on device"),
+        (errno.EDQUOT, NoSpaceError, "Disk quota exceeded"),
+        (errno.EROFS, ReadOnlyStorageError, "Read-only file system"),
+        (errno.EACCES, StoragePermissionError, "Permission denied"),
+        (errno.EIO, StorageOSError, os.strerror(errno.EIO)),
+    ],
+)
+def test_an_os_error_of_a_local_write_is_a_storage_error_naming_path_and_cause(
+    tmp_path, monkeypatch, code, kind, words
+):
+    """The volume fails at the fsync before the rename (where a full disk with delayed
+    allocation reports it): the error names the file and the cause, nothing is left behind."""
+    storage = LocalStorage(tmp_path / "root")
+    storage.write_bytes("a/old.bin", b"old")
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(kind) as info:
+        storage.write_bytes("a/b.bin", b"x" * 1000)
+    error = info.value
+    assert str(error) == f"cannot write {tmp_path / 'root' / 'a' / 'b.bin'}: {words}"
+    assert isinstance(error, StorageError) and isinstance(error, OSError)
+    assert (error.errno, error.filename) == (code, str(tmp_path / "root" / "a" / "b.bin"))
+    assert sorted(p.name for p in (tmp_path / "root" / "a").iterdir()) == ["old.bin"]
+    assert is_transient(error)  # a reader fails the unit rather than quarantine the object
+    assert worth_retrying(error) == (kind is StorageOSError)
+    # Prefect and Dask pickle a task's exception: it comes back whole.
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is kind and str(again) == str(error) and again.errno == code
+    assert repr(again) == f"{kind.__name__}({str(error)!r})"
+
+
+def test_a_file_deleted_after_its_listing_is_named_with_its_cause(tmp_path):
+    storage = LocalStorage(tmp_path)
+    storage.write_bytes("images/a.png", b"png")
+    assert storage.list() == ["images/a.png"]
+    (tmp_path / "images" / "a.png").unlink()
+    for call in (storage.read_bytes, storage.size, storage.open_read):
+        with pytest.raises(ObjectNotFoundError) as info:
+            call("images/a.png")
+        assert "No such file or directory" in str(info.value)
+        assert str(tmp_path / "images" / "a.png") in str(info.value)
+        assert is_transient(info.value) and not worth_retrying(info.value)
+
+
+def test_a_folder_the_listing_cannot_read_fails_it_instead_of_being_skipped(tmp_path, monkeypatch):
+    storage = LocalStorage(tmp_path)
+    storage.write_bytes("a/1.png", b"1")
+    storage.write_bytes("b/2.png", b"2")
+    real_scandir = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if os.fspath(path) == str(tmp_path / "b"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(StoragePermissionError) as info:
+        storage.list()
+    assert str(info.value) == f"cannot list {tmp_path / 'b'}: Permission denied"
+
+
+def test_the_command_line_reports_the_storage_error_behind_prefect_or_a_task_group():
+    from flows.cli_errors import error_lines, reported_error
+
+    full = NoSpaceError("write", "/out/x.tar", errno.ENOSPC, "No space left on device")
+    assert reported_error(full) is full
+    group = getattr(builtins, "ExceptionGroup", None)  # Python 3.11+
+    if group is not None:
+        assert reported_error(group("tasks", [RuntimeError("other"), full])) is full
+    try:
+        try:
+            raise full
+        except NoSpaceError as exc:
+            from prefect.exceptions import CrashedRun
+
+            raise CrashedRun("the flow run crashed") from exc
+    except CrashedRun as wrapped:
+        assert reported_error(wrapped) is full
+    assert reported_error(KeyError("a bug")) is None  # keeps its traceback
+    assert error_lines(full) == ["error: cannot write /out/x.tar: No space left on device"]
+    plain = OSError(errno.ENOSPC, "No space left on device", "/tmp/x")
+    assert error_lines(plain) == ["error: /tmp/x: No space left on device"]
