@@ -300,7 +300,8 @@ def iter_units(
 
 def _image_tensor(sample: dict[str, Any], size: int) -> torch.Tensor:
     _, data = sample_image_bytes(sample)
-    return image_to_tensor(decode_image(data), size)
+    # a large JPEG is decoded at the scale nearest above the model's input (Image.draft)
+    return image_to_tensor(decode_image(data, draft_size=size), size)
 
 
 def mean_sample(sizes: Sequence[int], sample_size: int, seed: int) -> list[tuple[int, int]]:

@@ -71,6 +71,7 @@ def open_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+    draft_size: int | None = None,
 ) -> Image.Image:
     """Open and fully decode an encoded image without changing its mode.
 
@@ -78,6 +79,10 @@ def open_image(
         data: encoded image bytes.
         max_pixels: largest accepted width * height, checked before the pixels are decoded.
         max_aspect_ratio: largest accepted long side / short side, checked before decoding.
+        draft_size: for a JPEG, let the decoder scale by 1/2, 1/4 or 1/8 (in the DCT, far
+            cheaper than decoding every pixel and resizing) as far as the short side stays at
+            least ``draft_size``; other formats, and JPEGs smaller than twice it, are decoded
+            in full. The size checks see the stored size.
 
     Returns:
         The loaded Pillow image in its own mode (``"CMYK"``, ``"P"``, ``"I;16"`` ...).
@@ -108,6 +113,8 @@ def open_image(
     if max(width, height) > max_aspect_ratio * min(width, height):
         raise BadImageError(f"extreme aspect ratio: {width}x{height}")
     try:
+        if draft_size is not None and img.format == "JPEG" and min(width, height) >= 2 * draft_size:
+            img.draft(img.mode, (draft_size, draft_size))
         img.load()
     except Exception as exc:  # codecs raise anything from OSError to struct.error
         raise BadImageError(f"truncated/corrupt: {exc}") from exc
@@ -148,7 +155,9 @@ def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> Image.Image:
     """Decode image bytes to a loaded RGB Pillow image.
 
     Grayscale, CMYK, palette, 16-bit and alpha images are converted to RGB (alpha flattened on
@@ -157,6 +166,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     Args:
         data: encoded image bytes (any format Pillow reads).
         max_pixels: largest accepted width * height.
+        draft_size: a large JPEG may be decoded at a reduced scale whose short side is still
+            at least this (see :func:`open_image`).
 
     Returns:
         An ``"RGB"`` image.
@@ -166,7 +177,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             ``"truncated/corrupt: ..."``, ``"too large: WxH"`` or
             ``"extreme aspect ratio: WxH"``.
     """
-    img = open_image(data, max_pixels=max_pixels)
+    img = open_image(data, max_pixels=max_pixels, draft_size=draft_size)
     try:
         return to_rgb(img)
     except Exception as exc:  # an undecodable mode is a corrupt file to callers
@@ -205,11 +216,18 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
         # max(size, ...) keeps the short side exactly `size` despite rounding.
         new_w = size if width <= height else max(size, round(width * scale))
         new_h = size if height < width else max(size, round(height * scale))
-        if (new_w, new_h) != (width, height):
-            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left = (new_w - size) // 2
         top = (new_h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
+        if (new_w, new_h) != (width, height):
+            # Only the centre crop is resized: the source box of the crop in the resized
+            # image's scale, so the pixels sampled are those of resizing whole and cropping
+            # (Pillow computes its filter weights per box, so a pixel may differ by 1/255),
+            # for a quarter less work on a 4:3 image.
+            sx, sy = width / new_w, height / new_h
+            box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+            img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        else:
+            img = img.crop((left, top, left + size, top + size))
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
@@ -232,4 +250,4 @@ def sample_to_tensor(
 ) -> torch.Tensor:
     """Decode a sample's image and return it as a ``[3, size, size]`` tensor in ``[0, 1]``."""
     _, data = sample_image_bytes(sample)
-    return image_to_tensor(decode_image(data, max_pixels=max_pixels), size)
+    return image_to_tensor(decode_image(data, max_pixels=max_pixels, draft_size=size), size)

@@ -606,8 +606,10 @@ def _coalitions_digest(sample) -> str:
 def test_the_coalitions_of_a_seed_never_change():
     # Labels are reproducible from (key, seed): a faster sampler must draw the same coalitions
     # as the one the existing X-datasets were labelled with (these digests are of that one).
+    # The leverage digest changed once on purpose (issue 26: below 2P pairs the design fills
+    # the sizes-1 and sizes-2 strata first), which changed the default labels.
     assert _coalitions_digest(sample_leverage_coalitions) == (
-        "e1726a16dc6dbcc6340593706fe1b1a37f7219e7af5ecf02d5b071be2c7495e2"
+        "734c9c43638876f9a48e09b4ea804f2a0b7191871f6ea698066829db5cc171ab"
     )
     assert _coalitions_digest(sample_coalitions) == (
         "48c1e49f9cabead8ec8daa8a4f38a87603b86c7a4e646f8e6e9497da6aecbf45"
