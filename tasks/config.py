@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from typing import Annotated, Any
 
@@ -27,11 +28,40 @@ def check_device(value: str) -> str:
 Device = Annotated[str, AfterValidator(check_device)]
 
 
+#: Set in a Dask worker process that was given GPUs of its own (flows/runners.py): the
+#: ``CUDA_VISIBLE_DEVICES`` it was started with.
+WORKER_GPUS_ENV = "EXPLAIN_TRANSFER_WORKER_GPUS"
+
+
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; anything else as given."""
-    if device == "auto":
+    """The device a setting names in this process, never the CPU in place of a GPU.
+
+    ``"auto"`` is CUDA when available, else the CPU, except in a worker process that was given
+    GPUs (:data:`WORKER_GPUS_ENV`), where it must be CUDA. ``"cuda"`` is this process's first
+    visible GPU: in a GPU Dask worker, its own (its ``CUDA_VISIBLE_DEVICES`` names only its own).
+
+    Raises:
+        RuntimeError: CUDA was asked for (``"cuda[:i]"``, or ``"auto"`` in a GPU worker) and this
+            process sees no usable GPU, or no GPU ``i``.
+    """
+    if device == "cpu":
+        return torch.device("cpu")
+    given = os.environ.get(WORKER_GPUS_ENV)
+    if device == "auto" and given is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    where = f"this process (CUDA_VISIBLE_DEVICES={visible}"
+    where += f", a worker given GPUs {given})" if given is not None else ")"
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device {device!r} was asked for but {where} sees no usable GPU "
+            "(torch.cuda.is_available() is False); refusing to run on the CPU instead"
+        )
+    resolved = torch.device("cuda" if device == "auto" else device)
+    count = torch.cuda.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise RuntimeError(f"device {device!r} was asked for but {where} sees {count} GPU(s)")
+    return resolved
 
 
 class StageConfig(BaseModel):

@@ -51,6 +51,8 @@ from torch import Tensor, nn
 
 from tasks.algorithms.leverage_shap import (
     BOOTSTRAP_REPLICATES,
+    default_shrinkage,
+    front_loaded,
     sample_leverage_coalitions_batch,
     solve_leverage_shap,
 )
@@ -63,6 +65,13 @@ MASKINGS = ("auto", "pixel", "token")
 #: ``"leverage"``: Leverage SHAP with the shrunk solve (tasks/algorithms/leverage_shap.py), the default;
 #: ``"kernel"``: shap.KernelExplainer's sampling and solve, identical to shap.
 SAMPLERS = ("leverage", "kernel")
+#: Precision of the masked forwards: ``"fp32"``; ``"bf16"`` or ``"fp16"``: the model under
+#: autocast in that type (the models of tasks/model keep their logit head in float32 even
+#: then); ``"auto"``: ``"fp16"`` on CUDA, ``"fp32"`` elsewhere. bf16 keeps 8 significant bits,
+#: fp16 11: measured, a bf16 trunk moves the labels by 5-9% of the estimator's own error at
+#: budget 150, an fp16 one by under 2% (docs/benchmarks.md, "Label precision").
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_BATCH_ROWS = 1024
 # eigenvalues of the normal equations below this fraction of the largest count as zero
 RCOND = 1e-10
@@ -107,6 +116,8 @@ class KernelShapResult:
         masking: ``"pixel"`` or ``"token"``: how coalitions were applied.
         sampler: ``"leverage"`` or ``"kernel"``.
         phi_err: bootstrap standard error of ``phi`` (same shape), when it was asked for.
+        precision: the precision the model's values were computed in (``"fp32"``, ``"bf16"``,
+            ``"fp16"``: :data:`PRECISIONS` resolved for the model's device).
     """
 
     phi: Tensor
@@ -122,6 +133,7 @@ class KernelShapResult:
     masking: str
     sampler: str = "kernel"
     phi_err: Tensor | None = None
+    precision: str = "fp32"
 
     def relative_error(self) -> Tensor | None:
         """``[N, k]`` (or ``[N]``): estimated ``||phi - exact|| / ||phi||`` per image and class."""
@@ -133,7 +145,7 @@ class KernelShapResult:
     def image_metadata(self, index: int) -> dict[str, Any]:
         """JSON-able labelling metadata of one image (the ``json`` field of an X-dataset)."""
         classes = self.classes[index].reshape(-1)
-        return {
+        meta = {
             "classes": [int(c) for c in classes],
             "v_empty": [float(v) for v in self.v_empty[index].reshape(-1)],
             "v_full": [float(v) for v in self.v_full[index].reshape(-1)],
@@ -145,6 +157,9 @@ class KernelShapResult:
             "output": self.output,
             "sampler": self.sampler,
         }
+        if self.precision != "fp32":  # float32 labels keep the metadata they always had
+            meta["precision"] = self.precision
+        return meta
 
 
 def derive_seed(key: str, seed: int) -> int:
@@ -438,6 +453,7 @@ class KernelShapConfig:
     masking: str = "auto"
     sampler: str = "leverage"
     error_estimate: bool = False
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         grid = (int(self.grid[0]), int(self.grid[1]))
@@ -453,6 +469,8 @@ class KernelShapConfig:
             raise ValueError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.error_estimate and self.sampler != "leverage":
             raise ValueError(
                 "error_estimate needs the leverage sampler (its pairs are bootstrapped)"
@@ -467,6 +485,12 @@ class KernelShapConfig:
     @property
     def players(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    def forward_precision(self, device: torch.device) -> str:
+        """The precision of the masked forwards on ``device``: ``"auto"`` resolved."""
+        if self.precision == "auto":
+            return "fp16" if device.type == "cuda" else "fp32"
+        return self.precision
 
 
 def check_batch(images: Tensor, classes: Tensor) -> None:
@@ -592,6 +616,7 @@ class CoalitionValues:
             ``values``); ``None`` on the CPU.
         timing: on CUDA, events around the model's work (for :attr:`device_seconds`).
         host_seconds: time the evaluation took in its thread (on CUDA: to queue the work).
+        precision: the precision of the forwards (:meth:`KernelShapConfig.forward_precision`).
     """
 
     plan: CoalitionPlan
@@ -602,14 +627,25 @@ class CoalitionValues:
     ready: Any = None
     timing: tuple[Any, Any] | None = None
     host_seconds: float = 0.0
+    precision: str = "fp32"
     # the device values, kept alive until their copy to the host is done
     _device_values: Tensor | None = None
 
     def wait(self) -> None:
-        """Block until ``values`` and ``classes`` are on the host (a no-op on the CPU)."""
+        """Block until ``values`` and ``classes`` are on the host (a no-op on the CPU).
+
+        Raises:
+            FloatingPointError: a value computed in reduced precision is not finite (an fp16
+                overflow), which would otherwise make the batch's labels NaN without a word.
+        """
         if self.ready is not None:
             self.ready.synchronize()
             self.ready = None
+        if self.precision != "fp32" and not bool(torch.isfinite(self.values).all()):
+            raise FloatingPointError(
+                f"the model gave non-finite values under {self.precision} autocast; label with "
+                "precision 'fp32' (or 'bf16', whose range is float32's)"
+            )
 
     @property
     def device_seconds(self) -> float | None:
@@ -672,7 +708,14 @@ def evaluate_coalitions(
 
     token_cells = _token_cells(model, images, grid, config.masking)
     values = torch.empty(len(row_masks), class_rows.shape[1], dtype=torch.float64, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    precision = config.forward_precision(device)
+    # CPU autocast runs the same reduced-precision kernels' arithmetic as CUDA's, which is how
+    # the label-precision benchmark measures the GPU's policy without a GPU.
+    autocast = torch.autocast(
+        device.type,
+        dtype=_AUTOCAST_DTYPES.get(precision, torch.bfloat16),
+        enabled=precision != "fp32",
+    )
     with torch.inference_mode(), autocast:
         if token_cells is not None:
             image_tokens = torch.cat(
@@ -727,6 +770,7 @@ def evaluate_coalitions(
         ready=ready,
         timing=timing,
         host_seconds=time.perf_counter() - started,
+        precision=precision,
         _device_values=values if cuda else None,
     )
 
@@ -748,6 +792,13 @@ def solve_coalitions(config: KernelShapConfig, evaluated: CoalitionValues) -> Ke
     sampled[plan.slot_image, plan.slot_index] = values[plan.slot_row]
 
     phi_err = None
+    if config.error_estimate and front_loaded(config.players, config.budget - 2):
+        log.warning(
+            "budget %d is below 4P + 2 for %d players: the design fills the outer strata "
+            "first and the bootstrap sees none of its bias, so the error estimate is too low",
+            config.budget,
+            config.players,
+        )
     if config.sampler == "kernel":
         phi = solve_kernel_shap(plan.masks, plan.weights, sampled, v_empty, v_full)
     else:
@@ -761,6 +812,7 @@ def solve_coalitions(config: KernelShapConfig, evaluated: CoalitionValues) -> Ke
             bootstrap=BOOTSTRAP_REPLICATES if config.error_estimate else 0,
             # the bootstrap's own stream, so the estimate is as reproducible as the labels
             generators=[torch.Generator().manual_seed(s ^ 0x5EED) for s in plan.seeds],
+            shrinkage=default_shrinkage(config.players, config.budget - 2),
         )
     phi = phi.transpose(1, 2).reshape(n, k, *grid).float()
     if phi_err is not None:
@@ -784,6 +836,7 @@ def solve_coalitions(config: KernelShapConfig, evaluated: CoalitionValues) -> Ke
         masking=evaluated.masking,
         sampler=config.sampler,
         phi_err=phi_err,
+        precision=evaluated.precision,
     )
 
 
@@ -801,6 +854,7 @@ def kernel_shap_explain(
     masking: str = "auto",
     sampler: str = "leverage",
     error_estimate: bool = False,
+    precision: str = "auto",
 ) -> KernelShapResult:
     """Kernel SHAP attributions of grid cells for a batch of images, with v(empty) and v(full).
 
@@ -835,6 +889,8 @@ def kernel_shap_explain(
             coalitions. ``"kernel"``: shap.KernelExplainer's scheme and solve, for comparisons.
         error_estimate: also estimate each attribution's standard error by a stratified
             bootstrap over the coalition pairs (no extra model evaluation; ``"leverage"`` only).
+        precision: of the masked forwards, one of :data:`PRECISIONS` (default ``"auto"``:
+            fp16 autocast on CUDA with the logit head in float32, float32 on the CPU).
 
     Returns:
         A :class:`KernelShapResult`.
@@ -848,6 +904,7 @@ def kernel_shap_explain(
         masking=masking,
         sampler=sampler,
         error_estimate=error_estimate,
+        precision=precision,
     )
     check_batch(images, classes)
     seeds = _seeds(seed, images.shape[0])

@@ -292,6 +292,7 @@ def kernel_shap_stream(
     masking: str = "auto",
     sampler: str = "leverage",
     error_estimate: bool = False,
+    precision: str = "auto",
     overlap: bool = True,
     depth: int = DEFAULT_DEPTH,
 ) -> KernelShapStream:
@@ -304,8 +305,9 @@ def kernel_shap_stream(
     Args:
         model: see :func:`kernel_shap_explain`.
         requests: the batches, as :class:`ExplainRequest`.
-        grid, budget, baseline, output, batch_size, masking, sampler, error_estimate: as for
-            :func:`kernel_shap_explain` (a ``"mean"`` baseline is each batch's own mean).
+        grid, budget, baseline, output, batch_size, masking, sampler, error_estimate,
+            precision: as for :func:`kernel_shap_explain` (a ``"mean"`` baseline is each
+            batch's own mean).
         overlap: run sampling, model and solve on their own threads, overlapped (``False``:
             one after the other in the consumer's thread).
         depth: batches each step may run ahead of the next (memory: a few batches).
@@ -322,5 +324,6 @@ def kernel_shap_stream(
         masking=masking,
         sampler=sampler,
         error_estimate=error_estimate,
+        precision=precision,
     )
     return KernelShapStream(model, requests, config, overlap=overlap, depth=depth)

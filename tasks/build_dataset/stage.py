@@ -441,6 +441,7 @@ def _explain_settings(
         "batch_size": label.forward_batch_size,
         "sampler": label.sampler,
         "error_estimate": label.error_estimate,
+        "precision": label.precision,
     }
 
 

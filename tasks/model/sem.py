@@ -179,10 +179,15 @@ class SelfExplainingCLIP(nn.Module):
         return vit_embed_patches(self.clip.visual, images.to(self.clip.visual.conv1.weight.dtype))
 
     def _logits(self, pooled: torch.Tensor) -> torch.Tensor:
-        head = self.class_embeddings.to(pooled.dtype)
-        logits = self.clip.logit_scale.exp() * F.normalize(pooled, dim=-1) @ head.T
-        if getattr(self.clip, "logit_bias", None) is not None:
-            logits = logits + self.clip.logit_bias
+        # float32 even under autocast (as OpenCLIPClassifier's head): reduced-precision logits
+        # round away the differences between coalitions that Kernel SHAP labels are made of
+        dtype = torch.promote_types(pooled.dtype, torch.float32)
+        with torch.autocast(pooled.device.type, enabled=False):
+            head = self.class_embeddings.to(dtype)
+            scale = self.clip.logit_scale.to(dtype).exp()
+            logits = scale * F.normalize(pooled.to(dtype), dim=-1) @ head.T
+            if getattr(self.clip, "logit_bias", None) is not None:
+                logits = logits + self.clip.logit_bias.to(dtype)
         return logits
 
     def forward_from_patches(self, patches: torch.Tensor) -> torch.Tensor:

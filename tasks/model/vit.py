@@ -182,8 +182,12 @@ class OpenCLIPClassifier(nn.Module):
         return tuple(self.visual.grid_size)
 
     def _head(self, embedding: Tensor) -> Tensor:
-        z = F.normalize(embedding, dim=-1)
-        return self.logit_scale * z @ self.class_embeddings.to(z.dtype).T
+        # float32 even under autocast: a bf16 logit near 10 moves in steps of 1/16, which is
+        # noise on the differences between coalitions that Kernel SHAP regresses on
+        dtype = torch.promote_types(embedding.dtype, torch.float32)
+        with torch.autocast(embedding.device.type, enabled=False):
+            z = F.normalize(embedding.to(dtype), dim=-1)
+            return self.logit_scale * z @ self.class_embeddings.to(dtype).T
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``[B, C]`` of normalised images ``[B, 3, H, W]``."""
