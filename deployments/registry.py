@@ -5,7 +5,9 @@
 entries to serve them in one process. Adding a flow is one entry in that file.
 
 Parameters may name the data root as ``{{ $EXPLAIN_TRANSFER_DATA }}`` (Prefect's own
-environment-variable placeholder), resolved when the deployments are registered.
+environment-variable placeholder), resolved when the deployments are registered. A trigger's
+``parameters`` are templates of the triggering event (``{{ event.payload.uri }}``), rendered by
+the server when the event arrives; as ``prefect deploy`` does, they are left as written.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from typing import Any
 
 import yaml
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.events import DeploymentTriggerTypes
 from prefect.flows import Flow
 from prefect.utilities.templating import PLACEHOLDER_CAPTURE_REGEX
+from pydantic import TypeAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,9 @@ PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
 
 #: Environment variable naming the root URI every deployment reads and writes under.
 DATA_ROOT_ENV = "EXPLAIN_TRANSFER_DATA"
+
+#: Validates a ``triggers:`` entry as ``prefect deploy`` does.
+_TRIGGER = TypeAdapter(DeploymentTriggerTypes)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class DeploymentSpec:
         schedules: cron schedules (none: runs only when triggered).
         tags: tags shown in the UI and usable in filters.
         description: shown in the UI (default: the flow's docstring).
+        triggers: deployment triggers (``prefect.yaml``'s ``triggers:`` entries): events that
+            start a run, with parameters templated from the event.
     """
 
     name: str
@@ -62,6 +71,7 @@ class DeploymentSpec:
     schedules: tuple[ScheduleSpec, ...] = ()
     tags: tuple[str, ...] = ()
     description: str | None = None
+    triggers: tuple[dict[str, Any], ...] = ()
 
     @property
     def module_path(self) -> str:
@@ -100,8 +110,21 @@ class DeploymentSpec:
             or None,
             tags=list(self.tags) or None,
             description=self.description,
+            triggers=self.deployment_triggers() or None,
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
+
+    def deployment_triggers(self) -> list[Any]:
+        """The triggers as Prefect objects (``DeploymentEventTrigger`` for ``type: event``).
+
+        Unnamed ones are named ``{deployment}__automation_{i}``, as ``prefect deploy`` and
+        ``prefect.serve`` name them, so either registers the same automations.
+        """
+        triggers = []
+        for i, spec in enumerate(self.triggers, start=1):
+            spec = {"name": f"{self.name}__automation_{i}", **spec}
+            triggers.append(_TRIGGER.validate_python(spec))
+        return triggers
 
 
 def _schedules(raw: list[Mapping[str, Any]] | None, name: str) -> tuple[ScheduleSpec, ...]:
@@ -167,7 +190,15 @@ def load_deployment_specs(
     env = dict(os.environ if env is None else env)
     specs = []
     for entry in entries:
-        entry = resolve_placeholders(entry, env)
+        # Trigger parameters are event templates, rendered when the event arrives.
+        triggers = [
+            {
+                **resolve_placeholders({k: v for k, v in t.items() if k != "parameters"}, env),
+                **({"parameters": t["parameters"]} if "parameters" in t else {}),
+            }
+            for t in entry.get("triggers") or []
+        ]
+        entry = resolve_placeholders({k: v for k, v in entry.items() if k != "triggers"}, env)
         pool = entry.get("work_pool") or {}
         specs.append(
             DeploymentSpec(
@@ -178,6 +209,7 @@ def load_deployment_specs(
                 schedules=_schedules(entry.get("schedules"), entry["name"]),
                 tags=tuple(entry.get("tags") or ()),
                 description=entry.get("description"),
+                triggers=tuple(triggers),
             )
         )
     return specs

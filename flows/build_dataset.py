@@ -1,4 +1,5 @@
-"""Stage 1 flow: build an explanation dataset, one Prefect task per shard."""
+"""Stage 1 flows: build an explanation dataset, one Prefect task per shard; regenerate the
+X-datasets of a newly published model or labelling config."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from flows.artifacts import Progress, artifact_key, markdown_table, publish_markdown
+from flows.assets import dataset_metadata, materializing, stage_asset, upstream_assets
 from flows.runners import RunnerConfig, make_task_runner
-from tasks.build_dataset import BuildConfig, BuildPlan, finalize_build, plan_build
+from storage import ObjectNotFoundError, layout, open_storage
+from storage.catalogue import DatasetVersion, list_versions
+from storage.uri import open_file
+from tasks.build_dataset import BuildConfig, BuildPlan, LabelConfig, finalize_build, plan_build
 from tasks.build_dataset.stage import label_task
+from tasks.model.loading import read_sidecar, weights_uri
 
 #: Retries of a failed shard before it is reported as failed (the other shards go on).
 SHARD_RETRIES = 2
@@ -125,6 +131,24 @@ def label_shards_flow(
     return {"outcomes": outcomes, "failed": failed}
 
 
+def _finalize(built: BuildPlan, plan: dict[str, Any]) -> dict[str, Any]:
+    """Finalize the build as the materialization of its X-dataset version (an asset made from
+    the input shards and the explained model)."""
+    config = built.config
+    dataset = stage_asset(
+        built.dataset_uri, "x-dataset", f"{config.name} {config.split} {built.version}"
+    )
+    # A synthetic input is a generator's name, not stored data: no upstream asset.
+    inputs = [None if config.input_kind == "synthetic" else config.input_uri, config.checkpoint]
+    finalize = materializing(
+        finalize_build_task,
+        dataset,
+        upstream_assets(inputs),
+        metadata=lambda summary: dataset_metadata(summary, built.model_fingerprint),
+    )
+    return finalize(plan)
+
+
 @flow(name="build-explanation-dataset", flow_run_name="build-{config.name}-{config.split}")
 def build_explanation_dataset(
     config: BuildConfig,
@@ -163,7 +187,7 @@ def build_explanation_dataset(
         progress_id=progress.id,
     )
     outcomes, failed = shards["outcomes"], shards["failed"]
-    summary = finalize_build_task(plan)
+    summary = _finalize(built, plan)
     labelled = [o for o in outcomes if not o["skipped"]]
     seconds = sum(o["seconds"] for o in labelled)
     images = sum(o["samples"] for o in labelled)
@@ -185,3 +209,131 @@ def build_explanation_dataset(
     if summary["missing"]:
         logger.error("shards failed after %d retries: %s", SHARD_RETRIES, summary["missing"])
     return summary
+
+
+def _read_json(uri: str) -> dict[str, Any]:
+    storage, key = open_file(uri)
+    return storage.read_json(key)
+
+
+def _model_slot(checkpoint: str) -> tuple[str, str] | None:
+    """The (domain, mode) its sidecar gives a checkpoint; None when it has none (or is gone)."""
+    try:
+        sidecar = read_sidecar(checkpoint)
+    except ObjectNotFoundError:
+        return None
+    domain, mode = sidecar.get("domain"), sidecar.get("mode")
+    return (domain, mode) if domain and mode else None
+
+
+def _latest_versions(root: str) -> list[DatasetVersion]:
+    """The newest readable version of each X-dataset name and split under ``root``."""
+    try:
+        versions = list_versions(root)
+    except ObjectNotFoundError:
+        return []
+    latest: dict[tuple[str, str], DatasetVersion] = {}
+    for version in versions:  # newest first within each name and split
+        if version.split is not None and version.status not in ("orphaned", "unreadable"):
+            latest.setdefault((version.name, version.split), version)
+    return [latest[key] for key in sorted(latest)]
+
+
+def plan_regeneration(
+    root: str,
+    checkpoint: str | None = None,
+    label_config: str | None = None,
+    dataset: str | None = None,
+) -> list[BuildConfig]:
+    """The builds that relabel the X-datasets under ``root`` a new model or setting changes.
+
+    A new ``checkpoint`` supersedes the models of its domain and mode (its sidecar's): every
+    dataset whose latest version explains such a model, and not this one, is relabelled by it.
+    A new ``label_config`` (a :class:`~tasks.build_dataset.LabelConfig` JSON file) relabels the
+    latest version of each split of ``dataset``. Each build is the latest version's own config
+    with that one change, so it writes a new version beside the old one.
+
+    Raises:
+        ValueError: the checkpoint's sidecar names no domain and mode, or a labelling config
+            is given without the dataset it applies to.
+    """
+    slot = None
+    if checkpoint is not None:
+        slot = _model_slot(checkpoint)
+        if slot is None:
+            raise ValueError(f"{checkpoint}: no sidecar naming its domain and mode")
+    label = None
+    if label_config is not None:
+        if dataset is None:
+            raise ValueError("a labelling config applies to one dataset: give its name")
+        label = LabelConfig.model_validate(_read_json(label_config))
+    builds = []
+    for version in _latest_versions(root):
+        if dataset is not None and version.name != dataset:
+            continue
+        config = BuildConfig.model_validate(
+            open_storage(version.uri).read_json(layout.DATASET_CONFIG_FILE)["config"]
+        )
+        changes: dict[str, Any] = {}
+        if slot is not None:
+            old = config.checkpoint
+            if not old or _model_slot(old) != slot:
+                continue
+            if weights_uri(old) == weights_uri(checkpoint):
+                continue  # already labelled by this model
+            changes["checkpoint"] = checkpoint
+        if label is not None and config.label != label:
+            changes["label"] = label.to_dict()
+        if changes:
+            builds.append(BuildConfig.model_validate({**config.to_dict(), **changes}))
+    return builds
+
+
+@flow(name="regenerate-explanation-datasets", flow_run_name="regenerate-datasets")
+def regenerate_explanation_datasets(
+    root: str,
+    checkpoint: str | None = None,
+    label_config: str | None = None,
+    dataset: str | None = None,
+    runner: RunnerConfig | None = None,
+) -> dict[str, Any]:
+    """Relabel the X-datasets under ``root`` that a newly published model or labelling config
+    supersedes; each rebuild is a :func:`build_explanation_dataset` run, a new version.
+
+    The ``regenerate-on-publish`` deployment runs this flow when
+    ``explain-transfer.checkpoint.published`` or ``explain-transfer.labelling-config.published``
+    is emitted (:mod:`flows.events`), with the event's payload as parameters.
+
+    Args:
+        root: the output root holding ``xdata/`` (the event's ``root``).
+        checkpoint: a new model: relabel what models of its domain and mode labelled.
+        label_config: URI of new labelling settings for ``dataset``.
+        dataset: only this X-dataset name (required with ``label_config``).
+        runner: where the shard tasks run (see :class:`~flows.runners.RunnerConfig`).
+
+    Returns:
+        ``regenerated``: one row per build (name, split, version, dataset URI, failed shards).
+    """
+    logger = get_run_logger()
+    builds = plan_regeneration(root, checkpoint, label_config, dataset)
+    if not builds:
+        logger.info("no X-dataset under %s is superseded: nothing to regenerate", root)
+    rows = []
+    for config in builds:
+        summary = build_explanation_dataset(config=config, runner=runner)
+        rows.append(
+            {
+                "name": config.name,
+                "split": config.split,
+                "version": summary["version"],
+                "dataset_uri": summary["dataset_uri"],
+                "missing": len(summary["missing"]),
+            }
+        )
+    cause = f"checkpoint `{checkpoint}`" if checkpoint else f"labelling `{label_config}`"
+    publish_markdown(
+        f"# X-datasets regenerated for {cause}\n\n- root: `{root}`\n\n" + markdown_table(rows),
+        key=artifact_key("regenerated", dataset or "x-datasets"),
+        description=f"X-datasets regenerated under {root}",
+    )
+    return {"regenerated": rows}

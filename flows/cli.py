@@ -44,6 +44,7 @@ from flows.cli_errors import (
     reported_error,
 )
 from flows.datasets_cli import add_parser as add_datasets_parser
+from flows.models_cli import add_parser as add_publish_model_parser
 
 logger = logging.getLogger(__name__)
 
@@ -459,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     add_datasets_parser(sub)
+    add_publish_model_parser(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import Progress
+from flows.assets import materializing, stage_asset, upstream_assets
 from storage import open_storage
 from tasks.data.domains import (
     DEFAULT_SHARD_WORKERS,
@@ -34,6 +35,15 @@ from tasks.data.synthetic import SPLITS
 
 #: Retries of a failed shard before it is reported as failed (the other shards go on).
 SHARD_RETRIES = 2
+
+
+def shard_counts(shards: dict[str, list[str]]) -> dict[str, Any]:
+    """A domain's asset metadata: its shards per split."""
+    return {f"{split}_shards": len(keys) for split, keys in shards.items()}
+
+
+def _domain_asset(out_uri: str, name: str):
+    return stage_asset(open_storage(out_uri).uri, "domain", f"data {name}")
 
 
 @task(name="export-split", task_run_name="export-{domain}", cache_policy=NO_CACHE, retries=1)
@@ -67,7 +77,10 @@ def export_domain_flow(
         image_size: image side in pixels.
         seed: generation seed.
     """
-    shards = export_domain_task(domain, out_uri, per_class, image_size, seed)
+    export = materializing(
+        export_domain_task, _domain_asset(out_uri, domain), metadata=shard_counts
+    )
+    shards = export(domain, out_uri, per_class, image_size, seed)
     get_run_logger().info(
         "%s exported to %s: %s", domain, out_uri, {k: len(v) for k, v in shards.items()}
     )
@@ -175,10 +188,12 @@ def export_planned_domain(
         ValueError: a split holds no usable image.
     """
     name = plan.spec.name
+    # The exported shards are an asset; a stored domain's own folder is what they are made from.
+    asset = _domain_asset(out_uri, name)
+    upstream = upstream_assets([plan.spec.uri if plan.spec.kind != "synthetic" else None])
     if plan.spec.kind != "imagefolder":
-        return export_domain_plan_task(
-            plan, name, out_uri, per_class, image_size, seed, samples_per_shard
-        )
+        export = materializing(export_domain_plan_task, asset, upstream, metadata=shard_counts)
+        return export(plan, name, out_uri, per_class, image_size, seed, samples_per_shard)
     logger = get_run_logger()
     listed = domain_shards(plan, samples_per_shard=samples_per_shard)
     everything = [shard for split in SPLITS for shard in listed[split]]
@@ -217,7 +232,8 @@ def export_planned_domain(
             f"{', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''} (rerun to fill them; "
             "complete shards are kept)"
         )
-    return finish_domain_export_task(
+    finish = materializing(finish_domain_export_task, asset, upstream, metadata=shard_counts)
+    return finish(
         out_uri,
         plan.spec,
         list(plan.class_names),

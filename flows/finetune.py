@@ -8,8 +8,11 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import artifact_key, markdown_table, publish_markdown, publish_table
+from flows.assets import materializing, model_metadata, stage_asset, upstream_assets
+from flows.events import emit_checkpoint_published
 from flows.progress import StepProgress
 from storage import layout, open_storage
+from storage.checkpoints import checkpoint_fingerprint
 from tasks.finetune import FinetuneConfig, finetune
 
 
@@ -34,20 +37,48 @@ def finetune_key(config: FinetuneConfig) -> str:
     return layout.finetune_key(config.domain, config.mode, config.resume_fingerprint())
 
 
+def _model_asset(config: FinetuneConfig, out_uri: str, out_key: str):
+    """The checkpoint's asset, made from the base, the training data and the val data."""
+    uri = open_storage(out_uri).url(f"{out_key}/{layout.MODEL_FILE}")
+    asset = stage_asset(uri, "checkpoint", f"theta_{config.mode} {config.domain}")
+    return asset, upstream_assets([config.base, config.data, config.val_data])
+
+
 @flow(name="finetune", flow_run_name="finetune-{config.domain}-{config.mode}")
-def finetune_flow(config: FinetuneConfig, out_uri: str, out_key: str | None = None) -> dict:
+def finetune_flow(
+    config: FinetuneConfig,
+    out_uri: str,
+    out_key: str | None = None,
+    announce: bool = True,
+) -> dict:
     """Fine-tune the self-explaining model on one domain, prediction-only (P) or with X.
 
     Args:
         config: the run (domain, mode, base weights URI, training data URI, hyperparameters).
         out_uri: the output root.
         out_key: the run's folder under ``out_uri`` (default: derived from the config).
+        announce: emit ``explain-transfer.checkpoint.published`` when a new model is written
+            (the ``regenerate-on-publish`` deployment then relabels the X-datasets of the
+            model it supersedes). The pipeline passes False: it labels its own X-datasets
+            with the new model in the same run.
 
     Returns:
         ``uri`` of the final ``model.safetensors``, fingerprints, per-epoch metrics.
     """
     out_key = out_key or finetune_key(config)
-    result = finetune_task(config, out_uri, out_key)
+    asset, upstream = _model_asset(config, out_uri, out_key)
+    result = materializing(finetune_task, asset, upstream, metadata=model_metadata)(
+        config, out_uri, out_key
+    )
+    if announce and not result["skipped"]:
+        emit_checkpoint_published(
+            result["uri"],
+            open_storage(out_uri).uri,
+            fingerprint=checkpoint_fingerprint(result["uri"]),
+            domain=config.domain,
+            mode=config.mode,
+            published_by="finetune",
+        )
     publish_table(
         result["metrics"],
         key=artifact_key("finetune", config.domain, config.mode),

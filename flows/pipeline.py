@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.settings import get_current_settings
 from pydantic import Field, field_validator, model_validator
 
-from flows.artifacts import artifact_key, publish_markdown
+from flows.artifacts import artifact_key, markdown_table, publish_markdown, publish_png
+from flows.assets import ancestors, asset_key, draw_lineage, lineage_rows, read_lineage
 from flows.build_dataset import build_explanation_dataset
 from flows.export import export_planned_domain
 from flows.finetune import finetune_flow
@@ -446,7 +449,9 @@ def _finetune(
             config.out_uri,
             finetune.model_dump_json(),
         )
-    return finetune_flow(finetune, config.out_uri)
+    # No checkpoint event: this run labels its own X-datasets with the new model, and a
+    # triggered regeneration would build the same versions a second time, concurrently.
+    return finetune_flow(finetune, config.out_uri, announce=False)
 
 
 def _check_accuracy(
@@ -471,6 +476,49 @@ def _check_accuracy(
         )
 
 
+def publish_lineage(
+    config: PipelineConfig, sweep: dict[str, Any], since: datetime, timeout: float = 30.0
+) -> None:
+    """The run's lineage as artifacts: a drawing and a table, from the API's asset events.
+
+    Everything the sweep table was made from, transitively (data, X-datasets, models, vector),
+    as the materialization events of this API record it: what Prefect Cloud draws as its asset
+    graph, drawn here for a self-hosted server's UI too. The events reach the API a moment after
+    their tasks complete, so this waits (at most ``timeout`` seconds) for the table's; a lineage
+    that cannot be read is logged, never a failed run.
+    """
+    logger = get_run_logger()
+    root = asset_key(open_storage(config.out_uri).uri)
+    table = asset_key(sweep["table_uri"])
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            records = read_lineage(root + "/")
+            record = records.get(table)
+            fresh = record is not None and (sweep["skipped"] or record.occurred >= since)
+            if fresh or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        if record is None:
+            logger.warning("no asset event of the sweep table %s yet: no lineage artifact", table)
+            return
+        graph = ancestors(records, table)
+        publish_png(
+            draw_lineage(graph, root),
+            artifact_key("pipeline", config.sweep_name, "lineage"),
+            f"pipeline {config.sweep_name}: what the sweep table was made from (asset events)",
+        )
+        publish_markdown(
+            f"# Lineage of `{config.sweep_name}`\n\nFrom the `prefect.asset.materialization."
+            f"succeeded` events of this API ({len(graph)} assets under `{root}`).\n\n"
+            + markdown_table(lineage_rows(graph)),
+            artifact_key("pipeline", config.sweep_name, "lineage-table"),
+            f"pipeline {config.sweep_name}: every asset, what it was made from, its metadata",
+        )
+    except Exception as exc:  # lineage is a view of the run, not part of its result
+        logger.warning("lineage not published: %s", exc)
+
+
 @flow(name="explain-transfer-pipeline", flow_run_name="pipeline-{config.sweep_name}")
 def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Run every stage: data, base, the P models (source, then targets), source X-dataset,
@@ -485,6 +533,7 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
         The URIs of everything produced and the sweep summary.
     """
     logger = get_run_logger()
+    started = datetime.now(UTC)
     plans = check_domains(config)
     # Workers of a Dask cluster elsewhere must reach this run's Prefect API: refused now, not
     # at the first labelling, after the fine-tunings.
@@ -618,6 +667,7 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
         key=artifact_key("pipeline", config.sweep_name),
         description=f"pipeline {config.sweep_name}: where every output is",
     )
+    publish_lineage(config, sweep, started)
     return {
         "base": base,
         "theta_p": theta_p["uri"],

@@ -17,6 +17,8 @@ from flows.artifacts import (
     publish_png,
     publish_table,
 )
+from flows.assets import materializing, stage_asset, upstream_assets
+from storage import layout
 from tasks.sweep import (
     SweepConfig,
     SweepResult,
@@ -24,6 +26,7 @@ from tasks.sweep import (
     assemble_sweep,
     load_sweep,
     read_output,
+    sweep_storage,
     sweep_target,
     validate_sweep,
 )
@@ -53,6 +56,28 @@ def sweep_target_task(config: SweepConfig, target: str, overwrite: bool = False)
 def assemble_sweep_task(config: SweepConfig, outcomes: list[dict[str, Any]]) -> SweepResult:
     """Write the table, the plot and the summary of the sweep."""
     return assemble_sweep(config, [TargetOutcome.from_dict(o) for o in outcomes])
+
+
+def _assemble(config: SweepConfig, outcomes: list[dict[str, Any]]) -> SweepResult:
+    """Assemble the sweep as the materialization of its table: an asset made from the vector,
+    every target's model, its Kernel SHAP references and the data its accuracy is measured on."""
+    table = sweep_storage(config).url(layout.SWEEP_RESULTS_FILE)
+    inputs: list[str | None] = [config.vector]
+    for target in config.targets:
+        inputs += [target.model, target.val_reference, target.test_reference, target.accuracy_data]
+
+    def metadata(result: SweepResult) -> dict[str, Any]:
+        return {
+            "rows": len(result.rows),
+            "targets": len(config.targets),
+            "lambdas": list(config.lambdas),
+            "chosen_lambda": dict(result.chosen),
+        }
+
+    asset = stage_asset(table, "sweep", f"sweep {config.name}")
+    return materializing(assemble_sweep_task, asset, upstream_assets(inputs), metadata)(
+        config, outcomes
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -209,7 +234,7 @@ def transfer_sweep(config: SweepConfig, overwrite: bool = False) -> dict[str, An
             raise RuntimeError(
                 f"sweep {config.name}: targets failed: {failed} (rerun to redo only those)"
             )
-        result = assemble_sweep_task(config, outcomes)
+        result = _assemble(config, outcomes)
     publish_sweep(config, result)
     for target, coef in result.chosen.items():
         logger.info("%s: chosen lambda %g", target, coef)

@@ -8,13 +8,19 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import artifact_key, publish_markdown
-from storage import layout
+from flows.assets import materializing, stage_asset, upstream_assets
+from storage import layout, open_storage
 from tasks.vector import compute_vector
 
 
 @task(name="compute-vector", task_run_name="vector-{key}", cache_policy=NO_CACHE)
 def compute_vector_task(theta_x_uri: str, theta_p_uri: str, out_uri: str, key: str) -> dict:
     return compute_vector(theta_x_uri, theta_p_uri, out_uri, key)
+
+
+def _vector_metadata(result: dict[str, Any]) -> dict[str, Any]:
+    keys = ("source_domain", "base_fingerprint", "norm", "tensors", "skipped")
+    return {k: result[k] for k in keys if k in result}
 
 
 @flow(name="compute-vector", flow_run_name="vector-{source_domain}")
@@ -31,7 +37,14 @@ def compute_vector_flow(
         key: the vector's key (default ``vectors/{source_domain}.safetensors``).
     """
     key = key or f"{layout.VECTORS_PREFIX}/{source_domain}.safetensors"
-    result = compute_vector_task(theta_x_uri, theta_p_uri, out_uri, key)
+    asset = stage_asset(open_storage(out_uri).url(key), "vector", f"tau_X {source_domain}")
+    vector_task = materializing(
+        compute_vector_task,
+        asset,
+        upstream_assets([theta_x_uri, theta_p_uri]),
+        metadata=_vector_metadata,
+    )
+    result = vector_task(theta_x_uri, theta_p_uri, out_uri, key)
     if result["source_domain"] != source_domain:
         raise ValueError(f"models are from {result['source_domain']!r}, not {source_domain!r}")
     publish_markdown(
