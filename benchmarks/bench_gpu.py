@@ -3,7 +3,7 @@
 - **Labelling**: images/s of :func:`tasks.algorithms.kernel_shap.kernel_shap_explain` on
   224-px images with open_clip's ``ViT-B-32`` (random init: speed does not depend on the weights)
   behind a 1,000-class zero-shot-style head, 7x7 cells (one ViT patch each, so token-space
-  masking), budget 150, bf16 autocast on CUDA. Where the time goes: the model (timed around
+  masking), budget 150, the labeller's precision (``--precision``; default float32). Where the time goes: the model (timed around
   every call, with CUDA synchronisation) and everything else (sampling, solve, copies).
 - **Forward-pass floor**: images/s if labelling cost nothing but its 150 forward passes
   (token-space trunk rows/s / 150). The labeller's fraction of the floor is the figure of merit
@@ -85,26 +85,37 @@ def _classifier(device: torch.device) -> OpenCLIPClassifier:
     return OpenCLIPClassifier(clip_model, head).to(device).eval()
 
 
-def bench_labelling(device: torch.device, images: int, batch: int, budget: int) -> dict:
+def bench_labelling(
+    device: torch.device, images: int, batch: int, budget: int, precision: str = "auto"
+) -> dict:
     """Labeller images/s, the time split, and the forward-pass floor."""
     model = TimedClassifier(_classifier(device), device).eval()
     data = torch.rand(images, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
     classes = torch.randint(0, NUM_CLASSES, (images,), device=device)
     # Warm-up: kernels, cuDNN/cuBLAS autotuning, allocator.
-    kernel_shap_explain(model, data[:batch], classes[:batch], grid=GRID, budget=budget)
+    kernel_shap_explain(
+        model, data[:batch], classes[:batch], grid=GRID, budget=budget, precision=precision
+    )
     model.seconds = 0.0
     _sync(device)
     start = time.perf_counter()
     for i in range(0, images, batch):
         kernel_shap_explain(
-            model, data[i : i + batch], classes[i : i + batch], grid=GRID, budget=budget, seed=i
+            model,
+            data[i : i + batch],
+            classes[i : i + batch],
+            grid=GRID,
+            budget=budget,
+            seed=i,
+            precision=precision,
         )
     _sync(device)
     total = time.perf_counter() - start
 
     # The floor: the same token-space forward rows, nothing else.
     inner = model.inner
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    reduced = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=reduced or torch.bfloat16, enabled=bool(reduced))
     with torch.inference_mode(), autocast:
         tokens = inner.embed_patches(data[:batch])
         rows = tokens.repeat_interleave(budget, dim=0)[: 1024 * max(1, batch // 8)]
@@ -168,6 +179,12 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=150)
     parser.add_argument("--steps", type=int, default=30, help="fine-tuning steps timed")
     parser.add_argument("--batch", type=int, default=128, help="fine-tuning batch")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="of the labeller's forwards (auto: float32, the labeller's default)",
+    )
     parser.add_argument("--out", help="write the figures here as JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -180,7 +197,7 @@ def main() -> None:
         else platform.machine(),
         "torch": torch.__version__,
         "labelling": bench_labelling(
-            device, args.images, min(args.label_batch, args.images), args.budget
+            device, args.images, min(args.label_batch, args.images), args.budget, args.precision
         ),
         "finetuning": bench_finetuning(device, args.steps, args.batch),
     }

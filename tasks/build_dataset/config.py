@@ -11,8 +11,8 @@ from tasks.config import Device, StageConfig
 
 InputKind = Literal["synthetic", "imagefolder", "webdataset"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-#: Precisions whose labels are float32's up to rounding that adds at most 2% to the estimator's
-#: own error (docs/benchmarks.md, "Label precision"): they name the same dataset version.
+#: Precisions whose labels are float32's (``auto`` is float32 on every device): they name the
+#: same dataset version.
 LABEL_EQUIVALENT_PRECISIONS = ("auto", "fp32")
 
 
@@ -42,9 +42,9 @@ class LabelConfig(StageConfig):
     forward_batch_size: int = Field(2048, ge=1, description="forward rows per model call")
     precision: Precision = Field(
         "auto",
-        description="of the masked forwards: auto = fp16 autocast with the logit head in "
-        "float32 on CUDA (adds under 2% to the estimator's error), float32 on the CPU; bf16 "
-        "and fp16 ask for that autocast on any device and name their own dataset version",
+        description="of the masked forwards: auto = float32 on every device (reduced precision "
+        "measured to move labels far more than the estimator's own error); bf16 and fp16 ask "
+        "for that autocast (logit head in float32) and name their own dataset version",
     )
 
     @property
@@ -54,10 +54,9 @@ class LabelConfig(StageConfig):
     def canonical_json(self) -> str:
         """The settings that define the labels (:meth:`fingerprint`, hence the version).
 
-        ``precision`` is left out when it is ``"auto"`` or ``"fp32"``: on the CPU both are
-        float32, and on CUDA ``"auto"`` rounds by less than 2% of the labels' own error, as
-        the device itself does (CPU and GPU float32 labels differ in their last bits and share
-        a version). So the versions made before the setting existed are still found.
+        ``precision`` is left out when it is ``"auto"`` or ``"fp32"``: both are float32 on every
+        device (CPU and GPU float32 labels differ in their last bits and share a version), so
+        the versions made before the setting existed are still found.
         """
         data = self.model_dump(mode="json")
         if data["precision"] in LABEL_EQUIVALENT_PRECISIONS:
