@@ -16,6 +16,7 @@ from flows.assets import dataset_metadata, materializing, stage_asset, upstream_
 from flows.runners import RunnerConfig, make_task_runner
 from storage import ObjectNotFoundError, layout, open_storage
 from storage.catalogue import DatasetVersion, list_versions
+from storage.core import worth_retrying
 from storage.uri import open_file
 from tasks.build_dataset import BuildConfig, BuildPlan, LabelConfig, finalize_build, plan_build
 from tasks.build_dataset.stage import label_task
@@ -28,11 +29,25 @@ SHARD_RETRIES = 2
 STEP_RETRIES = 2
 
 
+def retry_unless_lasting(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's ``retry_condition_fn``: no retry after a cause only a person removes.
+
+    A full or read-only volume, a refused permission or an input that vanished gives the same
+    error on every try: the run reports it at once instead of 12 s of retries later.
+    """
+    try:
+        state.result()
+    except Exception as exc:
+        return worth_retrying(exc)
+    return True
+
+
 @task(
     name="plan-build",
     task_run_name="plan-{config.name}-{config.split}",
     retries=STEP_RETRIES,
     retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_lasting,
     cache_policy=NO_CACHE,
 )
 def plan_build_task(config: BuildConfig) -> dict[str, Any]:
@@ -48,6 +63,7 @@ def plan_build_task(config: BuildConfig) -> dict[str, Any]:
     task_run_name="label-shard-{task_index:05d}",
     retries=SHARD_RETRIES,
     retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_lasting,
     tags=["gpu"],
     cache_policy=NO_CACHE,
 )
@@ -84,6 +100,7 @@ def label_shard_task(plan: dict[str, Any], task_index: int, overwrite: bool = Fa
     task_run_name="finalize-build",
     retries=STEP_RETRIES,
     retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_lasting,
     cache_policy=NO_CACHE,
 )
 def finalize_build_task(plan: dict[str, Any]) -> dict[str, Any]:

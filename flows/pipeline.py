@@ -500,7 +500,7 @@ def publish_lineage(
                 break
             time.sleep(1.0)
         if record is None:
-            logger.warning("no asset event of the sweep table %s yet: no lineage artifact", table)
+            logger.info("no asset event of the sweep table %s yet: no lineage artifact", table)
             return
         graph = ancestors(records, table)
         publish_png(

@@ -227,14 +227,16 @@ class _Recorder:
         monkeypatch.setattr(pipeline, "compute_vector_flow", self.vector)
         monkeypatch.setattr(pipeline, "transfer_sweep", self.sweep)
 
-    def finetune(self, config: FinetuneConfig, out_uri: str) -> dict[str, Any]:
+    def finetune(
+        self, config: FinetuneConfig, out_uri: str, announce: bool = True
+    ) -> dict[str, Any]:
         self.events.append(("finetune", config.domain, config.mode))
         self.finetunes.append(config)
         uri = f"{out_uri}/models/{config.domain}-{config.mode}/model.safetensors"
         accuracy = self.accuracy.get(config.domain, 0.99)
         return {**_result(accuracy, uri), "fingerprint": f"{config.domain}{config.mode}" * 4}
 
-    def build(self, config: Any, runner: RunnerConfig) -> dict[str, Any]:
+    def build(self, config: Any, runner: RunnerConfig, **_: Any) -> dict[str, Any]:
         self.events.append(("build", config.name, config.split))
         self.builds.append(config)
         return {"missing": [], "dataset_uri": f"{config.output_uri}/{config.name}/{config.split}"}

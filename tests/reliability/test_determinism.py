@@ -37,11 +37,16 @@ def test_same_config_and_seed_reproduce_labels_and_manifest(tmp_path: Path) -> N
     assert first[1] == second[1] and len(first[1]) == 2  # same shard bytes
     assert first[2] == second[2] and len(first[2]) == 10  # same labels, byte for byte
 
-    # The seed matters: budget 20 samples coalitions of 9 players, so another seed differs.
-    other_label = LabelConfig(grid_h=3, grid_w=3, budget=20, images_per_batch=2, seed=1)
-    other = _build(build_config(str(tmp_path / "c"), label=other_label))
-    assert other[0] != first[0]
+    # The seed matters where the design samples: budget 40 draws 19 pairs of coalitions of 9
+    # players at random (at budget 20 the design is the 9 singletons and their complements,
+    # the same for every seed), so another seed gives another version and other labels.
+    def sampled(seed: int, folder: str):
+        label = LabelConfig(grid_h=3, grid_w=3, budget=40, images_per_batch=2, seed=seed)
+        return _build(build_config(str(tmp_path / folder), label=label))
+
+    base, other = sampled(0, "c"), sampled(1, "d")
+    assert other[0] != base[0] != first[0]
     assert any(
         not np.array_equal(shap_of({"shap.npy": other[2][k]}), shap_of({"shap.npy": v}))
-        for k, v in first[2].items()
+        for k, v in base[2].items()
     )
