@@ -101,13 +101,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     check_pipeline_arguments(fields, out)
 
     from flows.cli_checks import check_image_size
-    from flows.pipeline import PipelineConfig, check_domains, explain_transfer_pipeline
-    from flows.progress import enable_console_progress
+    from flows.pipeline_config import PipelineConfig, check_domains
 
     make = PipelineConfig.miniature if getattr(args, "miniature", False) else PipelineConfig
     config = make(out_uri=out, **fields)
     check_image_size(config.model_name, config.image_size)
     check_domains(config)  # an unknown class or an empty split fails here, before any compute
+    from flows.pipeline import explain_transfer_pipeline
+    from flows.progress import enable_console_progress
+
     enable_console_progress()
     started = time.perf_counter()
     with _flows(out, args.verbose) as logs:
@@ -180,11 +182,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     fields = _load_json(args.config)
     check_output(args.out)
-    from flows.pretrain import pretrain_base_flow
-    from flows.progress import enable_console_progress
-    from tasks.pretrain import PretrainConfig
+    from tasks.pretrain_config import PretrainConfig
 
     config = PretrainConfig(**fields)
+    from flows.pretrain import pretrain_base_flow
+    from flows.progress import enable_console_progress
+
     enable_console_progress()
     with _flows(args.out, args.verbose):
         if not args.shipped:
@@ -222,9 +225,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     check_build_arguments(fields, args.dask_address)
 
     from flows.cli_checks import check_image_size, check_synthetic_domain
-    from flows.progress import PolledProgress
-    from flows.runners import RunnerConfig
-    from tasks.build_dataset import BuildConfig, BuildProgress
+    from flows.runner_config import RunnerConfig
+    from tasks.build_dataset.config import BuildConfig
 
     label = fields.pop("label", {})
     if args.budget is not None and isinstance(label, dict):
@@ -241,6 +243,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         check_synthetic_domain(config.input_uri)
     check_image_size(config.model_name, config.image_size)
     from flows.build_dataset import build_explanation_dataset
+    from flows.progress import PolledProgress
+    from tasks.build_dataset.stage import BuildProgress
 
     progress = BuildProgress(config)
     with _flows(config.output_uri, args.verbose):
@@ -272,12 +276,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_finetune_arguments(fields, args.out)
 
     from flows.cli_checks import check_image_size
-    from flows.finetune import finetune_flow
-    from flows.progress import enable_console_progress
-    from tasks.finetune import FinetuneConfig
+    from tasks.finetune_config import FinetuneConfig
 
     config = FinetuneConfig(**fields)
     check_image_size(config.model_name, config.image_size)
+    from flows.finetune import finetune_flow
+    from flows.progress import enable_console_progress
+
     enable_console_progress()
     with _flows(args.out, args.verbose):
         result = finetune_flow(config, args.out)
@@ -304,10 +309,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     fields = _load_json(args.config)
     check_sweep_arguments(fields)
-    from flows.sweep import transfer_sweep
-    from tasks.sweep import SweepConfig
+    from tasks.sweep.config import SweepConfig
 
     config = SweepConfig(**fields)
+    from flows.sweep import transfer_sweep
+
     with _flows(config.output_uri, args.verbose):
         result = transfer_sweep(config)
     print(_sweep_table(result))

@@ -476,7 +476,7 @@ def check_image_size(model_name: str, image_size: int) -> None:
     Raises:
         ValueError: the model is unknown, or takes another image size.
     """
-    from tasks.model import model_image_size
+    from tasks.model.names import model_image_size
 
     expected = model_image_size(model_name)
     if image_size != expected:

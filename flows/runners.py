@@ -17,40 +17,15 @@ import ipaddress
 import os
 import socket
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 from distributed import LocalCluster
 from distributed.system import MEMORY_LIMIT
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from pydantic import Field
 
-from tasks.config import WORKER_GPUS_ENV, StageConfig
-
-
-class RunnerConfig(StageConfig):
-    """Where the tasks of a sharded flow run.
-
-    Attributes:
-        kind: ``"thread"`` (in-process thread pool), ``"dask"`` (a ``LocalCluster`` started
-            for the flow run, or the scheduler at ``address``).
-        max_workers: threads for ``"thread"`` (default 1); worker processes for a local
-            Dask cluster.
-        address: ``tcp://host:8786`` of an existing Dask scheduler.
-        threads_per_worker: threads of each local Dask worker process.
-        gpus_per_worker: GPUs of each local Dask worker: the worker process sees only its own
-            (``CUDA_VISIBLE_DEVICES``, :class:`GPULocalCluster`) and advertises them as the
-            resource ``GPU``; a shard task asks for one, so a worker runs one shard per GPU at a
-            time. ``max_workers * gpus_per_worker`` must not exceed the GPUs of the machine.
-    """
-
-    kind: Literal["thread", "dask"] = "thread"
-    # One shard at a time by default: torch already spreads one shard's forward passes over
-    # every CPU core, and two shards in threads would only fight for them.
-    max_workers: int = Field(1, ge=1)
-    address: str | None = None
-    threads_per_worker: int = Field(1, ge=1)
-    gpus_per_worker: int = Field(0, ge=0)
+from flows.runner_config import RunnerConfig as RunnerConfig  # no Dask or Prefect; re-exported
+from tasks.config import WORKER_GPUS_ENV
 
 
 def is_loopback_host(host: str) -> bool:

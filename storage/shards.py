@@ -21,15 +21,16 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pyarrow as pa
-import webdataset
-from webdataset.tariterators import group_by_keys
 
 from storage.core import IO_WORKERS, Storage, map_concurrently
 from storage.errors import ObjectNotFoundError, ShardReadError, os_errors_translated
 from storage.layout import MANIFEST_FILE, shards_of
+
+if TYPE_CHECKING:
+    import webdataset
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,8 @@ class ShardWriter:
             )
             self._handle = os.fdopen(fd, "wb")
         # A fixed mtime makes the tar a function of its samples, so a rerun reproduces the sha256.
+        import webdataset  # imports torch: only where a shard is written
+
         self._tar = webdataset.TarWriter(self._handle, mtime=0.0)
         return self
 
@@ -250,6 +253,8 @@ def read_shard(storage: Storage, key: str) -> Iterator[dict[str, Any]]:
         expected: dict[str, Any] | None = storage.completion_info(name)
     except FileNotFoundError:
         expected = None
+    from webdataset.tariterators import group_by_keys  # imports torch: only where one is read
+
     samples = 0
     with storage.open_read(key) as stream:
         reader = _HashingReader(stream)

@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 import re
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # torch is imported where a device is resolved, not where a config is read
+    import torch
 
 
 def check_device(value: str) -> str:
@@ -44,6 +46,8 @@ def resolve_device(device: str) -> torch.device:
         RuntimeError: CUDA was asked for (``"cuda[:i]"``, or ``"auto"`` in a GPU worker) and this
             process sees no usable GPU, or no GPU ``i``.
     """
+    import torch
+
     if device == "cpu":
         return torch.device("cpu")
     given = os.environ.get(WORKER_GPUS_ENV)

@@ -7,35 +7,26 @@
   fans out), and the progress of a running build.
 """
 
-from tasks.build_dataset.config import BuildConfig, InputKind, LabelConfig
-from tasks.build_dataset.inputs import iter_units, list_input
-from tasks.build_dataset.stage import (
-    BuildPlan,
-    BuildProgress,
-    ShardOutcome,
-    clear_model_cache,
-    explained_model_fingerprint,
-    finalize_build,
-    label_samples,
-    label_shard,
-    load_explained_model,
-    plan_build,
-)
+from tasks.lazy import lazy_exports
 
-__all__ = [
-    "BuildConfig",
-    "BuildPlan",
-    "BuildProgress",
-    "InputKind",
-    "LabelConfig",
-    "ShardOutcome",
-    "clear_model_cache",
-    "explained_model_fingerprint",
-    "finalize_build",
-    "iter_units",
-    "label_samples",
-    "label_shard",
-    "list_input",
-    "load_explained_model",
-    "plan_build",
-]
+# Each name is imported from its module on first use, so that importing one light module
+# of the package (a config) does not import the heavy ones (torch, open_clip).
+_EXPORTS = {
+    "BuildConfig": "tasks.build_dataset.config",
+    "BuildPlan": "tasks.build_dataset.stage",
+    "BuildProgress": "tasks.build_dataset.stage",
+    "clear_model_cache": "tasks.build_dataset.stage",
+    "explained_model_fingerprint": "tasks.build_dataset.stage",
+    "finalize_build": "tasks.build_dataset.stage",
+    "InputKind": "tasks.build_dataset.config",
+    "iter_units": "tasks.build_dataset.inputs",
+    "label_samples": "tasks.build_dataset.stage",
+    "label_shard": "tasks.build_dataset.stage",
+    "LabelConfig": "tasks.build_dataset.config",
+    "list_input": "tasks.build_dataset.inputs",
+    "load_explained_model": "tasks.build_dataset.stage",
+    "plan_build": "tasks.build_dataset.stage",
+    "ShardOutcome": "tasks.build_dataset.stage",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

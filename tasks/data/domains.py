@@ -60,7 +60,7 @@ from tasks.data.prefetch import ordered_map
 from tasks.data.quarantine import QuarantineReport
 from tasks.data.readers import list_image_folder, read_image_file, read_shard_samples
 from tasks.data.synthetic import SPLITS, SYNTHETIC_DOMAINS
-from tasks.model.sem import DEFAULT_TEMPLATES
+from tasks.model.names import DEFAULT_TEMPLATES
 
 logger = logging.getLogger(__name__)
 

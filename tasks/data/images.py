@@ -13,10 +13,13 @@ import io
 import logging
 import warnings
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # imported where a tensor is made: a config check reads this module too
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +210,8 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     Returns:
         A ``float32`` tensor of shape ``[3, size, size]`` with values in ``[0, 1]``.
     """
+    import torch
+
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
     img = to_rgb(img)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import open_clip
@@ -25,11 +24,16 @@ from torch import nn
 
 from storage import open_file
 from storage.checkpoints import load_sidecar, load_state_dict, sidecar_key, state_fingerprint
+from tasks.model.names import (  # re-exported: the names live where no torch is imported
+    DEFAULT_MODEL,
+    MODEL_CONFIG_DIR,
+    available_models,
+    model_activation,
+    model_config,
+)
 
 logger = logging.getLogger(__name__)
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-DEFAULT_MODEL = "tiny-vit-56"
 ACTIVATIONS = ("gelu", "quick_gelu")
 QUICKGELU_SUFFIX = "-quickgelu"
 
@@ -58,20 +62,9 @@ def register_model_configs() -> None:
         _registered = True
 
 
-def available_models() -> list[str]:
-    """Names of every architecture open_clip can build here (its own and the project's)."""
-    register_model_configs()
-    return open_clip.list_models()
-
-
-def model_activation(model_name: str) -> str:
-    """The activation an open_clip architecture is built with, from its config alone.
-
-    Raises:
-        ValueError: the architecture is unknown.
-    """
-    _check_known(model_name)
-    return "quick_gelu" if open_clip.get_model_config(model_name).get("quick_gelu") else "gelu"
+# Whoever imports open_clip through this module can build the project's architectures by name
+# (``open_clip.create_model("tiny-vit-56")``), as before the names moved to tasks.model.names.
+register_model_configs()
 
 
 def clip_activation(clip_model: nn.Module) -> str:
@@ -254,18 +247,5 @@ def model_fingerprint(clip_model: nn.Module) -> str:
     return state_fingerprint(clip_model.state_dict())
 
 
-def model_image_size(model_name: str) -> int:
-    """The input image size (pixels per side) of an open_clip architecture, without building it.
-
-    Raises:
-        ValueError: the architecture is unknown.
-    """
-    _check_known(model_name)
-    size = open_clip.get_model_config(model_name)["vision_cfg"]["image_size"]
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
 def _check_known(model_name: str) -> None:
-    names = available_models()
-    if model_name not in names:
-        raise ValueError(f"unknown model {model_name!r}; available: {', '.join(names)}")
+    model_config(model_name)  # raises ValueError naming the known ones

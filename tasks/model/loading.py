@@ -17,8 +17,9 @@ import torch
 from storage import layout, open_file
 from storage.checkpoints import load_sidecar, sidecar_key
 from storage.uri import join_uri
-from tasks.model.clip import DEFAULT_MODEL, load_clip, model_fingerprint
-from tasks.model.sem import DEFAULT_TEMPLATES, SelfExplainingCLIP, zero_shot_head
+from tasks.model.clip import load_clip, model_fingerprint
+from tasks.model.names import DEFAULT_MODEL, DEFAULT_TEMPLATES
+from tasks.model.sem import SelfExplainingCLIP, zero_shot_head
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 

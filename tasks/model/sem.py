@@ -20,11 +20,10 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from tasks.model.clip import register_model_configs
+from tasks.model.names import DEFAULT_TEMPLATES
 from tasks.model.vit import vit_embed_patches, vit_forward_from_patches, vit_forward_tokens
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 
 
 @torch.no_grad()

@@ -21,79 +21,45 @@ lambda = 0. Outputs live under ``{output_uri}/sweeps/{name}/``.
 - :mod:`tasks.sweep.stage`: the steps an orchestrator runs (validate, one target, assemble).
 """
 
-from tasks.sweep.accuracy import AccuracyData, load_accuracy_data, measure_accuracy
-from tasks.sweep.config import (
-    LOWER_IS_BETTER,
-    QUALITY_METRICS,
-    TABLE_SCHEMA,
-    SweepConfig,
-    TargetSpec,
-    sweep_storage,
-)
-from tasks.sweep.evaluation import (
-    ProgressCallback,
-    baseline_tensor,
-    evaluate_kernel_shap,
-    evaluate_sem,
-    evaluate_target,
-    sem_label_maps,
-    split_baseline,
-)
-from tasks.sweep.inputs import (
-    EvalData,
-    TargetModel,
-    check_vector,
-    load_reference,
-    load_target,
-    load_vector,
-    target_fingerprint,
-)
-from tasks.sweep.report import (
-    PLOT_FILE,
-    RESULTS_FILE,
-    SUMMARY_FILE,
-    SweepResult,
-    TargetOutcome,
-    assemble_sweep,
-    load_sweep,
-    read_output,
-)
-from tasks.sweep.selection import select_lambda
-from tasks.sweep.stage import sweep_target, validate_sweep
+from tasks.lazy import lazy_exports
 
-__all__ = [
-    "LOWER_IS_BETTER",
-    "PLOT_FILE",
-    "QUALITY_METRICS",
-    "RESULTS_FILE",
-    "SUMMARY_FILE",
-    "TABLE_SCHEMA",
-    "AccuracyData",
-    "EvalData",
-    "ProgressCallback",
-    "SweepConfig",
-    "SweepResult",
-    "TargetModel",
-    "TargetOutcome",
-    "TargetSpec",
-    "assemble_sweep",
-    "baseline_tensor",
-    "split_baseline",
-    "check_vector",
-    "evaluate_kernel_shap",
-    "evaluate_sem",
-    "evaluate_target",
-    "load_accuracy_data",
-    "load_reference",
-    "load_sweep",
-    "load_target",
-    "load_vector",
-    "measure_accuracy",
-    "read_output",
-    "select_lambda",
-    "sem_label_maps",
-    "sweep_storage",
-    "sweep_target",
-    "target_fingerprint",
-    "validate_sweep",
-]
+# Each name is imported from its module on first use, so that importing one light module
+# of the package (a config) does not import the heavy ones (torch, open_clip).
+_EXPORTS = {
+    "AccuracyData": "tasks.sweep.accuracy",
+    "assemble_sweep": "tasks.sweep.report",
+    "baseline_tensor": "tasks.sweep.evaluation",
+    "check_vector": "tasks.sweep.inputs",
+    "EvalData": "tasks.sweep.inputs",
+    "evaluate_kernel_shap": "tasks.sweep.evaluation",
+    "evaluate_sem": "tasks.sweep.evaluation",
+    "evaluate_target": "tasks.sweep.evaluation",
+    "load_accuracy_data": "tasks.sweep.accuracy",
+    "load_reference": "tasks.sweep.inputs",
+    "load_sweep": "tasks.sweep.report",
+    "load_target": "tasks.sweep.inputs",
+    "load_vector": "tasks.sweep.inputs",
+    "LOWER_IS_BETTER": "tasks.sweep.config",
+    "measure_accuracy": "tasks.sweep.accuracy",
+    "PLOT_FILE": "tasks.sweep.report",
+    "ProgressCallback": "tasks.sweep.evaluation",
+    "QUALITY_METRICS": "tasks.sweep.config",
+    "read_output": "tasks.sweep.report",
+    "RESULTS_FILE": "tasks.sweep.report",
+    "select_lambda": "tasks.sweep.selection",
+    "sem_label_maps": "tasks.sweep.evaluation",
+    "split_baseline": "tasks.sweep.evaluation",
+    "SUMMARY_FILE": "tasks.sweep.report",
+    "sweep_storage": "tasks.sweep.config",
+    "sweep_target": "tasks.sweep.stage",
+    "SweepConfig": "tasks.sweep.config",
+    "SweepResult": "tasks.sweep.report",
+    "TABLE_SCHEMA": "tasks.sweep.config",
+    "target_fingerprint": "tasks.sweep.inputs",
+    "TargetModel": "tasks.sweep.inputs",
+    "TargetOutcome": "tasks.sweep.report",
+    "TargetSpec": "tasks.sweep.config",
+    "validate_sweep": "tasks.sweep.stage",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
