@@ -19,8 +19,6 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "img" / "asset-graph.png"
@@ -47,6 +45,7 @@ def _one(keys: list[str], pattern: str) -> str:
     return found[0]
 
 
+@pytest.mark.slow
 def test_every_stage_output_is_an_asset_with_its_upstream_and_metadata(stack, pipeline_run) -> None:
     from flows.assets import ancestors
 
@@ -141,6 +140,7 @@ def browser(tmp_path: Path):
         driver.quit()
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_the_ui_shows_the_lineage_of_the_pipeline_run(
     stack, pipeline_run, browser, tmp_path: Path

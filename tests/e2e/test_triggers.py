@@ -22,8 +22,6 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[2]
 REGENERATE_DEPLOYMENT = ("regenerate-explanation-datasets", "regenerate-on-publish")
 
@@ -97,6 +95,7 @@ def _when(text: str | None) -> float:
     return datetime.fromisoformat(text).timestamp() if text else float("nan")
 
 
+@pytest.mark.slow
 def test_the_trigger_is_registered_from_prefect_yaml(stack) -> None:
     automations = stack.api("POST", "/automations/filter", json={})
     by_name = {a["name"]: a for a in automations}
@@ -110,6 +109,7 @@ def test_the_trigger_is_registered_from_prefect_yaml(stack) -> None:
     )
 
 
+@pytest.mark.slow
 def test_publishing_a_theta_starts_a_build_that_writes_a_new_version(stack, tmp_path: Path) -> None:
     root = stack.data_root / "published"
     first = _publish_quietly(stack, _checkpoint(tmp_path / "v1", 0.0), root)

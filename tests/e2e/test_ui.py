@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -101,6 +101,7 @@ def _open_run_artifacts(browser, url: str, run_name: str, artifact: str, tmp_pat
     return _artifacts_text(browser)
 
 
+@pytest.mark.slow
 def test_pipeline_run_page_shows_completed_state_and_summary(
     stack, pipeline_run, browser, tmp_path: Path
 ) -> None:
@@ -112,6 +113,7 @@ def test_pipeline_run_page_shows_completed_state_and_summary(
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_flow_run_page_shows_completed_state_and_artifacts(
     stack, build_run, browser, tmp_path: Path
 ) -> None:

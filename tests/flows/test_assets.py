@@ -35,6 +35,7 @@ def _wait_for(read: Any, ready: Any, timeout: float = 60.0) -> Any:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_asset_keys_are_uris_of_the_storage_locations(tmp_path: Path, monkeypatch) -> None:
     assert asset_key("s3://bucket/run/xdata/shapes-x/v-1") == "s3://bucket/run/xdata/shapes-x/v-1"
     assert asset_key(str(tmp_path / "models")) == f"file://{tmp_path}/models"

@@ -40,6 +40,7 @@ def test_bad_configuration_is_a_clear_error_and_exit_code_2(
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_pretrain_command_on_fresh_images_writes_the_base_model(tmp_path: Path) -> None:
     """The shipped base's recipe (fresh images rendered by a loader worker) runs to the end under
     the command's orchestrator: its worker once died at exit and failed the finished run. Run as

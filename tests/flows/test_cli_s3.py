@@ -46,6 +46,7 @@ def _keys(env: S3Env, prefix: str) -> list[str]:
     return open_storage(env.uri(prefix)).list()
 
 
+@pytest.mark.slow
 def test_every_location_option_round_trips_an_s3_uri(
     s3_env: S3Env, workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

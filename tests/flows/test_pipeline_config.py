@@ -257,6 +257,7 @@ def _real_run(tmp_path: Path, **changes: Any) -> PipelineConfig:
     return PipelineConfig(**fields)
 
 
+@pytest.mark.slow
 def test_the_real_config_fans_out_8_gpu_finetunes_and_small_references(tmp_path, monkeypatch):
     config = _real_run(tmp_path)
     recorder = _Recorder()
@@ -303,6 +304,7 @@ def test_a_remote_dask_cluster_without_a_reachable_api_stops_the_run_at_its_star
     assert recorder.events == []
 
 
+@pytest.mark.slow
 def test_the_run_states_every_floor_and_warns_of_default_ones_at_its_start(
     tmp_path, monkeypatch, caplog
 ):

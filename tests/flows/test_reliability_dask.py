@@ -56,6 +56,7 @@ def one_torch_thread() -> Iterator[None]:
         tasks.build_dataset.clear_model_cache()
 
 
+@pytest.mark.slow
 def test_thread_pool_and_dask_processes_build_identical_datasets(
     tmp_path: Path, one_torch_thread: None
 ) -> None:

@@ -32,6 +32,7 @@ def _png_of(artifact: Artifact) -> bytes:
     return base64.b64decode(artifact.data[len(prefix) :])
 
 
+@pytest.mark.slow
 def test_flow_runs_one_task_per_target_and_publishes_artifacts(world) -> None:
     config = _world.sweep_config(world, name="flow-mini", kernel_shap_budgets=(25,))
     result = transfer_sweep(config)

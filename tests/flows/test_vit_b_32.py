@@ -24,8 +24,6 @@ from flows.pipeline import PipelineConfig, explain_transfer_pipeline
 from storage import open_file, open_storage
 from tasks.build_dataset import LabelConfig
 
-pytestmark = pytest.mark.slow
-
 SIZE = 224
 
 
@@ -57,6 +55,7 @@ def _vanilla_vit_b_32() -> torch.nn.Module:
     return open_clip.create_model("ViT-B-32", pretrained=None)
 
 
+@pytest.mark.slow
 def test_vit_b_32_runs_the_whole_pipeline_and_its_checkpoints_load_into_open_clip(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

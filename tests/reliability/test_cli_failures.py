@@ -67,6 +67,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
 BUILD = ["build-dataset", "--name", "shapes-x", "--input-kind", "synthetic", "--input", "shapes"]
 
 
+@pytest.mark.slow
 def test_config_errors_are_one_line_per_field(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = run_cli([*BUILD, "--budget", "-5", "--shards", "0", "--out", str(out)], tmp_path)
@@ -80,6 +81,7 @@ def test_config_errors_are_one_line_per_field(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("content", "needle"),
     [

@@ -512,6 +512,7 @@ def test_training_progress_off_a_terminal_is_a_few_lines(
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_an_error_inside_the_flow_exits_at_once_and_the_fixed_rerun_completes(
     tmp_path: Path,
 ) -> None:

@@ -71,6 +71,7 @@ def test_killed_labelling_worker_leaves_no_partial_shard_and_rerun_completes(
     assert summary["missing"] == []
 
 
+@pytest.mark.slow
 def test_killed_finetune_resumes_from_its_checkpoint_to_the_same_weights(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -200,6 +200,7 @@ def test_an_endpoint_that_never_answers_is_one_line_within_the_deadline(
     print(f"\nblack hole: error line {at:.1f} s after the start: {line}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("code", "cause"),
     [
@@ -261,6 +262,7 @@ def _image_folder(root: Path) -> list[str]:
     return sorted(f"{name}/{i}.png" for name in colours for i in range(3))
 
 
+@pytest.mark.slow
 def test_an_input_deleted_between_planning_and_labelling_is_one_line_and_restored_completes(
     prefect_api_url: str, tmp_path: Path
 ) -> None:
@@ -340,6 +342,7 @@ class ThrottlingS3Server(FaultyS3Server):
         return super()._wsgi(environ, start_response)
 
 
+@pytest.mark.slow
 def test_s3_throttling_every_attempt_is_one_line_and_the_rerun_completes(
     prefect_api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

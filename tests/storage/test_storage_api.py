@@ -109,6 +109,7 @@ def test_list_is_sorted_recursive_and_prefix_filtered(storage_uri):
     assert storage.list("zzz") == []
 
 
+@pytest.mark.slow
 def test_list_more_than_one_page(storage_uri):
     storage = open_storage(storage_uri)
     keys = [f"many/{i:05d}.txt" for i in range(1050)]

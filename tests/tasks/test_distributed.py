@@ -64,6 +64,7 @@ def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_reach_the_weights_of_one(data, tmp_path) -> None:
     storage = open_storage(str(tmp_path / "out"))
     one = finetune(_config(data, 1), storage, "one")
@@ -92,6 +93,7 @@ def _split(uri: str):
     return open_file(uri)
 
 
+@pytest.mark.slow
 def test_a_killed_rank_fails_the_run_and_the_rerun_resumes(data, tmp_path, monkeypatch) -> None:
     # A sitecustomize kills rank 1 with SIGKILL at its third optimizer step.
     hook = tmp_path / "hook"

@@ -73,6 +73,7 @@ def _worker_view() -> tuple[str, str, str, str]:
     return os.environ["CUDA_VISIBLE_DEVICES"], os.environ[WORKER_GPUS_ENV], *seen
 
 
+@pytest.mark.slow
 def test_each_worker_process_sees_only_its_own_gpu_and_never_falls_back_to_the_cpu() -> None:
     with (
         GPULocalCluster(
