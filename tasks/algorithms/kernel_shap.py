@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tasks.algorithms.games import CoalitionGame
 from tasks.algorithms.leverage_shap import (
     BOOTSTRAP_REPLICATES,
     default_shrinkage,
@@ -120,6 +121,8 @@ class KernelShapResult:
         phi_err: bootstrap standard error of ``phi`` (same shape), when it was asked for.
         precision: the precision the model's values were computed in (``"fp32"``, ``"bf16"``,
             ``"fp16"``: :data:`PRECISIONS` resolved for the model's device).
+        games: each image's evaluated coalitions (:class:`~tasks.algorithms.games.CoalitionGame`),
+            from which :func:`solve_games` gives ``phi`` again without the model.
     """
 
     phi: Tensor
@@ -136,6 +139,7 @@ class KernelShapResult:
     sampler: str = "kernel"
     phi_err: Tensor | None = None
     precision: str = "fp32"
+    games: list[CoalitionGame] | None = None
 
     def relative_error(self) -> Tensor | None:
         """``[N, k]`` (or ``[N]``): estimated ``||phi - exact|| / ||phi||`` per image and class."""
@@ -456,6 +460,7 @@ class KernelShapConfig:
     sampler: str = "leverage"
     error_estimate: bool = False
     precision: str = "auto"
+    shrinkage: float | None = None
 
     def __post_init__(self) -> None:
         grid = (int(self.grid[0]), int(self.grid[1]))
@@ -479,6 +484,10 @@ class KernelShapConfig:
             )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.shrinkage is not None and not 0 <= self.shrinkage <= 1:
+            raise ValueError(f"shrinkage must be in [0, 1] or None, got {self.shrinkage}")
+        if self.shrinkage is not None and self.sampler != "leverage":
+            raise ValueError("shrinkage is a setting of the leverage sampler's solve")
         if isinstance(self.baseline, str) and self.baseline not in BASELINES:
             raise ValueError(
                 f"baseline must be one of {BASELINES} or a tensor, got {self.baseline!r}"
@@ -785,12 +794,130 @@ def solve_coalitions(config: KernelShapConfig, evaluated: CoalitionValues) -> Ke
     plan, values = evaluated.plan, evaluated.values
     n, longest = plan.weights.shape
     k = values.shape[1]
-    grid = config.grid
     v_empty = values[plan.first_row]
     v_full = values[plan.first_row + 1]
     sampled = torch.zeros(n, longest, k, dtype=torch.float64)
     sampled[plan.slot_image, plan.slot_index] = values[plan.slot_row]
+    phi, phi_err = _solve_layout(
+        config, plan.masks, plan.weights, plan.strata, sampled, v_empty, v_full, plan.seeds
+    )
+    classes = evaluated.classes
+    single = classes.dim() == 1
+    log.debug("explained %d images with %d forward rows", n, len(values))
+    games = [
+        CoalitionGame(
+            masks=plan.masks[i, : plan.counts[i]].numpy(),
+            weights=plan.weights[i, : plan.counts[i]].numpy(),
+            strata=None if plan.strata is None else plan.strata[i, : plan.counts[i] // 2].numpy(),
+            values=sampled[i, : plan.counts[i]].numpy(),
+            v_empty=v_empty[i].numpy(),
+            v_full=v_full[i].numpy(),
+            classes=tuple(int(c) for c in classes[i].reshape(-1)),
+            grid=config.grid,
+            budget=config.budget,
+            seed=plan.seeds[i],
+            sampler=config.sampler,
+        )
+        for i in range(n)
+    ]
+    return KernelShapResult(
+        phi=phi[:, 0] if single else phi,
+        v_empty=v_empty[:, 0] if single else v_empty,
+        v_full=v_full[:, 0] if single else v_full,
+        classes=classes,
+        evaluations=plan.counts + 2,
+        seeds=plan.seeds,
+        budget=config.budget,
+        grid=config.grid,
+        baseline=evaluated.baseline,
+        output=config.output,
+        masking=evaluated.masking,
+        sampler=config.sampler,
+        phi_err=None if phi_err is None else (phi_err[:, 0] if single else phi_err),
+        precision=evaluated.precision,
+        games=games,
+    )
 
+
+def solve_games(
+    games: Sequence[CoalitionGame],
+    *,
+    error_estimate: bool = False,
+    shrinkage: float | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The attributions of stored games, solved again without the model.
+
+    With the settings they were labelled with, the solve is the labeller's own
+    (:func:`solve_coalitions` calls the same code on the same layout): the labels come back
+    bit for bit when the games are solved in the batches they were labelled in, and to float
+    rounding in other batches (a batched solve's sums may group in another order).
+
+    Args:
+        games: games of one grid, budget and sampler, each with the same classes count.
+        error_estimate: also the bootstrap standard errors (leverage games only).
+        shrinkage: the shrunk solve's largest weight of the population Gram matrix (leverage;
+            None: the labeller's default for the budget, 0: the plain least-squares solve).
+
+    Returns:
+        ``(phi, phi_err)``: float32 ``[N, k, gh, gw]`` and the same or None.
+
+    Raises:
+        ValueError: the games differ in grid, budget, sampler or number of classes.
+    """
+    if not games:
+        raise ValueError("no games to solve")
+    first = games[0]
+    kinds = {(g.grid, g.budget, g.sampler, g.values.shape[1]) for g in games}
+    if len(kinds) > 1:
+        raise ValueError(f"games of one grid, budget, sampler and class count only, got {kinds}")
+    config = KernelShapConfig(
+        grid=first.grid,
+        budget=first.budget,
+        sampler=first.sampler,
+        error_estimate=error_estimate,
+        shrinkage=shrinkage,
+    )
+    n, k = len(games), first.values.shape[1]
+    counts = [len(g.masks) for g in games]
+    longest = max(counts)
+    masks = torch.zeros(n, longest, first.players, dtype=torch.bool)
+    weights = torch.zeros(n, longest, dtype=torch.float64)
+    sampled = torch.zeros(n, longest, k, dtype=torch.float64)
+    strata = (
+        torch.full((n, longest // 2), -1, dtype=torch.long) if first.strata is not None else None
+    )
+    for i, game in enumerate(games):
+        masks[i, : counts[i]] = torch.from_numpy(game.masks)
+        weights[i, : counts[i]] = torch.from_numpy(game.weights)
+        sampled[i, : counts[i]] = torch.from_numpy(game.values)
+        if strata is not None and game.strata is not None:
+            strata[i, : counts[i] // 2] = torch.from_numpy(game.strata)
+    v_empty = torch.from_numpy(np.stack([g.v_empty for g in games]))
+    v_full = torch.from_numpy(np.stack([g.v_full for g in games]))
+    return _solve_layout(
+        config,
+        masks,
+        weights,
+        strata,
+        sampled,
+        v_empty,
+        v_full,
+        [g.seed for g in games],
+    )
+
+
+def _solve_layout(
+    config: KernelShapConfig,
+    masks: Tensor,
+    weights: Tensor,
+    strata: Tensor | None,
+    sampled: Tensor,
+    v_empty: Tensor,
+    v_full: Tensor,
+    seeds: Sequence[int],
+) -> tuple[Tensor, Tensor | None]:
+    """The regressions of padded games: ``(phi, phi_err)`` float32 ``[N, k, gh, gw]``."""
+    n, k, grid = masks.shape[0], sampled.shape[-1], config.grid
     phi_err = None
     if config.error_estimate and front_loaded(config.players, config.budget - 2):
         log.warning(
@@ -800,44 +927,28 @@ def solve_coalitions(config: KernelShapConfig, evaluated: CoalitionValues) -> Ke
             config.players,
         )
     if config.sampler == "kernel":
-        phi = solve_kernel_shap(plan.masks, plan.weights, sampled, v_empty, v_full)
+        phi = solve_kernel_shap(masks, weights, sampled, v_empty, v_full)
     else:
         phi, phi_err, _ = solve_leverage_shap(
-            plan.masks,
-            plan.weights,
+            masks,
+            weights,
             sampled,
             v_empty,
             v_full,
-            strata=plan.strata,
+            strata=strata,
             bootstrap=BOOTSTRAP_REPLICATES if config.error_estimate else 0,
             # the bootstrap's own stream, so the estimate is as reproducible as the labels
-            generators=[torch.Generator().manual_seed(s ^ 0x5EED) for s in plan.seeds],
-            shrinkage=default_shrinkage(config.players, config.budget - 2),
+            generators=[torch.Generator().manual_seed(s ^ 0x5EED) for s in seeds],
+            shrinkage=(
+                default_shrinkage(config.players, config.budget - 2)
+                if config.shrinkage is None
+                else config.shrinkage
+            ),
         )
     phi = phi.transpose(1, 2).reshape(n, k, *grid).float()
     if phi_err is not None:
         phi_err = phi_err.transpose(1, 2).reshape(n, k, *grid).float()
-    classes = evaluated.classes
-    single = classes.dim() == 1
-    log.debug("explained %d images with %d forward rows", n, len(values))
-    if single and phi_err is not None:
-        phi_err = phi_err[:, 0]
-    return KernelShapResult(
-        phi=phi[:, 0] if single else phi,
-        v_empty=v_empty[:, 0] if single else v_empty,
-        v_full=v_full[:, 0] if single else v_full,
-        classes=classes,
-        evaluations=plan.counts + 2,
-        seeds=plan.seeds,
-        budget=config.budget,
-        grid=grid,
-        baseline=evaluated.baseline,
-        output=config.output,
-        masking=evaluated.masking,
-        sampler=config.sampler,
-        phi_err=phi_err,
-        precision=evaluated.precision,
-    )
+    return phi, phi_err
 
 
 def kernel_shap_explain(
@@ -855,6 +966,7 @@ def kernel_shap_explain(
     sampler: str = "leverage",
     error_estimate: bool = False,
     precision: str = "auto",
+    shrinkage: float | None = None,
 ) -> KernelShapResult:
     """Kernel SHAP attributions of grid cells for a batch of images, with v(empty) and v(full).
 
@@ -891,6 +1003,9 @@ def kernel_shap_explain(
             bootstrap over the coalition pairs (no extra model evaluation; ``"leverage"`` only).
         precision: of the masked forwards, one of :data:`PRECISIONS` (default ``"auto"``:
             float32 on every device; :data:`PRECISIONS`).
+        shrinkage: the leverage solve's largest weight of the population Gram matrix (None:
+            :func:`~tasks.algorithms.leverage_shap.default_shrinkage` for the budget; 0: plain
+            least squares).
 
     Returns:
         A :class:`KernelShapResult`.
@@ -905,6 +1020,7 @@ def kernel_shap_explain(
         sampler=sampler,
         error_estimate=error_estimate,
         precision=precision,
+        shrinkage=shrinkage,
     )
     check_batch(images, classes)
     seeds = _seeds(seed, images.shape[0])

@@ -293,6 +293,7 @@ def kernel_shap_stream(
     sampler: str = "leverage",
     error_estimate: bool = False,
     precision: str = "auto",
+    shrinkage: float | None = None,
     overlap: bool = True,
     depth: int = DEFAULT_DEPTH,
 ) -> KernelShapStream:
@@ -306,7 +307,7 @@ def kernel_shap_stream(
         model: see :func:`kernel_shap_explain`.
         requests: the batches, as :class:`ExplainRequest`.
         grid, budget, baseline, output, batch_size, masking, sampler, error_estimate,
-            precision: as for :func:`kernel_shap_explain` (a ``"mean"`` baseline is each
+            precision, shrinkage: as for :func:`kernel_shap_explain` (a ``"mean"`` baseline is each
             batch's own mean).
         overlap: run sampling, model and solve on their own threads, overlapped (``False``:
             one after the other in the consumer's thread).
@@ -325,5 +326,6 @@ def kernel_shap_stream(
         sampler=sampler,
         error_estimate=error_estimate,
         precision=precision,
+        shrinkage=shrinkage,
     )
     return KernelShapStream(model, requests, config, overlap=overlap, depth=depth)

@@ -37,6 +37,19 @@ class LabelConfig(StageConfig):
         description="store a bootstrap standard error per attribution (shap_err.npy); costs no "
         "model evaluation",
     )
+    shrinkage: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="leverage sampler: the solve's largest weight of the population Gram matrix "
+        "(None: the default for the budget; 0: plain least squares); a game kept in the "
+        "dataset can be solved again with another value without the model",
+    )
+    keep_game: bool = Field(
+        True,
+        description="store each image's evaluated coalitions and values beside its label "
+        "(game.npz, a few KB): the labels can be solved again without the model",
+    )
     seed: int = 0
     images_per_batch: int = Field(32, ge=1)
     forward_batch_size: int = Field(2048, ge=1, description="forward rows per model call")
@@ -67,6 +80,8 @@ class LabelConfig(StageConfig):
     def _budget_covers_players(self) -> LabelConfig:
         if self.error_estimate and self.sampler != "leverage":
             raise ValueError("error_estimate needs sampler='leverage'")
+        if self.shrinkage is not None and self.sampler != "leverage":
+            raise ValueError("shrinkage needs sampler='leverage'")
         players = self.grid_h * self.grid_w
         if players < 2:
             raise ValueError(f"grid {self.grid} has fewer than 2 cells")

@@ -44,7 +44,13 @@ from storage.checkpoints import checkpoint_fingerprint
 from storage.core import map_concurrently
 from storage.layout import shard_name, shard_report_key, split_report_key
 from storage.shards import ShardWriter, write_manifest
-from tasks.algorithms.kernel_shap import KernelShapResult, derive_seed, kernel_shap_explain
+from tasks.algorithms.games import CoalitionGame
+from tasks.algorithms.kernel_shap import (
+    KernelShapResult,
+    derive_seed,
+    kernel_shap_explain,
+    solve_games,
+)
 from tasks.algorithms.kernel_shap_stream import ExplainRequest, kernel_shap_stream
 from tasks.build_dataset.batches import decode_workers, input_batches
 from tasks.build_dataset.config import BuildConfig, LabelConfig
@@ -69,6 +75,12 @@ logger = logging.getLogger(__name__)
 #: ``.pickle``, ``.pth`` or ``.pyd`` member that webdataset's default decoder would unpickle)
 #: stays behind.
 PASSED_FIELDS = ("__key__", *IMAGE_FIELDS, "cls", "mask.png")
+
+#: Part of every dataset version: raised whenever the same settings give other labels or other
+#: samples (the sampling design, the solve, the decoding, the fields written), so that a
+#: version made by an older labeller is never taken for, or completed as, the current one.
+#: 2: the front-loaded design below 2P pairs, decoding at the model's size, game.npz.
+LABELLER_REVISION = 2
 
 
 @dataclass
@@ -340,6 +352,7 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         listed += f"\nmax_per_class={config.max_per_class}"
     input_digest = hashlib.sha256(listed.encode()).hexdigest()
     version = "v-" + config.label.fingerprint(
+        LABELLER_REVISION,
         fingerprint,
         class_names,
         input_digest,
@@ -442,6 +455,7 @@ def _explain_settings(
         "sampler": label.sampler,
         "error_estimate": label.error_estimate,
         "precision": label.precision,
+        "shrinkage": label.shrinkage,
     }
 
 
@@ -481,6 +495,7 @@ def _labelled_samples(
     *,
     baseline_mean: Sequence[float] | None,
     model_fingerprint: str,
+    keep_game: bool,
 ) -> list[dict[str, Any]]:
     """The X-dataset samples of an explained request (see :func:`label_samples`)."""
     samples, classes, predicted = request.context
@@ -504,6 +519,8 @@ def _labelled_samples(
         if result.phi_err is not None and relative_error is not None:
             out["shap_err.npy"] = _npy_bytes(result.phi_err[i][keep].numpy().astype(np.float32))
             meta["relative_error"] = [float(relative_error[i][j]) for j in keep]
+        if keep_game and result.games is not None:
+            out["game.npz"] = result.games[i].to_npz()
         out["json"] = meta
         labelled.append(out)
     return labelled
@@ -531,8 +548,11 @@ def label_samples(
     ``[k, gh, gw]``, label class first, then the top predicted classes that differ) and
     ``json`` (the labelling metadata). With ``label.error_estimate`` it also adds
     ``shap_err.npy`` (the bootstrap standard error of each attribution, same shape) and
-    ``relative_error`` per class in ``json`` (``||err|| / ||phi||``). :func:`label_shard`
-    labels its batches the same way, overlapped (:func:`kernel_shap_stream`).
+    ``relative_error`` per class in ``json`` (``||err|| / ||phi||``). With
+    ``label.keep_game`` (the default) it adds ``game.npz``: the coalitions evaluated and their
+    values (:mod:`tasks.algorithms.games`), from which :func:`resolve_samples` solves the labels
+    again without the model. :func:`label_shard` labels its batches the same way, overlapped
+    (:func:`kernel_shap_stream`).
 
     Args:
         images: the samples' images already decoded (``[N, 3, S, S]`` in ``[0, 1]``); decoded
@@ -551,8 +571,72 @@ def label_samples(
         **_explain_settings(label, baseline_mean, device),
     )
     return _labelled_samples(
-        request, result, baseline_mean=baseline_mean, model_fingerprint=model_fingerprint
+        request,
+        result,
+        baseline_mean=baseline_mean,
+        model_fingerprint=model_fingerprint,
+        keep_game=label.keep_game,
     )
+
+
+def resolve_samples(samples: Sequence[dict[str, Any]], label: LabelConfig) -> list[dict[str, Any]]:
+    """X-dataset samples with their labels solved again from their games, without the model.
+
+    Only the solve's settings can differ from the ones the samples were labelled with:
+    ``label.shrinkage`` and ``label.error_estimate``. Everything else a label depends on (the
+    coalitions, hence grid, budget, sampler and seed; the values, hence model, baseline,
+    output and precision) is in the game. With the labelling's own settings the labels come
+    back bit for bit; with others they are what a fresh labelling with those settings gives
+    (the same coalitions, the same values, the same solve).
+
+    Args:
+        samples: as read from an X-dataset (``game.npz`` as bytes or as the mapping that
+            webdataset's ``.decode()`` makes of it, ``json`` as bytes or a dict).
+        label: the settings to solve with.
+
+    Returns:
+        The samples with ``shap.npy`` (and ``shap_err.npy`` with ``label.error_estimate``, and
+        ``relative_error`` in ``json``) replaced; every other field as it was.
+
+    Raises:
+        ValueError: a sample has no ``game.npz`` (labelled with ``keep_game`` off, or before
+            games were kept), or its games cannot be solved together.
+    """
+    missing = [str(s.get("__key__")) for s in samples if "game.npz" not in s]
+    if missing:
+        raise ValueError(
+            f"sample {missing[0]} has no game.npz: it was labelled without keep_game, so only "
+            "the model can label it again"
+        )
+    games = [CoalitionGame.from_npz(s["game.npz"]) for s in samples]
+    out: list[dict[str, Any]] = []
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, game in enumerate(games):  # one batched solve per kind of game
+        groups.setdefault((game.grid, game.budget, game.sampler, len(game.classes)), []).append(i)
+    solved: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for members in groups.values():
+        phi, err = solve_games(
+            [games[i] for i in members],
+            error_estimate=label.error_estimate,
+            shrinkage=label.shrinkage,
+        )
+        for j, i in enumerate(members):
+            solved[i] = (phi[j], None if err is None else err[j])
+    for i, sample in enumerate(samples):
+        keep = [games[i].classes.index(c) for c in _unique_in_order(list(games[i].classes))]
+        phi, err = solved[i]
+        meta = sample["json"]
+        meta = dict(json.loads(meta) if isinstance(meta, (bytes, str)) else meta)
+        new = {k: v for k, v in sample.items() if k not in ("shap_err.npy", "json")}
+        new["shap.npy"] = _npy_bytes(phi[keep].numpy().astype(np.float32))
+        meta.pop("relative_error", None)
+        if err is not None:
+            new["shap_err.npy"] = _npy_bytes(err[keep].numpy().astype(np.float32))
+            norms = phi[keep].flatten(1).norm(dim=1).clamp_min(1e-12)
+            meta["relative_error"] = [float(v) for v in err[keep].flatten(1).norm(dim=1) / norms]
+        new["json"] = meta
+        out.append(new)
+    return out
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -673,6 +757,7 @@ def _label(
                 result,
                 baseline_mean=plan.baseline_mean,
                 model_fingerprint=plan.model_fingerprint,
+                keep_game=config.label.keep_game,
             ):
                 writer.write(out)
                 written += 1
