@@ -40,14 +40,15 @@ from torch import Tensor, nn
 
 from tasks.algorithms.kernel_shap import sample_coalitions, solve_kernel_shap
 from tasks.algorithms.leverage_shap import (
-    SHRINKAGE,
+    default_shrinkage,
     sample_leverage_coalitions,
     solve_leverage_shap,
 )
 from tasks.model.vit import OpenCLIPClassifier
 
 BUDGETS = (50, 75, 100, 150, 200, 300)
-OURS = "ours: leverage, outer strata first below 2P pairs (default)"
+OURS = "ours: leverage, uniform design, shrunk solve (default)"
+FRONT = "ours: outer strata first below 2P pairs (front_load)"
 SHAP = "shap.KernelExplainer (l1_reg=False)"
 MSR = "Regression MSR (re-implemented, tree proxy)"
 Game = Callable[[np.ndarray], np.ndarray]  # bool [K, P] -> float [K]
@@ -267,14 +268,15 @@ def ours_leverage(game: Game, players: int, budget: int, seed: int) -> np.ndarra
     return solve_leverage_shap(masks[None], weights[None], values, v0, v1)[0][0, :, 0].numpy()
 
 
-def ours_uniform(game: Game, players: int, budget: int, seed: int) -> np.ndarray:
-    """The default before issue 26: uniform sizes at every budget, the PRESS-shrunk solve."""
+def ours_front_loaded(game: Game, players: int, budget: int, seed: int) -> np.ndarray:
+    """The design of ``front_load=True``: outer strata first below 2P pairs, plain solve."""
     masks, weights, _ = sample_leverage_coalitions(
-        players, budget - 2, torch.Generator().manual_seed(seed), front_load=False
+        players, budget - 2, torch.Generator().manual_seed(seed), front_load=True
     )
     v0, v1 = _ends(game, players)
     values = torch.from_numpy(game(masks.numpy()))[None, :, None]
-    phi = solve_leverage_shap(masks[None], weights[None], values, v0, v1, shrinkage=SHRINKAGE)
+    shrinkage = default_shrinkage(players, budget - 2, front_load=True)
+    phi = solve_leverage_shap(masks[None], weights[None], values, v0, v1, shrinkage=shrinkage)
     return phi[0][0, :, 0].numpy()
 
 
@@ -420,7 +422,7 @@ def regression_msr(game: Game, players: int, budget: int, seed: int) -> np.ndarr
 def methods(captum: bool = True) -> dict[str, Callable]:
     table = {
         OURS: ours_leverage,
-        "ours: uniform design at every budget (default before issue 26)": ours_uniform,
+        FRONT: ours_front_loaded,
         "ours: kernel (shap's scheme)": ours_kernel,
         SHAP: shap_kernel,
     }

@@ -19,6 +19,7 @@ from storage.catalogue import DatasetVersion, list_versions
 from storage.core import worth_retrying
 from storage.uri import open_file
 from tasks.build_dataset import BuildConfig, BuildPlan, LabelConfig, finalize_build, plan_build
+from tasks.build_dataset.resolve import ResolvePlan, finalize_resolve, plan_resolve, resolve_shard
 from tasks.build_dataset.stage import label_task
 from tasks.model.loading import read_sidecar, weights_uri
 
@@ -354,3 +355,54 @@ def regenerate_explanation_datasets(
         description=f"X-datasets regenerated under {root}",
     )
     return {"regenerated": rows}
+
+
+@task(
+    name="resolve-shard",
+    task_run_name="resolve-{shard}",
+    retries=SHARD_RETRIES,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_lasting,
+    cache_policy=NO_CACHE,
+)
+def resolve_shard_task(plan: ResolvePlan, shard: str) -> dict[str, Any]:
+    """Solve one shard's games again into the new version (no model)."""
+    return resolve_shard(plan, shard)
+
+
+@flow(name="resolve-explanation-dataset", flow_run_name="resolve-{source_uri}")
+def resolve_explanation_dataset(
+    source_uri: str, shrinkage: float | None = None, error_estimate: bool | None = None
+) -> dict[str, Any]:
+    """Solve an X-dataset version again from its kept games, with another solve setting.
+
+    No model runs: each shard's ``game.npz`` files are solved again (one task per shard, a
+    rerun skips the complete ones) into a new version beside the source, whose ``config.json``
+    names the source in ``resolved_from``. The labels are those a fresh build with the new
+    settings would give (:mod:`tasks.build_dataset.resolve`).
+
+    Returns:
+        ``{"dataset_uri", "version", "resolved_from", "complete", "missing", "samples",
+        "failed"}``.
+    """
+    logger = get_run_logger()
+    plan = plan_resolve(source_uri, shrinkage=shrinkage, error_estimate=error_estimate)
+    futures = [resolve_shard_task.submit(plan, shard) for shard in plan.shards]
+    failed = []
+    for future in as_completed(futures):
+        try:
+            future.result()
+        except Exception as exc:
+            failed.append(str(exc) or type(exc).__name__)
+    summary = {**finalize_resolve(plan), "failed": failed}
+    logger.info("re-solved %s into %s: %s", source_uri, plan.dataset_uri, summary)
+    publish_markdown(
+        f"# Re-solved {plan.name} {plan.split}: {plan.version}\n\n"
+        f"From `{plan.source_uri}` without the model, with shrinkage "
+        f"{plan.label.shrinkage}, error_estimate {plan.label.error_estimate}: "
+        f"{summary['samples']} samples in {len(summary['complete'])} shards, "
+        f"{len(summary['missing'])} missing.",
+        key=f"resolve-{plan.name}-{plan.split}",
+        description=f"re-solve of {plan.name}-{plan.split}",
+    )
+    return summary

@@ -4,7 +4,8 @@
 model's fingerprint, the labelling settings, shards done and failed, samples, size, age, status
 and how many records use it); ``datasets show URI/NAME/VERSION`` one version in full;
 ``datasets gc URI --keep N`` what removing superseded versions would free, and with ``--yes``
-removes them. Each takes ``--json`` for scripts. The logic lives in :mod:`storage.catalogue`;
+removes them; ``datasets resolve URI/NAME/VERSION --shrinkage S`` solves a version's kept games
+again into a new version (a Prefect flow run; no model). Each takes ``--json`` for scripts. The logic lives in :mod:`storage.catalogue`;
 this module parses arguments and formats. Errors follow :mod:`flows.cli_errors`: one
 ``error:`` line and exit status 2.
 
@@ -94,6 +95,35 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     _add_common(gc)
     gc.set_defaults(func=cmd_gc)
+
+    resolve = commands.add_parser(
+        "resolve",
+        help="solve a version again from its kept games, without the model",
+        description="Solve the labels of a version labelled with keep_game again with another "
+        "solve setting (shrinkage, error estimate), from the coalitions and values kept in "
+        "each sample's game.npz: no model runs. The result is a new version beside the source "
+        "(its config.json names the source in resolved_from), holding the labels a fresh build "
+        "with those settings would give. A rerun completes a partial one.",
+    )
+    resolve.add_argument(
+        "uri",
+        metavar="URI/NAME/VERSION",
+        help="the source version folder, e.g. out/xdata/shapes-x/v-0123abcd",
+    )
+    resolve.add_argument(
+        "--shrinkage",
+        type=_unit_interval,
+        metavar="S",
+        help="the leverage solve's shrinkage in [0, 1] (0: plain least squares)",
+    )
+    resolve.add_argument(
+        "--error-estimate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="estimate each attribution's standard error (shap_err.npy)",
+    )
+    resolve.add_argument("--json", action="store_true", help="print JSON instead of a line")
+    resolve.set_defaults(func=cmd_resolve)
     return parser
 
 
@@ -106,6 +136,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         metavar="URI",
         help="another output root whose models and sweeps count as users (repeatable)",
     )
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
 
 
 def _at_least_one(text: str) -> int:
@@ -177,6 +217,38 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if result.skipped:
         print(f"\nleft alone ({len(result.skipped)}):")
         print(_decision_table(result.skipped))
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    """``datasets resolve``: a new version from the source's games, as a Prefect flow run."""
+    from flows.cli_checks import check_file
+    from storage import join_uri, layout, open_storage
+
+    source = open_storage(args.uri)
+    check_file(join_uri(source.uri, layout.DATASET_CONFIG_FILE), "X-dataset version config")
+    if args.shrinkage is None and args.error_estimate is None:
+        raise ValueError("give --shrinkage and/or --(no-)error-estimate: the settings to change")
+    from flows.build_dataset import resolve_explanation_dataset
+    from flows.cli_prefect import prefect_api
+
+    # The run's logs go where build-dataset puts them: under the X-data root (NAME's parent).
+    root = source.uri.rstrip("/").rsplit("/", 2)[0]
+    with prefect_api(root, verbose=getattr(args, "verbose", False)):
+        summary = resolve_explanation_dataset(
+            source.uri, shrinkage=args.shrinkage, error_estimate=args.error_estimate
+        )
+    if args.json:
+        _print_json(summary)
+    else:
+        print(
+            f"{summary['version']}: {summary['samples']} samples in {len(summary['complete'])} "
+            f"shards at {summary['dataset_uri']} (re-solved from {summary['resolved_from']})"
+        )
+    if summary["missing"] or summary["failed"]:
+        raise RuntimeError(
+            f"{len(summary['missing'])} shard(s) not re-solved: {'; '.join(summary['failed'])}"
+        )
     return 0
 
 

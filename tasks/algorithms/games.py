@@ -20,7 +20,8 @@ game itself instead of its solution (the FastSHAP / ViT-Shapley objective).
 - ``v_empty``, ``v_full``: float64 ``[k]``;
 - ``classes``: int64 ``[k]``, the explained classes in the labeller's order (the label, then
   the top predicted; ``shap.npy`` keeps them without repeats);
-- ``players``, ``grid`` (``[gh, gw]``), ``budget``, ``seed``: int64; ``sampler``: a string.
+- ``players``, ``grid`` (``[gh, gw]``), ``budget``, ``seed``: int64; ``sampler``: a string;
+  ``front_load``: bool (the leverage design's setting).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ FIELDS = (
     "budget",
     "seed",
     "sampler",
+    "front_load",
 )
 
 
@@ -62,6 +64,7 @@ class CoalitionGame:
         budget: the labelling budget (empty and full included).
         seed: the image's sampling seed (the bootstrap's stream derives from it).
         sampler: ``"leverage"`` or ``"kernel"``.
+        front_load: whether the leverage design filled the outer strata first.
     """
 
     masks: np.ndarray
@@ -75,6 +78,7 @@ class CoalitionGame:
     budget: int
     seed: int
     sampler: str
+    front_load: bool = False
 
     @property
     def players(self) -> int:
@@ -96,6 +100,7 @@ class CoalitionGame:
             "budget": np.int64(self.budget),
             "seed": np.int64(self.seed),
             "sampler": np.str_(self.sampler),
+            "front_load": np.bool_(self.front_load),
         }
         if self.strata is not None:
             arrays["strata"] = self.strata.astype(np.int16)
@@ -139,4 +144,5 @@ class CoalitionGame:
             budget=int(arrays["budget"]),
             seed=int(arrays["seed"]),
             sampler=str(arrays["sampler"]),
+            front_load=bool(arrays["front_load"]),
         )

@@ -461,6 +461,7 @@ class KernelShapConfig:
     error_estimate: bool = False
     precision: str = "auto"
     shrinkage: float | None = None
+    front_load: bool = False
 
     def __post_init__(self) -> None:
         grid = (int(self.grid[0]), int(self.grid[1]))
@@ -488,6 +489,8 @@ class KernelShapConfig:
             raise ValueError(f"shrinkage must be in [0, 1] or None, got {self.shrinkage}")
         if self.shrinkage is not None and self.sampler != "leverage":
             raise ValueError("shrinkage is a setting of the leverage sampler's solve")
+        if self.front_load and self.sampler != "leverage":
+            raise ValueError("front_load is a setting of the leverage sampler's design")
         if isinstance(self.baseline, str) and self.baseline not in BASELINES:
             raise ValueError(
                 f"baseline must be one of {BASELINES} or a tensor, got {self.baseline!r}"
@@ -575,7 +578,7 @@ def plan_coalitions(
         counts = torch.tensor([len(m) for m, _ in drawn], dtype=torch.long)
     else:
         masks_all, weights_all, strata_all, counts = sample_leverage_coalitions_batch(
-            players, config.budget - 2, generators
+            players, config.budget - 2, generators, front_load=config.front_load
         )
     n = len(seeds)
     longest = int(counts.max()) if n else 0
@@ -817,6 +820,7 @@ def solve_coalitions(config: KernelShapConfig, evaluated: CoalitionValues) -> Ke
             budget=config.budget,
             seed=plan.seeds[i],
             sampler=config.sampler,
+            front_load=config.front_load,
         )
         for i in range(n)
     ]
@@ -867,7 +871,7 @@ def solve_games(
     if not games:
         raise ValueError("no games to solve")
     first = games[0]
-    kinds = {(g.grid, g.budget, g.sampler, g.values.shape[1]) for g in games}
+    kinds = {(g.grid, g.budget, g.sampler, g.front_load, g.values.shape[1]) for g in games}
     if len(kinds) > 1:
         raise ValueError(f"games of one grid, budget, sampler and class count only, got {kinds}")
     config = KernelShapConfig(
@@ -876,6 +880,7 @@ def solve_games(
         sampler=first.sampler,
         error_estimate=error_estimate,
         shrinkage=shrinkage,
+        front_load=first.front_load,
     )
     n, k = len(games), first.values.shape[1]
     counts = [len(g.masks) for g in games]
@@ -919,7 +924,11 @@ def _solve_layout(
     """The regressions of padded games: ``(phi, phi_err)`` float32 ``[N, k, gh, gw]``."""
     n, k, grid = masks.shape[0], sampled.shape[-1], config.grid
     phi_err = None
-    if config.error_estimate and front_loaded(config.players, config.budget - 2):
+    if (
+        config.error_estimate
+        and config.front_load
+        and front_loaded(config.players, config.budget - 2)
+    ):
         log.warning(
             "budget %d is below 4P + 2 for %d players: the design fills the outer strata "
             "first and the bootstrap sees none of its bias, so the error estimate is too low",
@@ -940,7 +949,7 @@ def _solve_layout(
             # the bootstrap's own stream, so the estimate is as reproducible as the labels
             generators=[torch.Generator().manual_seed(s ^ 0x5EED) for s in seeds],
             shrinkage=(
-                default_shrinkage(config.players, config.budget - 2)
+                default_shrinkage(config.players, config.budget - 2, config.front_load)
                 if config.shrinkage is None
                 else config.shrinkage
             ),
@@ -967,6 +976,7 @@ def kernel_shap_explain(
     error_estimate: bool = False,
     precision: str = "auto",
     shrinkage: float | None = None,
+    front_load: bool = False,
 ) -> KernelShapResult:
     """Kernel SHAP attributions of grid cells for a batch of images, with v(empty) and v(full).
 
@@ -1006,6 +1016,8 @@ def kernel_shap_explain(
         shrinkage: the leverage solve's largest weight of the population Gram matrix (None:
             :func:`~tasks.algorithms.leverage_shap.default_shrinkage` for the budget; 0: plain
             least squares).
+        front_load: below ``2P`` pairs, the leverage design's outer strata first and a plain
+            least-squares solve (:mod:`~tasks.algorithms.leverage_shap`; off by default).
 
     Returns:
         A :class:`KernelShapResult`.
@@ -1021,6 +1033,7 @@ def kernel_shap_explain(
         error_estimate=error_estimate,
         precision=precision,
         shrinkage=shrinkage,
+        front_load=front_load,
     )
     check_batch(images, classes)
     seeds = _seeds(seed, images.shape[0])

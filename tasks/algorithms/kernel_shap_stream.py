@@ -294,6 +294,7 @@ def kernel_shap_stream(
     error_estimate: bool = False,
     precision: str = "auto",
     shrinkage: float | None = None,
+    front_load: bool = False,
     overlap: bool = True,
     depth: int = DEFAULT_DEPTH,
 ) -> KernelShapStream:
@@ -307,7 +308,7 @@ def kernel_shap_stream(
         model: see :func:`kernel_shap_explain`.
         requests: the batches, as :class:`ExplainRequest`.
         grid, budget, baseline, output, batch_size, masking, sampler, error_estimate,
-            precision, shrinkage: as for :func:`kernel_shap_explain` (a ``"mean"`` baseline is each
+            precision, shrinkage, front_load: as for :func:`kernel_shap_explain` (a ``"mean"`` baseline is each
             batch's own mean).
         overlap: run sampling, model and solve on their own threads, overlapped (``False``:
             one after the other in the consumer's thread).
@@ -327,5 +328,6 @@ def kernel_shap_stream(
         error_estimate=error_estimate,
         precision=precision,
         shrinkage=shrinkage,
+        front_load=front_load,
     )
     return KernelShapStream(model, requests, config, overlap=overlap, depth=depth)

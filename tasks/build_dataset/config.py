@@ -45,6 +45,12 @@ class LabelConfig(StageConfig):
         "(None: the default for the budget; 0: plain least squares); a game kept in the "
         "dataset can be solved again with another value without the model",
     )
+    front_load: bool = Field(
+        False,
+        description="leverage sampler below 2P coalition pairs: fill the outer strata (sizes 1, "
+        "then 2) first and solve by plain least squares; better in Pearson on small games, "
+        "worse in L2 and as a training target on the demo's (docs/benchmarks.md)",
+    )
     keep_game: bool = Field(
         True,
         description="store each image's evaluated coalitions and values beside its label "
@@ -82,6 +88,8 @@ class LabelConfig(StageConfig):
             raise ValueError("error_estimate needs sampler='leverage'")
         if self.shrinkage is not None and self.sampler != "leverage":
             raise ValueError("shrinkage needs sampler='leverage'")
+        if self.front_load and self.sampler != "leverage":
+            raise ValueError("front_load needs sampler='leverage'")
         players = self.grid_h * self.grid_w
         if players < 2:
             raise ValueError(f"grid {self.grid} has fewer than 2 cells")

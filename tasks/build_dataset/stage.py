@@ -79,7 +79,7 @@ PASSED_FIELDS = ("__key__", *IMAGE_FIELDS, "cls", "mask.png")
 #: Part of every dataset version: raised whenever the same settings give other labels or other
 #: samples (the sampling design, the solve, the decoding, the fields written), so that a
 #: version made by an older labeller is never taken for, or completed as, the current one.
-#: 2: the front-loaded design below 2P pairs, decoding at the model's size, game.npz.
+#: 2: decoding at the model's size (only the centre crop resized), game.npz.
 LABELLER_REVISION = 2
 
 
@@ -456,6 +456,7 @@ def _explain_settings(
         "error_estimate": label.error_estimate,
         "precision": label.precision,
         "shrinkage": label.shrinkage,
+        "front_load": label.front_load,
     }
 
 

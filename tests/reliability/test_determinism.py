@@ -38,8 +38,7 @@ def test_same_config_and_seed_reproduce_labels_and_manifest(tmp_path: Path) -> N
     assert first[2] == second[2] and len(first[2]) == 10  # same labels, byte for byte
 
     # The seed matters where the design samples: budget 40 draws 19 pairs of coalitions of 9
-    # players at random (at budget 20 the design is the 9 singletons and their complements,
-    # the same for every seed), so another seed gives another version and other labels.
+    # players at random, so another seed gives another version and other labels.
     def sampled(seed: int, folder: str):
         label = LabelConfig(grid_h=3, grid_w=3, budget=40, images_per_batch=2, seed=seed)
         return _build(build_config(str(tmp_path / folder), label=label))
