@@ -210,6 +210,10 @@ class DatasetVersion:
             text += f" {label['sampler']}"
         if label.get("seed", 0):
             text += f" seed={label['seed']}"
+        if label.get("shrinkage") is not None:
+            text += f" shrinkage={label['shrinkage']:g}"
+        if label.get("front_load"):
+            text += " front_load"
         return text
 
     def to_dict(self) -> dict[str, Any]:
