@@ -250,7 +250,7 @@ def test_non_image_members_of_webdataset_input_are_not_copied(tmp_path: Path) ->
     assert summary["samples"] == 3
     raw = _read_with_webdataset(plan)
     assert {frozenset(k for k in s if not k.startswith("__")) for s in raw} == {
-        frozenset({"png", "cls", "mask.png", "shap.npy", "json"})
+        frozenset({"png", "cls", "mask.png", "shap.npy", "game.npz", "json"})
     }
     # webdataset's default decoder unpickles .pickle/.pyd/.pth: safe here, nothing to run.
     decoded = _read_with_webdataset(plan, decode=True)
