@@ -17,7 +17,7 @@ export PYTHONPATH=.
 
 if [[ "${1:-}" == "--cpu" ]]; then
     DEVICE=cpu
-    GPU_ARGS=(--images 4 --label-batch 4 --steps 2 --batch 4)
+    GPU_ARGS=(--images 2 --label-batch 2 --budget 60 --steps 2 --batch 2)
     PRECISION_ARGS=(--b32-images 0 --vit16-images 1 --tiny-images 1 --reference-budget 300)
 elif "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     DEVICE=cuda
