@@ -613,7 +613,8 @@ def resolve_samples(samples: Sequence[dict[str, Any]], label: LabelConfig) -> li
     out: list[dict[str, Any]] = []
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, game in enumerate(games):  # one batched solve per kind of game
-        groups.setdefault((game.grid, game.budget, game.sampler, len(game.classes)), []).append(i)
+        kind = (game.grid, game.budget, game.sampler, game.front_load, len(game.classes))
+        groups.setdefault(kind, []).append(i)
     solved: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for members in groups.values():
         phi, err = solve_games(

@@ -252,3 +252,26 @@ def test_a_version_without_games_cannot_be_solved_again(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="is not an X-dataset version"):
         plan_resolve(str(tmp_path / "nope"), shrinkage=0.0)
     assert sorted(p.name for p in (tmp_path / "shapes-x").iterdir()) == [source.version]
+
+
+def test_samples_of_different_games_are_solved_each_with_its_own(
+    tiny_classifier: OpenCLIPClassifier,
+) -> None:
+    torch.manual_seed(3)
+    images, classes = torch.rand(2, 3, 56, 56), torch.tensor([1, 2])
+    results = [
+        kernel_shap_explain(tiny_classifier, images, classes, budget=60, seed=[5, 6]),
+        kernel_shap_explain(tiny_classifier, images, classes, budget=100, seed=[5, 6]),
+        kernel_shap_explain(
+            tiny_classifier, images, classes, budget=100, seed=[5, 6], front_load=True
+        ),
+    ]
+    samples = [
+        {"__key__": f"{r}-{i}", "game.npz": result.games[i].to_npz(), "json": {"budget": 0}}
+        for r, result in enumerate(results)
+        for i in range(2)
+    ]
+    resolved = resolve_samples(samples, LabelConfig(grid_h=7, grid_w=7))
+    for sample, (r, i) in zip(resolved, [(r, i) for r in range(3) for i in range(2)], strict=True):
+        phi = np.load(io.BytesIO(sample["shap.npy"]))
+        assert np.array_equal(phi[0], results[r].phi[i].numpy())
