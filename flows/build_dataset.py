@@ -370,6 +370,19 @@ def resolve_shard_task(plan: ResolvePlan, shard: str) -> dict[str, Any]:
     return resolve_shard(plan, shard)
 
 
+@task(
+    name="finalize-resolve",
+    task_run_name="finalize-resolve",
+    retries=STEP_RETRIES,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_lasting,
+    cache_policy=NO_CACHE,
+)
+def finalize_resolve_task(plan: ResolvePlan) -> dict[str, Any]:
+    """Write the manifest of the re-solved version's complete shards."""
+    return finalize_resolve(plan)
+
+
 @flow(name="resolve-explanation-dataset", flow_run_name="resolve-{source_uri}")
 def resolve_explanation_dataset(
     source_uri: str, shrinkage: float | None = None, error_estimate: bool | None = None
@@ -394,7 +407,14 @@ def resolve_explanation_dataset(
             future.result()
         except Exception as exc:
             failed.append(str(exc) or type(exc).__name__)
-    summary = {**finalize_resolve(plan), "failed": failed}
+    # The new version is an asset made from the source version (no model ran).
+    finalize = materializing(
+        finalize_resolve_task,
+        stage_asset(plan.dataset_uri, "x-dataset", f"{plan.name} {plan.split} {plan.version}"),
+        upstream_assets([plan.source_uri]),
+        metadata=lambda summary: dataset_metadata(summary, plan.model_fingerprint),
+    )
+    summary = {**finalize(plan), "failed": failed}
     logger.info("re-solved %s into %s: %s", source_uri, plan.dataset_uri, summary)
     publish_markdown(
         f"# Re-solved {plan.name} {plan.split}: {plan.version}\n\n"

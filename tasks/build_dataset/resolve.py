@@ -38,6 +38,7 @@ class ResolvePlan:
         name, split: the dataset's name and split.
         label: the new label settings (the source's with the solve's fields changed).
         shards: the source's complete shards (file names), each re-solved into its namesake.
+        model_fingerprint: the explained model's, as the source recorded it.
     """
 
     source_uri: str
@@ -47,6 +48,7 @@ class ResolvePlan:
     split: str
     label: LabelConfig
     shards: tuple[str, ...]
+    model_fingerprint: str | None = None
 
 
 def plan_resolve(
@@ -120,6 +122,7 @@ def plan_resolve(
         split=build["split"],
         label=label,
         shards=tuple(shards),
+        model_fingerprint=recorded.get("model_fingerprint"),
     )
 
 
