@@ -245,10 +245,11 @@ def cmd_resolve(args: argparse.Namespace) -> int:
             f"{summary['version']}: {summary['samples']} samples in {len(summary['complete'])} "
             f"shards at {summary['dataset_uri']} (re-solved from {summary['resolved_from']})"
         )
-    if summary["missing"] or summary["failed"]:
-        raise RuntimeError(
-            f"{len(summary['missing'])} shard(s) not re-solved: {'; '.join(summary['failed'])}"
-        )
+    if summary["missing"]:
+        from flows.cli_errors import ShardsFailedError
+
+        # One line naming the first failure's path and cause; the rerun finishes the rest.
+        raise ShardsFailedError({**summary, "failed_errors": summary["failed"]})
     return 0
 
 
