@@ -6,7 +6,9 @@ imports torch, seconds), lets the command line judge ``--model`` and ``--image-s
 anything heavy starts. The files and the rules are open_clip's (``open_clip.factory``): every
 ``*.json`` of its ``model_configs/`` folder and of the project's that has ``embed_dim``,
 ``vision_cfg`` and ``text_cfg``, the project's taking precedence, sorted in open_clip's natural
-order; :mod:`tasks.model.clip` registers the same folder with open_clip, so both agree.
+order; :mod:`tasks.model.clip` registers the same folder with open_clip, so both agree. Once
+open_clip is imported, architectures registered with it at run time
+(``open_clip.add_model_config``) count too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +53,18 @@ def _configs() -> dict[str, dict[str, Any]]:
     return dict(sorted(found.items(), key=lambda item: _natural_key(item[0])))
 
 
+def _registered() -> dict[str, Any]:
+    """Architectures open_clip knows at run time, when it is already imported (else none)."""
+    open_clip = sys.modules.get("open_clip")
+    if open_clip is None:
+        return {}
+    return {name: None for name in open_clip.list_models()}
+
+
 def available_models() -> list[str]:
     """Names of every architecture open_clip can build here (its own and the project's)."""
-    return list(_configs())
+    names = {**_configs(), **_registered()}
+    return sorted(names, key=_natural_key)
 
 
 def model_config(model_name: str) -> dict[str, Any]:
@@ -62,9 +74,11 @@ def model_config(model_name: str) -> dict[str, Any]:
         ValueError: the architecture is unknown.
     """
     configs = _configs()
-    if model_name not in configs:
-        raise ValueError(f"unknown model {model_name!r}; available: {', '.join(configs)}")
-    return copy.deepcopy(configs[model_name])
+    if model_name in configs:
+        return copy.deepcopy(configs[model_name])
+    if model_name in _registered():
+        return sys.modules["open_clip"].get_model_config(model_name)
+    raise ValueError(f"unknown model {model_name!r}; available: {', '.join(available_models())}")
 
 
 def model_image_size(model_name: str) -> int:
