@@ -23,9 +23,16 @@ from pydantic import ValidationError
 
 from storage.errors import StorageError
 
+
+class AccuracyFloorError(RuntimeError):
+    """A model stays below the accuracy the run requires of it (``min_target_accuracy``,
+    ``min_accuracy``): a setting to change or a model to train longer, not a crash."""
+
+
 #: What the command line reports in one line instead of a traceback.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     StorageError,
+    AccuracyFloorError,
     ValueError,  # pydantic's ValidationError included
     FileNotFoundError,
     OSError,  # an unreachable Dask scheduler, a read-only folder

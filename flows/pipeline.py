@@ -23,6 +23,7 @@ from prefect.settings import get_current_settings
 from flows.artifacts import artifact_key, markdown_table, publish_markdown, publish_png
 from flows.assets import ancestors, asset_key, draw_lineage, lineage_rows, read_lineage
 from flows.build_dataset import build_explanation_dataset
+from flows.cli_errors import AccuracyFloorError
 from flows.export import export_planned_domain
 from flows.finetune import finetune_flow
 from flows.pipeline_config import PipelineConfig as PipelineConfig  # no torch; re-exported
@@ -226,7 +227,7 @@ def _check_accuracy(
     if accuracy is not None and accuracy < floor:
         setting = f"min_accuracy[{domain!r}]" if own else "min_target_accuracy"
         which = f"model {result['uri']}" + (f" of domain {domain}" if domain else "")
-        raise RuntimeError(
+        raise AccuracyFloorError(
             f"{which} reaches val accuracy {accuracy:.3f}, below {setting} {floor:g}: train "
             f"it longer or from a better base, or lower {setting} to run anyway"
         )

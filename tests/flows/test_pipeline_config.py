@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import flows.pipeline as pipeline
+from flows.cli_errors import EXPECTED_ERRORS, AccuracyFloorError
 from flows.pipeline import (
     PipelineConfig,
     _check_accuracy,
@@ -286,8 +287,12 @@ def test_a_target_below_its_floor_stops_the_run_before_any_labelling(tmp_path, m
     config = _real_run(tmp_path)
     recorder = _Recorder(accuracy={"eurosat": 0.11})  # chance on EuroSAT's 10 classes
     recorder.install(monkeypatch, _plans(config, IMAGENET_CLASSES))
-    with pytest.raises(RuntimeError, match=r"of domain eurosat reaches val accuracy 0\.110"):
+    with pytest.raises(
+        AccuracyFloorError, match=r"of domain eurosat reaches val accuracy 0\.110"
+    ) as info:
         pipeline.explain_transfer_pipeline(config)
+    # The command line reports it in one line (exit 2), not as a traceback.
+    assert isinstance(info.value, EXPECTED_ERRORS)
     assert not any(event[0] == "build" for event in recorder.events)
     assert recorder.events[-1] == ("finetune", "eurosat", "P")
 
