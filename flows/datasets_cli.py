@@ -5,8 +5,9 @@ model's fingerprint, the labelling settings, shards done and failed, samples, si
 and how many records use it); ``datasets show URI/NAME/VERSION`` one version in full;
 ``datasets gc URI --keep N`` what removing superseded versions would free, and with ``--yes``
 removes them; ``datasets resolve URI/NAME/VERSION --shrinkage S`` solves a version's kept games
-again into a new version (a Prefect flow run; no model). Each takes ``--json`` for scripts. The logic lives in :mod:`storage.catalogue`;
-this module parses arguments and formats. Errors follow :mod:`flows.cli_errors`: one
+again into a new version (a Prefect flow run; no model). Each takes ``--json`` for scripts. The
+logic lives in :mod:`storage.catalogue` and :mod:`tasks.build_dataset.resolve`; this module
+parses arguments and formats. Errors follow :mod:`flows.cli_errors`: one
 ``error:`` line and exit status 2.
 
 ``python -m flows.datasets_cli datasets list out`` runs it without the rest of the CLI.

@@ -26,7 +26,7 @@ _EXPORTS = {
     "list_input": "tasks.build_dataset.inputs",
     "load_explained_model": "tasks.build_dataset.stage",
     "plan_build": "tasks.build_dataset.stage",
-    "resolve_samples": "tasks.build_dataset.stage",
+    "resolve_samples": "tasks.build_dataset.resolve",
     "ShardOutcome": "tasks.build_dataset.stage",
 }
 __all__ = sorted(_EXPORTS)

@@ -2,7 +2,8 @@
 
 A version labelled with ``keep_game`` holds, beside each label, the coalitions evaluated and
 their values (``game.npz``). Changing only the solve (``shrinkage``, ``error_estimate``) then
-needs no model evaluation: :func:`plan_resolve` fixes a new version next to the source (its
+needs no model evaluation. :func:`resolve_samples` solves samples again from their games;
+over a whole version, :func:`plan_resolve` fixes a new version next to the source (its
 ``config.json`` names the source in ``resolved_from``), :func:`resolve_shard` solves one shard
 again (skipped when already complete, so a rerun resumes) and :func:`finalize_resolve` writes
 the manifest. Every other setting is in the games and can only change by labelling again.
@@ -10,21 +11,88 @@ the manifest. Every other setting is in the games and can only change by labelli
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
+
 from storage import join_uri, layout, open_storage
 from storage.shards import ShardWriter, complete_shards, read_shard, write_manifest
+from tasks.algorithms.games import CoalitionGame
+from tasks.algorithms.kernel_shap import solve_games
 from tasks.build_dataset.config import LabelConfig
-from tasks.build_dataset.stage import LABELLER_REVISION, resolve_samples
+from tasks.build_dataset.stage import LABELLER_REVISION, _npy_bytes, _unique_in_order
 
 logger = logging.getLogger(__name__)
 
-#: The label settings a re-solve may change: the solve's. The batch sizes change no label.
+#: The label settings a re-solve may change: the solve's.
 SOLVE_FIELDS = ("shrinkage", "error_estimate")
-_NEUTRAL_FIELDS = ("images_per_batch", "forward_batch_size")
+
+
+def resolve_samples(samples: Sequence[dict[str, Any]], label: LabelConfig) -> list[dict[str, Any]]:
+    """X-dataset samples with their labels solved again from their games, without the model.
+
+    Only the solve's settings can differ from the ones the samples were labelled with:
+    ``label.shrinkage`` and ``label.error_estimate``. Everything else a label depends on (the
+    coalitions, hence grid, budget, sampler and seed; the values, hence model, baseline,
+    output and precision) is in the game. With the labelling's own settings the labels come
+    back bit for bit; with others they are what a fresh labelling with those settings gives
+    (the same coalitions, the same values, the same solve).
+
+    Args:
+        samples: as read from an X-dataset (``game.npz`` as bytes or as the mapping that
+            webdataset's ``.decode()`` makes of it, ``json`` as bytes or a dict).
+        label: the settings to solve with.
+
+    Returns:
+        The samples with ``shap.npy`` (and ``shap_err.npy`` with ``label.error_estimate``, and
+        ``relative_error`` in ``json``) replaced; every other field as it was.
+
+    Raises:
+        ValueError: a sample has no ``game.npz`` (labelled with ``keep_game`` off, or before
+            games were kept), or its games cannot be solved together.
+    """
+    missing = [str(s.get("__key__")) for s in samples if "game.npz" not in s]
+    if missing:
+        raise ValueError(
+            f"sample {missing[0]} has no game.npz: it was labelled without keep_game, so only "
+            "the model can label it again"
+        )
+    games = [CoalitionGame.from_npz(s["game.npz"]) for s in samples]
+    out: list[dict[str, Any]] = []
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, game in enumerate(games):  # one batched solve per kind of game
+        kind = (game.grid, game.budget, game.sampler, game.front_load, len(game.classes))
+        groups.setdefault(kind, []).append(i)
+    solved: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for members in groups.values():
+        phi, err = solve_games(
+            [games[i] for i in members],
+            error_estimate=label.error_estimate,
+            shrinkage=label.shrinkage,
+        )
+        for j, i in enumerate(members):
+            solved[i] = (phi[j], None if err is None else err[j])
+    for i, sample in enumerate(samples):
+        keep = [games[i].classes.index(c) for c in _unique_in_order(list(games[i].classes))]
+        phi, err = solved[i]
+        meta = sample["json"]
+        meta = dict(json.loads(meta) if isinstance(meta, (bytes, str)) else meta)
+        new = {k: v for k, v in sample.items() if k not in ("shap_err.npy", "json")}
+        new["shap.npy"] = _npy_bytes(phi[keep].numpy().astype(np.float32))
+        meta.pop("relative_error", None)
+        if err is not None:
+            new["shap_err.npy"] = _npy_bytes(err[keep].numpy().astype(np.float32))
+            norms = phi[keep].flatten(1).norm(dim=1).clamp_min(1e-12)
+            meta["relative_error"] = [float(v) for v in err[keep].flatten(1).norm(dim=1) / norms]
+        new["json"] = meta
+        out.append(new)
+    return out
 
 
 @dataclass(frozen=True)
@@ -91,7 +159,8 @@ def plan_resolve(
         raise FileNotFoundError(
             f"no complete shards of {build['name']}-{build['split']} in {source.uri}"
         )
-    first = next(iter(read_shard(source, shards[0])), None)
+    with closing(read_shard(source, shards[0])) as samples:  # the first sample only
+        first = next(samples, None)
     if first is not None and "game.npz" not in first:
         raise ValueError(
             f"{source.uri} was labelled without keep_game (its samples have no game.npz), so "

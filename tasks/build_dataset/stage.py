@@ -44,13 +44,7 @@ from storage.checkpoints import checkpoint_fingerprint
 from storage.core import map_concurrently
 from storage.layout import shard_name, shard_report_key, split_report_key
 from storage.shards import ShardWriter, write_manifest
-from tasks.algorithms.games import CoalitionGame
-from tasks.algorithms.kernel_shap import (
-    KernelShapResult,
-    derive_seed,
-    kernel_shap_explain,
-    solve_games,
-)
+from tasks.algorithms.kernel_shap import KernelShapResult, derive_seed, kernel_shap_explain
 from tasks.algorithms.kernel_shap_stream import ExplainRequest, kernel_shap_stream
 from tasks.build_dataset.batches import decode_workers, input_batches
 from tasks.build_dataset.config import BuildConfig, LabelConfig
@@ -551,7 +545,8 @@ def label_samples(
     ``shap_err.npy`` (the bootstrap standard error of each attribution, same shape) and
     ``relative_error`` per class in ``json`` (``||err|| / ||phi||``). With
     ``label.keep_game`` (the default) it adds ``game.npz``: the coalitions evaluated and their
-    values (:mod:`tasks.algorithms.games`), from which :func:`resolve_samples` solves the labels
+    values (:mod:`tasks.algorithms.games`), from which
+    :func:`tasks.build_dataset.resolve.resolve_samples` solves the labels
     again without the model. :func:`label_shard` labels its batches the same way, overlapped
     (:func:`kernel_shap_stream`).
 
@@ -578,67 +573,6 @@ def label_samples(
         model_fingerprint=model_fingerprint,
         keep_game=label.keep_game,
     )
-
-
-def resolve_samples(samples: Sequence[dict[str, Any]], label: LabelConfig) -> list[dict[str, Any]]:
-    """X-dataset samples with their labels solved again from their games, without the model.
-
-    Only the solve's settings can differ from the ones the samples were labelled with:
-    ``label.shrinkage`` and ``label.error_estimate``. Everything else a label depends on (the
-    coalitions, hence grid, budget, sampler and seed; the values, hence model, baseline,
-    output and precision) is in the game. With the labelling's own settings the labels come
-    back bit for bit; with others they are what a fresh labelling with those settings gives
-    (the same coalitions, the same values, the same solve).
-
-    Args:
-        samples: as read from an X-dataset (``game.npz`` as bytes or as the mapping that
-            webdataset's ``.decode()`` makes of it, ``json`` as bytes or a dict).
-        label: the settings to solve with.
-
-    Returns:
-        The samples with ``shap.npy`` (and ``shap_err.npy`` with ``label.error_estimate``, and
-        ``relative_error`` in ``json``) replaced; every other field as it was.
-
-    Raises:
-        ValueError: a sample has no ``game.npz`` (labelled with ``keep_game`` off, or before
-            games were kept), or its games cannot be solved together.
-    """
-    missing = [str(s.get("__key__")) for s in samples if "game.npz" not in s]
-    if missing:
-        raise ValueError(
-            f"sample {missing[0]} has no game.npz: it was labelled without keep_game, so only "
-            "the model can label it again"
-        )
-    games = [CoalitionGame.from_npz(s["game.npz"]) for s in samples]
-    out: list[dict[str, Any]] = []
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, game in enumerate(games):  # one batched solve per kind of game
-        kind = (game.grid, game.budget, game.sampler, game.front_load, len(game.classes))
-        groups.setdefault(kind, []).append(i)
-    solved: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for members in groups.values():
-        phi, err = solve_games(
-            [games[i] for i in members],
-            error_estimate=label.error_estimate,
-            shrinkage=label.shrinkage,
-        )
-        for j, i in enumerate(members):
-            solved[i] = (phi[j], None if err is None else err[j])
-    for i, sample in enumerate(samples):
-        keep = [games[i].classes.index(c) for c in _unique_in_order(list(games[i].classes))]
-        phi, err = solved[i]
-        meta = sample["json"]
-        meta = dict(json.loads(meta) if isinstance(meta, (bytes, str)) else meta)
-        new = {k: v for k, v in sample.items() if k not in ("shap_err.npy", "json")}
-        new["shap.npy"] = _npy_bytes(phi[keep].numpy().astype(np.float32))
-        meta.pop("relative_error", None)
-        if err is not None:
-            new["shap_err.npy"] = _npy_bytes(err[keep].numpy().astype(np.float32))
-            norms = phi[keep].flatten(1).norm(dim=1).clamp_min(1e-12)
-            meta["relative_error"] = [float(v) for v in err[keep].flatten(1).norm(dim=1) / norms]
-        new["json"] = meta
-        out.append(new)
-    return out
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

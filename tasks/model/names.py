@@ -53,18 +53,15 @@ def _configs() -> dict[str, dict[str, Any]]:
     return dict(sorted(found.items(), key=lambda item: _natural_key(item[0])))
 
 
-def _registered() -> dict[str, Any]:
+def _registered() -> set[str]:
     """Architectures open_clip knows at run time, when it is already imported (else none)."""
     open_clip = sys.modules.get("open_clip")
-    if open_clip is None:
-        return {}
-    return {name: None for name in open_clip.list_models()}
+    return set(open_clip.list_models()) if open_clip is not None else set()
 
 
 def available_models() -> list[str]:
     """Names of every architecture open_clip can build here (its own and the project's)."""
-    names = {**_configs(), **_registered()}
-    return sorted(names, key=_natural_key)
+    return sorted(set(_configs()) | _registered(), key=_natural_key)
 
 
 def model_config(model_name: str) -> dict[str, Any]:
