@@ -120,20 +120,20 @@ def measure(
         context=(samples, classes, classes[:, 1]),
     )
     batches_per_shard = max(1, shard_size // batch)
+    # The labeller's default output: the labels, their metadata and each image's game.npz.
+    encoding = {"baseline_mean": [0.5] * 3, "model_fingerprint": "f" * 16, "keep_game": True}
 
     def write_shard() -> None:
         with tempfile.TemporaryDirectory() as folder:
             storage = LocalStorage(folder)
             with ShardWriter(storage, "x-train-000000.tar", temp_dir=folder) as writer:
                 for b in range(batches_per_shard):
-                    for out in _labelled_samples(
-                        request, result, baseline_mean=[0.5] * 3, model_fingerprint="f" * 16
-                    ):
+                    for out in _labelled_samples(request, result, **encoding):
                         out["__key__"] = f"{b:05d}{out['__key__']}"
                         writer.write(out)
 
     def encode() -> None:
-        _labelled_samples(request, result, baseline_mean=[0.5] * 3, model_fingerprint="f" * 16)
+        _labelled_samples(request, result, **encoding)
 
     steps = [
         (
@@ -177,7 +177,7 @@ def measure(
             batch,
         ),
         ("solve (2 classes)", lambda: solve_coalitions(config, evaluated), True, batch),
-        ("encode the output samples (npy, json)", encode, True, batch),
+        ("encode the output samples (npy, game.npz, json)", encode, True, batch),
         (
             f"encode + write + publish a shard of {batches_per_shard * batch}",
             write_shard,
@@ -188,7 +188,7 @@ def measure(
     rows = [(name, cpu_ms(step, repeats) / count, total) for name, step, total, count in steps]
     by_name = {name: ms for name, ms, _ in rows}
     layout = by_name["plan (sampling + forward-row layout)"] - by_name["coalition sampling"]
-    writing = by_name[steps[-1][0]] - by_name["encode the output samples (npy, json)"]
+    writing = by_name[steps[-1][0]] - by_name["encode the output samples (npy, game.npz, json)"]
     rows.append(("forward-row layout (plan less sampling)", layout, True))
     rows.append(("tar write + publish (shard less encoding)", writing, True))
     return rows
