@@ -270,6 +270,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "data": args.data,
         "epochs": args.epochs,
         "beta": args.beta,
+        "x_loss": args.x_loss,
         "model_name": args.model,
     }
     fields.update({k: v for k, v in overrides.items() if v is not None})
@@ -445,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--model")
     ft.add_argument("--epochs", type=int)
     ft.add_argument("--beta", type=float)
+    ft.add_argument(
+        "--x-loss",
+        choices=["labels", "game"],
+        help="X mode's explanation loss: the labels (default) or the kept games (game.npz)",
+    )
     ft.add_argument("--out", required=True, help="output root URI")
     ft.set_defaults(func=cmd_finetune)
 

@@ -7,7 +7,7 @@ starts.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -88,6 +88,12 @@ class PipelineConfig(StageConfig):
     batch_size: int = Field(32, ge=1, description="global batch of every fine-tuning")
     lr: float = Field(1e-4, gt=0)
     beta: float = Field(1.0, ge=0)
+    x_loss: Literal["labels", "game"] = Field(
+        "labels",
+        description="theta_X's explanation loss: labels (the paper's regression on the Kernel "
+        "SHAP labels) or game (the FastSHAP / ViT-Shapley objective on the kept coalitions; "
+        "needs label.keep_game)",
+    )
     # Every fine-tuning of the pipeline launches the same way; at these defaults (FinetuneConfig's
     # own) each trains in the flow's process, and the models' fingerprints are those of a config
     # without these fields.
@@ -151,6 +157,12 @@ class PipelineConfig(StageConfig):
         description="Kernel SHAP of theta_T + lambda* tau at this budget, the yardstick of the "
         "SEM pass's insertion/deletion at lambda* (None: not run)",
     )
+    edited_agreement_budgets: tuple[int, ...] = Field(
+        (50, 150),
+        description="after selection, the SEM pass at lambda* and Kernel SHAP at these budgets, "
+        "all of theta_T + lambda* tau, scored against a reference of that edited model on the "
+        "Kernel SHAP test images: the budget a transferred map matches (empty: not run)",
+    )
     accuracy_tolerance: float = Field(1.0, ge=0)
     auc_steps: int | None = Field(8, ge=1, description="insertion/deletion steps (None: per cell)")
     sweep_name: str = "embedded-default"
@@ -208,6 +220,15 @@ class PipelineConfig(StageConfig):
             )
         return self
 
+    @model_validator(mode="after")
+    def _game_loss_has_games(self) -> PipelineConfig:
+        if self.x_loss == "game" and not self.label.keep_game:
+            raise ValueError(
+                "x_loss 'game' trains on the coalitions kept beside each label: set "
+                "label.keep_game true (or x_loss 'labels')"
+            )
+        return self
+
     def accuracy_floor(self, domain: str) -> float:
         """The val accuracy the prediction-only model of ``domain`` must reach."""
         return self.min_accuracy.get(domain, self.min_target_accuracy)
@@ -245,6 +266,7 @@ class PipelineConfig(StageConfig):
             reference_budget=80,
             lambdas=(0.0, 1.0),
             kernel_shap_budgets=(60,),
+            edited_agreement_budgets=(60,),
             auc_steps=8,
             sweep_name="miniature",
         )

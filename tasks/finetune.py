@@ -47,7 +47,14 @@ from storage.checkpoints import (
 )
 from storage.fingerprints import fingerprint_of
 from tasks.config import resolve_device
-from tasks.data.stream import Decoder, OrderedStream, TrainStream, first_sample, list_split
+from tasks.data.stream import (
+    Decoder,
+    GameBatch,
+    OrderedStream,
+    TrainStream,
+    first_sample,
+    list_split,
+)
 from tasks.distributed import launch, rank_device
 from tasks.finetune_config import FinetuneConfig as FinetuneConfig  # no torch; re-exported
 from tasks.model import (
@@ -85,7 +92,8 @@ def training_stream(config: FinetuneConfig, rank: int = 0, world_size: int = 1) 
 
     Raises:
         ValueError: no complete shard, too few shards for the processes, the batch not
-            divisible by them, or (X mode) a dataset without ``shap.npy`` or on another grid.
+            divisible by them, or (X mode) a dataset without ``shap.npy`` (or ``game.npz``, for
+            the game loss) or on another grid.
     """
     if config.batch_size % world_size:
         raise ValueError(
@@ -94,7 +102,8 @@ def training_stream(config: FinetuneConfig, rank: int = 0, world_size: int = 1) 
     split = list_split(config.data, config.split, config.data_name)
     grid = (config.grid, config.grid)
     targets = "require" if config.mode == "X" else "no"
-    decoder = Decoder(config.image_size, targets=targets, grid=grid, where=split.uri)
+    games = config.mode == "X" and config.x_loss == "game"
+    decoder = Decoder(config.image_size, targets=targets, grid=grid, games=games, where=split.uri)
     if config.mode == "X":
         decoder([first_sample(split)])
     stream = TrainStream(
@@ -143,6 +152,41 @@ def explanation_loss(
     """
     label_maps = attributions[torch.arange(labels.shape[0], device=labels.device), labels]
     return F.mse_loss(standardize_per_image(label_maps.float()), standardize_per_image(targets))
+
+
+def game_loss(
+    attributions: torch.Tensor, labels: torch.Tensor, games: GameBatch, eps: float = 1e-12
+) -> torch.Tensor:
+    """The Shapley regression objective on each label-class map's own game (FastSHAP, ViT-Shapley).
+
+    The map ``m`` of an image is read as the attributions ``phi = a (m - mean m) + D / P``, where
+    ``D = v(full) - v(empty)`` is shared out evenly (efficiency holds for every ``a``) and the
+    scale ``a >= 0`` is fitted to the image's game in closed form. The weighted least-squares
+    residual of the coalitions, ``sum_S w_S (v(empty) + sum_{i in S} phi_i - v(S))^2``, then
+    depends on ``m`` only through the weighted cosine of ``x_S = sum_{i in S} (m_i - mean m)``
+    with ``y_S = v(S) - v(empty) - |S| D / P``; the loss is ``2 (1 - cosine)`` per image, on the
+    scale of :func:`explanation_loss` (which is ``2 (1 - r)``), and like it invariant to a
+    positive affine map of ``m``. Over all coalitions with the Shapley kernel's weights it is
+    ``2 (1 - c r)``, with ``r`` the Pearson of ``m`` with the exact Shapley values and ``c <= 1``
+    a constant of the game (1 when the game is additive): the same optimum as the label loss,
+    reached from the sampled coalitions instead of their solution.
+
+    Args:
+        attributions: ``[B, C, gh, gw]`` SEM attributions.
+        labels: ``[B]`` label ids.
+        games: the label class's games of the batch.
+        eps: keeps a constant map or game finite.
+    """
+    label_maps = attributions[torch.arange(labels.shape[0], device=labels.device), labels]
+    dtype = torch.promote_types(label_maps.dtype, torch.float32)
+    maps = label_maps.to(dtype).flatten(1)
+    coalitions, w, values, v_empty, v_full = (t.to(dtype) for t in games)
+    centred = maps - maps.mean(dim=1, keepdim=True)
+    share = (v_full - v_empty) / maps.shape[1]
+    x = torch.einsum("blp,bp->bl", coalitions, centred)
+    y = values - v_empty[:, None] - coalitions.sum(dim=2) * share[:, None]
+    cosine = (w * x * y).sum(1) / torch.sqrt((w * x * x).sum(1) * (w * y * y).sum(1) + eps)
+    return (2 * (1 - cosine)).mean()
 
 
 def pearson_per_image(maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -436,12 +480,7 @@ class Finetuner:
                     with autocast:
                         logits, maps = forward(images)
                     ce = F.cross_entropy(logits.float(), labels)
-                    targets = batch.targets
-                    expl = (
-                        explanation_loss(maps, labels, targets.to(device))
-                        if targets is not None
-                        else None
-                    )
+                    expl = _explanation_term(config, maps, labels, batch, device)
                     loss = ce + config.beta * expl if config.mode == "X" else ce
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -627,6 +666,21 @@ class Finetuner:
         )
         logger.info("fine-tuned model %s written to %s", fingerprint, self.out.url(MODEL_FILE))
         return self.result(skipped=False)
+
+
+def _explanation_term(
+    config: FinetuneConfig,
+    maps: torch.Tensor,
+    labels: torch.Tensor,
+    batch: Any,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The batch's explanation loss (None without targets: P mode)."""
+    if batch.games is not None:
+        return game_loss(maps, labels, batch.games.to(device))
+    if batch.targets is None:
+        return None
+    return explanation_loss(maps, labels, batch.targets.to(device))
 
 
 def _new_running() -> dict[str, float]:

@@ -32,6 +32,9 @@ _RESUME_NEUTRAL_FIELDS = (
     "rdzv_id",
 )
 
+# Fields added after models were trained, with the value every earlier model was trained with.
+_LATER_FIELDS = {"x_loss": "labels"}
+
 
 class FinetuneConfig(StageConfig):
     """Configuration of one fine-tuning run.
@@ -56,6 +59,10 @@ class FinetuneConfig(StageConfig):
             ``"constant"``.
         warmup_steps: linear warm-up steps.
         beta: weight of the explanation loss (X mode).
+        x_loss: the explanation loss (X mode): ``"labels"``, the paper's regression of the
+            standardised map on the Kernel SHAP label (``shap.npy``); or ``"game"``, the
+            FastSHAP / ViT-Shapley objective on the coalitions the label was solved from
+            (``game.npz``), the map calibrated to each image's game (:func:`tasks.finetune.game_loss`).
         grid: attribution grid side (``grid x grid`` cells, the SHAP grid).
         seed: seeds the data order and the torch RNG.
         checkpoint_every: steps between resumable checkpoints (None: by time and epoch only).
@@ -99,6 +106,7 @@ class FinetuneConfig(StageConfig):
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(default=0, ge=0)
     beta: float = Field(default=1.0, ge=0)
+    x_loss: Literal["labels", "game"] = "labels"
     grid: int = Field(default=7, ge=1)
     seed: int = 0
     checkpoint_every: int | None = Field(default=None, ge=1)
@@ -148,5 +156,9 @@ class FinetuneConfig(StageConfig):
         fields = self.to_dict()
         for name in _RESUME_NEUTRAL_FIELDS:
             fields.pop(name)
+        # Added after models were trained: its default leaves their fingerprints as they were.
+        for name, default in _LATER_FIELDS.items():
+            if fields[name] == default:
+                fields.pop(name)
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

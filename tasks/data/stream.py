@@ -57,6 +57,7 @@ from webdataset.filters import shuffle as wds_shuffle
 
 from storage import open_storage
 from storage.shards import complete_shards, read_shard
+from tasks.algorithms.games import CoalitionGame
 from tasks.data.images import sample_to_tensor
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class Batch(NamedTuple):
         labels: ``[B]`` int64.
         targets: ``[B, gh, gw]`` float32 Kernel SHAP maps of the label class, or None.
         masks: ``[B, s, s]`` bool object masks, or None.
+        games: the label class's games (``game.npz``) when the decoder was asked for them.
     """
 
     keys: list[str]
@@ -140,6 +142,52 @@ class Batch(NamedTuple):
     labels: torch.Tensor
     targets: torch.Tensor | None
     masks: torch.Tensor | None
+    games: GameBatch | None = None
+
+
+class GameBatch(NamedTuple):
+    """The label class's coalition games of a batch, padded to its longest game.
+
+    Attributes:
+        coalitions: ``[B, L, P]`` float32 0/1 coalitions (a padded row is all zero).
+        weights: ``[B, L]`` float32 regression weights (0 on padded rows).
+        values: ``[B, L]`` float32 coalition values of the label class.
+        v_empty: ``[B]`` float32 value of the empty coalition.
+        v_full: ``[B]`` float32 value of the full coalition.
+    """
+
+    coalitions: torch.Tensor
+    weights: torch.Tensor
+    values: torch.Tensor
+    v_empty: torch.Tensor
+    v_full: torch.Tensor
+
+    def to(self, device: torch.device | str) -> GameBatch:
+        """The same games on ``device``."""
+        return GameBatch(*(t.to(device) for t in self))
+
+
+def stack_games(games: list[Any], grid: tuple[int, int] | None, where: str = "") -> GameBatch:
+    """The label class (each game's first class) of ``games`` as one padded :class:`GameBatch`.
+
+    Raises:
+        ValueError: a game is on another grid than ``grid``.
+    """
+    longest = max(len(g.masks) for g in games)
+    players = games[0].players
+    coalitions = np.zeros((len(games), longest, players), dtype=np.float32)
+    weights = np.zeros((len(games), longest), dtype=np.float32)
+    values = np.zeros((len(games), longest), dtype=np.float32)
+    for i, game in enumerate(games):
+        if (grid is not None and tuple(game.grid) != tuple(grid)) or game.players != players:
+            raise ValueError(f"game.npz grid {game.grid} in {where} does not match grid {grid}")
+        n = len(game.masks)
+        coalitions[i, :n] = game.masks
+        weights[i, :n] = game.weights
+        values[i, :n] = game.values[:, 0]
+    v_empty = np.array([g.v_empty[0] for g in games], dtype=np.float32)
+    v_full = np.array([g.v_full[0] for g in games], dtype=np.float32)
+    return GameBatch(*map(torch.from_numpy, (coalitions, weights, values, v_empty, v_full)))
 
 
 @dataclass(frozen=True)
@@ -153,6 +201,7 @@ class Decoder:
         masks: decode ``mask.png`` when every sample of the batch has one.
         grid: expected ``(gh, gw)`` of the SHAP maps (None: any).
         check_classes: refuse a sample whose first explained class is not its label.
+        games: read every sample's ``game.npz`` (an error when one has none).
         where: names the dataset in errors.
     """
 
@@ -161,6 +210,7 @@ class Decoder:
     masks: bool = False
     grid: tuple[int, int] | None = None
     check_classes: bool = False
+    games: bool = False
     where: str = ""
 
     def __call__(self, samples: list[dict[str, Any]]) -> Batch:
@@ -181,7 +231,25 @@ class Decoder:
         if self.masks and all("mask.png" in s for s in samples):
             masks = torch.stack([_decode_mask(s["mask.png"], self.image_size) for s in samples])
         keys = [s["__key__"] for s in samples]
-        return Batch(keys, images, labels, targets, masks)
+        games = self._games(samples, labels) if self.games else None
+        return Batch(keys, images, labels, targets, masks, games)
+
+    def _games(self, samples: list[dict[str, Any]], labels: torch.Tensor) -> GameBatch:
+        games = []
+        for sample, label in zip(samples, labels.tolist(), strict=True):
+            if "game.npz" not in sample:
+                raise ValueError(
+                    f"dataset {self.where}: sample {sample['__key__']} has no game.npz: "
+                    "label it again with keep_game (the game loss needs the coalitions)"
+                )
+            game = CoalitionGame.from_npz(sample["game.npz"])
+            if game.classes[0] != label:
+                raise ValueError(
+                    f"dataset {self.where}: sample {sample['__key__']} has a game of class "
+                    f"{game.classes[0]} first, not its label {label}"
+                )
+            games.append(game)
+        return stack_games(games, self.grid, self.where)
 
     def _target(self, sample: dict[str, Any]) -> np.ndarray:
         phi = np.load(io.BytesIO(sample["shap.npy"]), allow_pickle=False)

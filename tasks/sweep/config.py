@@ -151,6 +151,10 @@ class SweepConfig(StageConfig):
             theta_T + lambda* tau by Kernel SHAP at this budget on the Kernel SHAP test images
             (a ``kernel_shap_edited`` row at lambda*): the insertion/deletion that a faithful
             explanation of the very model the SEM pass explains reaches (None: not run).
+        edited_agreement_budgets: after selection, score the SEM pass at lambda* and Kernel
+            SHAP at each of these budgets, both of the edited model, against a reference of the
+            edited model itself (at the reference's budget, on the Kernel SHAP test images):
+            the budget the transferred single pass matches (empty: not run).
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -180,6 +184,7 @@ class SweepConfig(StageConfig):
     allow_different_base: bool = False
     reference_budget: int | None = None
     edited_kernel_shap_budget: int | None = Field(None, ge=2)
+    edited_agreement_budgets: tuple[int, ...] = ()
 
     @field_validator("lambdas")
     @classmethod
@@ -196,7 +201,7 @@ class SweepConfig(StageConfig):
             )
         return value
 
-    @field_validator("kernel_shap_budgets")
+    @field_validator("kernel_shap_budgets", "edited_agreement_budgets")
     @classmethod
     def _check_budgets(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if any(b < 2 for b in value):
@@ -234,11 +239,14 @@ class SweepConfig(StageConfig):
         """Evaluations of one target, the unit of the sweep's progress.
 
         The SEM at each of the target's lambdas on each of its splits, Kernel SHAP at each
-        budget on each of ``kernel_shap_splits`` it has, and the edited model's Kernel SHAP.
+        budget on each of ``kernel_shap_splits`` it has, and the edited model's Kernel SHAP
+        (its reference, SEM and budgets of ``edited_agreement_budgets`` included).
         """
         spec = self.target(target)
         shap_splits = [s for s in self.kernel_shap_splits if s in spec.splits]
         edited = int(self.edited_kernel_shap_budget is not None and spec.role == "target")
+        if self.edited_agreement_budgets and spec.role == "target":
+            edited += 2 + len(self.edited_agreement_budgets)
         return (
             len(spec.splits) * len(spec.lambdas(self.lambdas))
             + len(self.kernel_shap_budgets) * len(shap_splits)
@@ -258,6 +266,8 @@ class SweepConfig(StageConfig):
         for optional in ("kernel_shap_images", "edited_kernel_shap_budget"):
             if fields[optional] is None:
                 fields.pop(optional)
+        if not fields["edited_agreement_budgets"]:
+            fields.pop("edited_agreement_budgets")
         # Kept byte-for-byte as before so that sweeps stored by earlier versions still match.
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

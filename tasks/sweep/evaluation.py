@@ -385,6 +385,89 @@ def evaluate_edited_kernel_shap(
     return row
 
 
+class _OwnReference:
+    """The batches of ``data`` with another reference's maps as their targets (by key)."""
+
+    def __init__(self, data: EvalData, maps: Mapping[str, Tensor]) -> None:
+        self.data, self.maps = data, maps
+        self.grid = data.grid
+
+    def batches(self, size: int):
+        for batch in self.data.batches(size):
+            targets = torch.stack([self.maps[key] for key in batch.keys])
+            yield batch._replace(targets=targets)
+
+
+@torch.no_grad()
+def evaluate_edited_agreement(
+    config: SweepConfig,
+    spec: TargetSpec,
+    model: TargetModel,
+    vector: ExplainabilityVector,
+    data: EvalData,
+    coef: float,
+) -> list[dict[str, Any]]:
+    """The edited model's single pass against Kernel SHAP of the edited model, on its own terms.
+
+    theta_T + ``coef`` tau is explained by Kernel SHAP at the reference's budget (the
+    reference's own seed: the same coalitions as theta_T's reference, another model) on the
+    Kernel SHAP test images; that is the yardstick of a ``sem_vs_edited`` row (the SEM pass)
+    and of one ``kernel_shap_vs_edited`` row per budget of ``edited_agreement_budgets`` (the
+    Kernel SHAP rows' seed), so the report can say which budget the transferred pass matches.
+
+    Returns:
+        The rows, at lambda ``coef``, every metric against the edited model's reference.
+    """
+    d = kernel_shap_data(config, data)
+    model.load_lambda(vector, coef, allow_different_base=config.allow_different_base)
+    sem = model.sem
+    was_training = sem.training
+    sem.eval()
+    device = sem.class_embeddings.device
+    classifier = sem.as_classifier().eval()
+    baseline = split_baseline(data, config.baseline)
+    reference: dict[str, Tensor] = {}
+    for batch in d.batches(config.batch_size):
+        images = batch.images.to(device)
+        result = kernel_shap_explain(
+            classifier,
+            images,
+            batch.labels.to(device),
+            grid=d.grid,
+            budget=d.budget,
+            baseline=baseline(images),
+            output=config.output,
+            seed=[derive_seed(key, d.label_seed) for key in batch.keys],
+            batch_size=config.forward_batch_size,
+        )
+        reference.update(zip(batch.keys, result.phi.float().cpu(), strict=True))
+    sem.train(was_training)
+    own = _OwnReference(d, reference)
+    options = metric_options(config)
+    scores = evaluate_sem(sem, own, baseline=baseline, **options)
+    rows = [table_row(spec, "sem_vs_edited", coef, 1, "test", scores)]
+    for budget in config.edited_agreement_budgets:
+        scores = evaluate_kernel_shap(
+            sem,
+            own,
+            budget,
+            baseline=baseline,
+            output=config.output,
+            seed=kernel_shap_seed(config, d),
+            **options,
+        )
+        rows.append(table_row(spec, "kernel_shap_vs_edited", coef, budget, "test", scores))
+    logger.info(
+        "%s at lambda %g against its own reference (budget %d, %d images): %s",
+        spec.domain,
+        coef,
+        d.budget,
+        len(reference),
+        {(r["method"], r["inferences"]): round(r["pearson"], 3) for r in rows},
+    )
+    return rows
+
+
 def _measured_theta_t_row(rows: Sequence[Mapping[str, Any]], budget: int) -> Mapping | None:
     """The test ``kernel_shap`` row of theta_T at ``budget`` among ``rows``, if measured."""
     for row in rows:

@@ -251,6 +251,7 @@ def render_report(
         "`SEM` is the mean over the reference's images; the Kernel SHAP columns and the paired "
         "difference over the first `KS images` of them.",
     ]
+    lines += _edited_agreement(rows, targets, chosen)
     if sources:
         lines += ["", *_in_domain(rows, sources, compare_budget)]
     lines += ["", "### Every row", "", _table(rows), ""]
@@ -293,6 +294,63 @@ def _edited(
             f"| {_fmt_diff(difference(sem, shap, 'deletion_auc'))} |"
         )
     return lines
+
+
+def _edited_agreement(
+    rows: Sequence[Mapping[str, Any]], targets: Sequence[str], chosen: Mapping[str, float]
+) -> list[str]:
+    """The transferred pass against Kernel SHAP of the same edited model, on its reference."""
+
+    def found(target: str, method: str, **match: Any) -> Mapping[str, Any] | None:
+        at = {"lambda": chosen[target]}
+        return _row(rows, target=target, method=method, split="test", **at, **match)
+
+    budgets = sorted({int(r["inferences"]) for r in rows if r["method"] == "kernel_shap_vs_edited"})
+    present = [t for t in targets if found(t, "sem_vs_edited") is not None]
+    if not present or not budgets:
+        return []
+    lines = [
+        "",
+        "### The transferred maps against Kernel SHAP of the same edited model (test, Pearson)",
+        "",
+        "Everything here explains theta_T + lambda* tau and is scored against a Kernel SHAP "
+        "reference of that edited model (the references' budget and seed; the rows above are "
+        "scored against the reference of theta_T), on the first `images` test images; the "
+        "differences are paired over them. `matches`: the largest budget whose Kernel SHAP the "
+        "single pass is not below (its difference's interval reaches zero or above); `< KS-b` "
+        "when it is below every budget, `> KS-b` when above the largest.",
+        "",
+        "| target | lambda* | images | SEM | "
+        + " | ".join(f"KS-{b}" for b in budgets)
+        + " | "
+        + " | ".join(f"SEM - KS-{b}" for b in budgets)
+        + " | matches |",
+        "|---|---|---|---|" + "---|" * (2 * len(budgets)) + "---|",
+    ]
+    for target in present:
+        sem = found(target, "sem_vs_edited")
+        shap = {b: found(target, "kernel_shap_vs_edited", inferences=b) for b in budgets}
+        diffs = {b: difference(sem, shap[b], "pearson") for b in budgets}
+        lines.append(
+            f"| {target} | {chosen[target]:g} | {_images(sem)} | {_fmt(mean_of(sem, 'pearson'))} | "
+            + " | ".join(_fmt(mean_of(shap[b], "pearson")) for b in budgets)
+            + " | "
+            + " | ".join(_fmt_diff(diffs[b]) for b in budgets)
+            + f" | {_matched_budget(diffs)} |"
+        )
+    return lines
+
+
+def _matched_budget(diffs: Mapping[int, Interval | None]) -> str:
+    """The largest budget the single pass is not below, from its paired differences."""
+    known = {b: d for b, d in sorted(diffs.items()) if d is not None and math.isfinite(d.high)}
+    if not known:
+        return "n/a"
+    largest = max(known)
+    if known[largest].low > 0:
+        return f"> KS-{largest}"
+    reached = [b for b, d in known.items() if d.high >= 0]
+    return f"KS-{max(reached)}" if reached else f"< KS-{min(known)}"
 
 
 def is_source(rows: Sequence[Mapping[str, Any]], target: str) -> bool:

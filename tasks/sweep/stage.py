@@ -20,7 +20,12 @@ from tasks.algorithms.vectors import ExplainabilityVector
 from tasks.data.stream import list_split
 from tasks.sweep.accuracy import load_accuracy_data
 from tasks.sweep.config import TABLE_SCHEMA, SweepConfig, sweep_storage
-from tasks.sweep.evaluation import ProgressCallback, evaluate_edited_kernel_shap, evaluate_target
+from tasks.sweep.evaluation import (
+    ProgressCallback,
+    evaluate_edited_agreement,
+    evaluate_edited_kernel_shap,
+    evaluate_target,
+)
 from tasks.sweep.inputs import (
     check_reference,
     check_vector,
@@ -171,9 +176,12 @@ def sweep_target(
             config, spec, model, vector, data["test"], chosen, rows
         )
         rows.append(edited)
-        if progress is not None:
-            total = config.evaluations_per_target(target)
-            progress(total, total)
+    if config.edited_agreement_budgets and spec.role == "target":
+        rows += evaluate_edited_agreement(config, spec, model, vector, data["test"], chosen)
+    edited_runs = config.edited_kernel_shap_budget is not None or config.edited_agreement_budgets
+    if progress is not None and spec.role == "target" and edited_runs:
+        total = config.evaluations_per_target(target)
+        progress(total, total)
 
     heatmap_key = None
     if n_heat:

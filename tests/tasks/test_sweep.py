@@ -38,7 +38,7 @@ from tasks.sweep import (
     target_fingerprint,
     validate_sweep,
 )
-from tasks.sweep.evaluation import evaluate_edited_kernel_shap
+from tasks.sweep.evaluation import evaluate_edited_agreement, evaluate_edited_kernel_shap
 from tasks.sweep.inputs import head_alignment
 from tasks.sweep.statistics import standard_error
 
@@ -666,3 +666,87 @@ def test_load_target_keeps_theta_t_on_the_cpu_apart_from_the_sem(world, monkeypa
     assert all(v.device.type == "cpu" for v in target.state.values())
     assert all(torch.equal(target.state[k], before[k]) for k in before)
     assert any(not torch.equal(edited[k], before[k]) for k in vector.keys())
+
+
+def test_edited_agreement_scores_the_edited_model_on_its_own_reference(world, tmp_path) -> None:
+    """The SEM pass at lambda* and Kernel SHAP of the same edited model are scored against a
+    reference of that edited model: at lambda 0 it is theta_T's own reference (same budget, seed
+    and baseline), so the SEM's per-image Pearson is the lambda-0 row's; at lambda 1 the model,
+    hence the reference, moved; the report says which budget the pass matches."""
+    config = sweep_config(
+        world,
+        kernel_shap_images=4,
+        edited_agreement_budgets=(60, 25),
+        output_uri=str(tmp_path / "agreement"),
+    )
+    assert config.edited_agreement_budgets == (25, 60)
+    first = world["targets"][0]
+    plain = sweep_config(world, kernel_shap_images=4, output_uri=str(tmp_path / "plain"))
+    assert (
+        config.evaluations_per_target(first.domain)
+        == plain.evaluations_per_target(first.domain) + 2 + 2
+    )
+    assert config.result_fingerprint() != plain.result_fingerprint()
+    result = run_sweep(config)
+    data = load_reference(first.test_reference)
+    model = load_target(first, config.grid, "cpu")
+    vector = world["vector_object"]
+    at_zero = evaluate_edited_agreement(config, first, model, vector, data, 0.0)
+    assert [(r["method"], r["inferences"], r["images"]) for r in at_zero] == [
+        ("sem_vs_edited", 1, 4),
+        ("kernel_shap_vs_edited", 25, 4),
+        ("kernel_shap_vs_edited", 60, 4),
+    ]
+    [sem_zero] = [
+        r
+        for r in result.rows
+        if (r["target"], r["method"], r["split"], r["lambda"]) == (first.domain, "sem", "test", 0)
+    ]
+    assert at_zero[0]["per_image"]["pearson"] == pytest.approx(
+        sem_zero["per_image"]["pearson"][:4], abs=1e-4
+    )
+    [ks_zero] = [
+        r
+        for r in result.rows
+        if (r["target"], r["method"], r["inferences"]) == (first.domain, "kernel_shap", 25)
+    ]
+    assert at_zero[1]["per_image"]["pearson"] == pytest.approx(
+        ks_zero["per_image"]["pearson"], abs=1e-4
+    )
+    at_one = evaluate_edited_agreement(config, first, model, vector, data, 1.0)
+    assert at_one[0]["per_image"]["pearson"] != pytest.approx(
+        sem_zero["per_image"]["pearson"][:4], abs=1e-3
+    )
+    for target, chosen in result.chosen.items():
+        found = [
+            r for r in result.rows if r["target"] == target and r["method"].endswith("_vs_edited")
+        ]
+        assert [(r["method"], r["inferences"], r["lambda"]) for r in found] == [
+            ("sem_vs_edited", 1, chosen),
+            ("kernel_shap_vs_edited", 25, chosen),
+            ("kernel_shap_vs_edited", 60, chosen),
+        ]
+    report = open_storage(str(tmp_path / "agreement")).child("sweeps/mini").read_bytes("report.md")
+    section = report.decode().split("same edited model (test, Pearson)")[1].split("###")[0]
+    for target in result.chosen:
+        [line] = [x for x in section.splitlines() if x.startswith(f"| {target} |")]
+        assert line.rstrip(" |").rsplit("| ", 1)[1].strip() in {
+            "< KS-25",
+            "KS-25",
+            "KS-60",
+            "> KS-60",
+        }
+
+
+def test_the_matched_budget_reads_the_paired_intervals() -> None:
+    from tasks.sweep.markdown import _matched_budget
+    from tasks.sweep.statistics import Interval
+
+    def iv(low: float, high: float) -> Interval:
+        return Interval((low + high) / 2, low, high, 24)
+
+    assert _matched_budget({50: iv(0.1, 0.2), 150: iv(0.01, 0.1)}) == "> KS-150"
+    assert _matched_budget({50: iv(0.1, 0.2), 150: iv(-0.1, 0.1)}) == "KS-150"
+    assert _matched_budget({50: iv(-0.05, 0.1), 150: iv(-0.3, -0.1)}) == "KS-50"
+    assert _matched_budget({50: iv(-0.2, -0.1), 150: iv(-0.3, -0.1)}) == "< KS-50"
+    assert _matched_budget({50: None}) == "n/a"
