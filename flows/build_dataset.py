@@ -385,21 +385,28 @@ def finalize_resolve_task(plan: ResolvePlan) -> dict[str, Any]:
 
 @flow(name="resolve-explanation-dataset", flow_run_name="resolve-{source_uri}")
 def resolve_explanation_dataset(
-    source_uri: str, shrinkage: float | None = None, error_estimate: bool | None = None
+    source_uri: str,
+    shrinkage: float | None = None,
+    error_estimate: bool | None = None,
+    budget: int | None = None,
 ) -> dict[str, Any]:
-    """Solve an X-dataset version again from its kept games, with another solve setting.
+    """Solve an X-dataset version again from its kept games, or extend it to a larger budget.
 
-    No model runs: each shard's ``game.npz`` files are solved again (one task per shard, a
-    rerun skips the complete ones) into a new version beside the source, whose ``config.json``
-    names the source in ``resolved_from``. The labels are those a fresh build with the new
-    settings would give (:mod:`tasks.build_dataset.resolve`).
+    A re-solve runs no model: each shard's ``game.npz`` files are solved again with the new
+    solve settings. An extension (``budget`` larger than the source's) keeps every evaluated
+    coalition and runs the version's model on the extra ones only. Either way one task per
+    shard (a rerun skips the complete ones) writes a new version beside the source, whose
+    ``config.json`` names the source in ``resolved_from`` or ``extended_from``
+    (:mod:`tasks.build_dataset.resolve`).
 
     Returns:
-        ``{"dataset_uri", "version", "resolved_from", "complete", "missing", "samples",
-        "failed"}``.
+        ``{"dataset_uri", "version", "resolved_from" or "extended_from", "complete",
+        "missing", "samples", "failed"}``.
     """
     logger = get_run_logger()
-    plan = plan_resolve(source_uri, shrinkage=shrinkage, error_estimate=error_estimate)
+    plan = plan_resolve(
+        source_uri, shrinkage=shrinkage, error_estimate=error_estimate, budget=budget
+    )
     futures = [resolve_shard_task.submit(plan, shard) for shard in plan.shards]
     failed = []
     for future in as_completed(futures):
@@ -407,22 +414,29 @@ def resolve_explanation_dataset(
             future.result()
         except Exception as exc:
             failed.append(str(exc) or type(exc).__name__)
-    # The new version is an asset made from the source version (no model ran).
+    # A re-solve is made from the source version alone; an extension ran its model too.
+    upstream = [plan.source_uri, plan.build.get("checkpoint") if plan.extends else None]
     finalize = materializing(
         finalize_resolve_task,
         stage_asset(plan.dataset_uri, "x-dataset", f"{plan.name} {plan.split} {plan.version}"),
-        upstream_assets([plan.source_uri]),
+        upstream_assets(upstream),
         metadata=lambda summary: dataset_metadata(summary, plan.model_fingerprint),
     )
     summary = {**finalize(plan), "failed": failed}
-    logger.info("re-solved %s into %s: %s", source_uri, plan.dataset_uri, summary)
+    how = "Extended" if plan.extends else "Re-solved"
+    logger.info("%s %s into %s: %s", how.lower(), source_uri, plan.dataset_uri, summary)
+    what = (
+        f"to budget {plan.label.budget}, evaluating only the extra coalitions"
+        if plan.extends
+        else "without the model"
+    )
     publish_markdown(
-        f"# Re-solved {plan.name} {plan.split}: {plan.version}\n\n"
-        f"From `{plan.source_uri}` without the model, with shrinkage "
+        f"# {how} {plan.name} {plan.split}: {plan.version}\n\n"
+        f"From `{plan.source_uri}` {what}, with shrinkage "
         f"{plan.label.shrinkage}, error_estimate {plan.label.error_estimate}: "
         f"{summary['samples']} samples in {len(summary['complete'])} shards, "
         f"{len(summary['missing'])} missing.",
         key=f"resolve-{plan.name}-{plan.split}",
-        description=f"re-solve of {plan.name}-{plan.split}",
+        description=f"{how.lower()} version of {plan.name}-{plan.split}",
     )
     return summary

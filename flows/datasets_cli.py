@@ -4,7 +4,9 @@
 model's fingerprint, the labelling settings, shards done and failed, samples, size, age, status
 and how many records use it); ``datasets show URI/NAME/VERSION`` one version in full;
 ``datasets gc URI --keep N`` what removing superseded versions would free, and with ``--yes``
-removes them; ``datasets resolve URI/NAME/VERSION --shrinkage S`` solves a version's kept games
+removes them; ``datasets extend URI/NAME/VERSION --budget B`` labels a version at a larger
+budget by evaluating only the coalitions its kept games lack; ``datasets resolve URI/NAME/VERSION
+--shrinkage S`` solves a version's kept games
 again into a new version (a Prefect flow run; no model). Each takes ``--json`` for scripts. The
 logic lives in :mod:`storage.catalogue` and :mod:`tasks.build_dataset.resolve`; this module
 parses arguments and formats. Errors follow :mod:`flows.cli_errors`: one
@@ -125,6 +127,33 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     resolve.add_argument("--json", action="store_true", help="print JSON instead of a line")
     resolve.set_defaults(func=cmd_resolve)
+
+    extend = commands.add_parser(
+        "extend",
+        help="label a version again at a larger budget, evaluating only the extra coalitions",
+        description="Extend a version labelled with keep_game to a larger Kernel SHAP budget: "
+        "every coalition its games hold is kept and only the ones the larger design adds are "
+        "evaluated, by the version's own model (checked against its fingerprint and the kept "
+        "values). The result is a new version beside the source (its config.json names the "
+        "source in extended_from); its labels are an estimate of a fresh labelling's quality at "
+        "that budget, not its bits (another draw of the same design). A rerun completes a "
+        "partial one.",
+    )
+    extend.add_argument("uri", metavar="URI/NAME/VERSION", help="the source version folder")
+    extend.add_argument(
+        "--budget", type=int, required=True, help="the new budget, larger than the source's"
+    )
+    extend.add_argument(
+        "--shrinkage", type=_unit_interval, metavar="S", help="the solve's shrinkage as well"
+    )
+    extend.add_argument(
+        "--error-estimate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="estimate each attribution's standard error (shap_err.npy)",
+    )
+    extend.add_argument("--json", action="store_true", help="print JSON instead of a line")
+    extend.set_defaults(func=cmd_resolve)
     return parser
 
 
@@ -222,13 +251,17 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    """``datasets resolve``: a new version from the source's games, as a Prefect flow run."""
+    """``datasets resolve`` and ``datasets extend``: a new version from the source's games (and,
+    for an extension, its model on the extra coalitions), as a Prefect flow run."""
     from flows.cli_checks import check_file
     from storage import join_uri, layout, open_storage
 
+    budget = getattr(args, "budget", None)
+    if budget is not None and budget < 3:
+        raise ValueError(f"--budget {budget}: a budget counts the empty and full coalitions")
     source = open_storage(args.uri)
     check_file(join_uri(source.uri, layout.DATASET_CONFIG_FILE), "X-dataset version config")
-    if args.shrinkage is None and args.error_estimate is None:
+    if budget is None and args.shrinkage is None and args.error_estimate is None:
         raise ValueError("give --shrinkage and/or --(no-)error-estimate: the settings to change")
     from flows.build_dataset import resolve_explanation_dataset
     from flows.cli_prefect import prefect_api
@@ -237,14 +270,19 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     root = source.uri.rstrip("/").rsplit("/", 2)[0]
     with prefect_api(root, verbose=getattr(args, "verbose", False)):
         summary = resolve_explanation_dataset(
-            source.uri, shrinkage=args.shrinkage, error_estimate=args.error_estimate
+            source.uri,
+            shrinkage=args.shrinkage,
+            error_estimate=args.error_estimate,
+            budget=budget,
         )
     if args.json:
         _print_json(summary)
     else:
+        how = "extended" if "extended_from" in summary else "re-solved"
         print(
             f"{summary['version']}: {summary['samples']} samples in {len(summary['complete'])} "
-            f"shards at {summary['dataset_uri']} (re-solved from {summary['resolved_from']})"
+            f"shards at {summary['dataset_uri']} ({how} from "
+            f"{summary.get('extended_from') or summary['resolved_from']})"
         )
     if summary["missing"]:
         from flows.cli_errors import ShardsFailedError

@@ -580,6 +580,24 @@ def plan_coalitions(
         masks_all, weights_all, strata_all, counts = sample_leverage_coalitions_batch(
             players, config.budget - 2, generators, front_load=config.front_load
         )
+    return layout_coalitions(
+        seeds, masks_all, weights_all, strata_all, counts, pin_memory=pin_memory
+    )
+
+
+def layout_coalitions(
+    seeds: Sequence[int],
+    masks_all: Tensor,
+    weights_all: Tensor,
+    strata_all: Tensor | None,
+    counts: Tensor,
+    *,
+    pin_memory: bool = False,
+) -> CoalitionPlan:
+    """The :class:`CoalitionPlan` of given coalitions: image ``i`` has ``counts[i]`` of the rows
+    of ``masks_all`` (and their ``weights_all``; ``strata_all`` per pair), one image after the
+    other, with its empty and full coalitions added as its first forward rows."""
+    players = masks_all.shape[1]
     n = len(seeds)
     longest = int(counts.max()) if n else 0
     slot_image, slot_index = _padded_slots(counts)

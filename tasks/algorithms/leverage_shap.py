@@ -261,6 +261,102 @@ def sample_leverage_coalitions_batch(
     )
 
 
+def _canonical_pairs(subsets: np.ndarray) -> np.ndarray:
+    """Each subset as its pair's canonical member: the smaller side, or the side holding player
+    0 for the middle size (the form :func:`sample_leverage_coalitions` draws pairs in)."""
+    m = subsets.shape[1]
+    size = subsets.sum(axis=1)
+    flip = (2 * size > m) | ((2 * size == m) & ~subsets[:, 0])
+    return np.where(flip[:, None], ~subsets, subsets)
+
+
+def extend_leverage_coalitions(
+    masks: np.ndarray, num_samples: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """A larger Leverage SHAP design that keeps every pair of an existing one.
+
+    The existing pairs stay (rows ``2j``, ``2j + 1``, in their order, first); each stratum then
+    gets new distinct pairs, drawn uniformly among those it does not hold yet, up to the
+    larger of what it holds and the allocation of ``num_samples`` (the same randomised equal
+    split over sizes as :func:`sample_leverage_coalitions`), and a stratum the new count covers
+    is enumerated. Within a stratum the pairs are then a uniform sample without replacement of
+    their number, so the Horvitz-Thompson weights ``mass(s) / k_s`` are unbiased, as in a fresh
+    design; but the pairs (and, by at most one pair per stratum, the counts) are not the ones
+    a fresh design of ``num_samples`` draws from the same seed, so the labels are not a fresh
+    labelling's bit for bit, except where every stratum is enumerated (both are then the exact
+    Shapley values). The outer-strata-first design (``front_load``) is not extended.
+
+    Args:
+        masks: bool ``[L, P]`` the existing design, complementary pairs in rows ``2j, 2j + 1``.
+        num_samples: coalitions wanted in all, empty and full excluded (at least ``L``).
+        generator: CPU generator of the new pairs.
+
+    Returns:
+        ``(masks [K, P], weights [K], strata [K // 2], new)``: the existing ``L`` rows first,
+        then the ``new = K - L`` rows to evaluate; weights and strata as
+        :func:`sample_leverage_coalitions` gives them, for every row.
+
+    Raises:
+        ValueError: ``masks`` is not a design of complementary pairs, or ``num_samples`` is
+            smaller than it.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    m = masks.shape[1]
+    if len(masks) % 2 or not np.array_equal(masks[1::2], ~masks[0::2]):
+        raise ValueError("an extended design must hold complementary pairs in rows 2j, 2j + 1")
+    if num_samples < len(masks):
+        raise ValueError(f"{num_samples} coalitions cannot extend a design of {len(masks)}")
+    sizes, caps, shares = _strata(m)
+    size_of = np.asarray(sizes, dtype=np.int64)
+    old = _canonical_pairs(masks[0::2])
+    old_counts = np.bincount(old.sum(axis=1) - 1, minlength=len(sizes))[: len(sizes)]
+    target = _allocate(num_samples // 2, caps, shares, generator)
+    caps_int = np.asarray([min(cap, _MOST_PAIRS) for cap in caps], dtype=np.int64)
+    counts = np.minimum(np.maximum(target, old_counts), caps_int)
+    seen = {row.tobytes() for row in np.packbits(old, axis=1)}
+    blocks = []
+    for j, size in enumerate(sizes):
+        want = int(counts[j] - old_counts[j])
+        if want <= 0:
+            continue
+        if counts[j] == caps_int[j]:  # covered: every pair of the stratum not held yet
+            combos = itertools_combinations(m, size, first_fixed=2 * size == m)
+            block = np.zeros((len(combos), m), dtype=bool)
+            np.put_along_axis(block, combos, True, axis=1)
+        else:
+            block = np.zeros((want, m), dtype=bool)
+            todo = np.arange(want)
+            while len(todo):
+                draws = torch.rand(len(todo), m, generator=generator)
+                subsets = _place_members(draws, np.full(len(todo), size), m)
+                todo = _keep_new(block, todo, subsets, seen)
+        keys = np.packbits(block, axis=1)
+        fresh = np.asarray([key.tobytes() not in seen for key in keys], dtype=bool)
+        if counts[j] == caps_int[j]:
+            block = block[fresh]
+        seen.update(key.tobytes() for key in keys)
+        blocks.append(block)
+    new_pairs = np.concatenate(blocks) if blocks else np.zeros((0, m), dtype=bool)
+    pairs = np.concatenate([old, new_pairs])
+    pair_size = pairs.sum(axis=1)
+    stratum = pair_size - 1
+    total_mass = 2.0 * (m - 1) / m * sum(1.0 / s for s in range(1, m))
+    mass = (m - 1) / (size_of * (m - size_of)) / total_mass
+    per_pair = np.where(2 * size_of == m, mass / (2 * counts.clip(1)), mass / counts.clip(1))
+    out = np.empty((2 * len(pairs), m), dtype=bool)
+    out[0::2] = pairs
+    np.logical_not(pairs, out=out[1::2])
+    out[: len(masks)] = masks  # the existing rows exactly as they were
+    weights = np.repeat(per_pair[stratum], 2)
+    strata = np.where(counts[stratum] == caps_int[stratum], -1, pair_size)
+    return (
+        torch.from_numpy(out),
+        torch.from_numpy(weights),
+        torch.from_numpy(strata.astype(np.int64)),
+        2 * len(new_pairs),
+    )
+
+
 def itertools_combinations(m: int, size: int, *, first_fixed: bool = False) -> np.ndarray:
     """``[C, size]`` all ``size``-subsets of ``range(m)`` (those holding 0 when ``first_fixed``:
     one per complementary pair of the middle size)."""
