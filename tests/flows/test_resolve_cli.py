@@ -92,3 +92,25 @@ def test_resolve_mistakes_are_one_line(tmp_path: Path) -> None:
         assert done.returncode == 2, done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+
+
+@pytest.mark.slow
+def test_extend_writes_a_larger_budget_version_and_refuses_a_smaller_one(tmp_path: Path) -> None:
+    source = _source(tmp_path)
+    done = _cli(tmp_path, "datasets", "extend", source, "--budget", "80", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["samples"] == 10 and summary["missing"] == [] and summary["failed"] == []
+    assert summary["extended_from"] == source
+    recorded = open_storage(summary["dataset_uri"]).read_json("config.json")
+    assert recorded["config"]["label"]["budget"] == 80
+    assert recorded["extended_from"]["uri"] == source
+    again = _cli(tmp_path, "datasets", "extend", source, "--budget", "80")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{summary['version']}: 10 samples in 2 shards" in again.stdout
+    assert f"(extended from {source})" in again.stdout
+
+    smaller = _cli(tmp_path, "datasets", "extend", source, "--budget", "30")
+    lines = smaller.stderr.strip().splitlines()
+    assert smaller.returncode == 2 and len(lines) == 1, smaller.stderr
+    assert "an extension needs a larger budget, got 30" in lines[0]
