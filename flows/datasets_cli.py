@@ -366,6 +366,7 @@ def describe_version(version: Any, now: datetime | None = None) -> str:
         ("model", f"{version.model_name or '-'} (fingerprint {version.model_fingerprint or '-'})"),
         ("checkpoint", version.checkpoint or "- (random initialisation)"),
         ("input", version.input or "-"),
+        ("derived", version.derived_from or "- (labelled from its input)"),
         ("labelling", version.labelling),
         ("label settings", label),
         ("shards", f"{version.shards_done} of {expected} done, {version.shards_failed} failed"),

@@ -168,6 +168,8 @@ class DatasetVersion:
         updated: when the folder's newest object was written.
         finalized: whether the build wrote its manifest.
         references: the records that name this version as an input.
+        derived_from: ``"resolved from URI"`` or ``"extended from URI"`` for a version made
+            from another one's kept games (``datasets resolve`` / ``datasets extend``), else None.
         keys: the folder's object keys, relative to it (what :func:`apply_gc` deletes).
     """
 
@@ -192,6 +194,7 @@ class DatasetVersion:
     updated: datetime | None = None
     finalized: bool = False
     references: tuple[Reference, ...] = ()
+    derived_from: str | None = None
     keys: tuple[str, ...] = field(default=(), repr=False)
 
     @property
@@ -230,6 +233,7 @@ class DatasetVersion:
             "input": self.input,
             "label": dict(self.label),
             "labelling": self.labelling,
+            "derived_from": self.derived_from,
             "shards_expected": self.shards_expected,
             "shards_done": self.shards_done,
             "shards_failed": self.shards_failed,
@@ -370,8 +374,18 @@ def _describe(
         samples=samples,
         created=config_object.modified,
         finalized=finalized,
+        derived_from=_derived_from(meta),
         **common,
     )
+
+
+def _derived_from(meta: dict[str, Any]) -> str | None:
+    """How a version was made from another's kept games, from its ``config.json``."""
+    for how in ("extended", "resolved"):
+        source = meta.get(f"{how}_from")
+        if isinstance(source, dict) and source.get("uri"):
+            return f"{how} from {source['uri']}"
+    return None
 
 
 def _done_shards(

@@ -109,6 +109,9 @@ def test_extend_writes_a_larger_budget_version_and_refuses_a_smaller_one(tmp_pat
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{summary['version']}: 10 samples in 2 shards" in again.stdout
     assert f"(extended from {source})" in again.stdout
+    shown = _cli(tmp_path, "datasets", "show", summary["dataset_uri"])
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert f"derived:        extended from {source}" in shown.stdout, shown.stdout
 
     smaller = _cli(tmp_path, "datasets", "extend", source, "--budget", "30")
     lines = smaller.stderr.strip().splitlines()
