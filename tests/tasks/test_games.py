@@ -275,3 +275,35 @@ def test_samples_of_different_games_are_solved_each_with_its_own(
     for sample, (r, i) in zip(resolved, [(r, i) for r in range(3) for i in range(2)], strict=True):
         phi = np.load(io.BytesIO(sample["shap.npy"]))
         assert np.array_equal(phi[0], results[r].phi[i].numpy())
+
+
+def test_the_game_archive_is_a_plain_npz_with_numpys_own_member_bytes() -> None:
+    import zipfile
+
+    from tasks.algorithms.games import npz_bytes
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "masks": np.packbits(rng.random((148, 49)) < 0.5, axis=1),
+        "weights": rng.random(148),
+        "values": rng.random((148, 2)).astype(np.float32),
+        "scalar": np.int64(7),
+        "flag": np.bool_(True),
+        "name": np.str_("leverage"),
+        "empty": np.zeros((0, 3), dtype=np.int16),
+    }
+    data = npz_bytes(arrays)
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    assert archive.testzip() is None  # every member's CRC checks
+    assert archive.namelist() == [f"{name}.npy" for name in arrays]
+    reference = io.BytesIO()
+    np.savez_compressed(reference, **arrays)
+    theirs = zipfile.ZipFile(reference)
+    for name in arrays:  # each member is the .npy that np.save writes, byte for byte
+        assert archive.read(f"{name}.npy") == theirs.read(f"{name}.npy"), name
+    loaded = np.load(io.BytesIO(data), allow_pickle=False)
+    for name, array in arrays.items():
+        assert loaded[name].dtype == np.asarray(array).dtype
+        assert np.array_equal(loaded[name], array)
+    assert npz_bytes(arrays) == data  # the same arrays, the same bytes
+    assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED, 8}
