@@ -30,6 +30,7 @@ from PIL import Image
 
 from storage import LocalStorage
 from storage.shards import ShardWriter
+from tasks.algorithms.games import npz_bytes
 from tasks.algorithms.kernel_shap import (
     CoalitionValues,
     KernelShapConfig,
@@ -135,6 +136,17 @@ def measure(
     def encode() -> None:
         _labelled_samples(request, result, **encoding)
 
+    # The arrays of each game.npz, written the former way and the current way.
+    game_arrays = [dict(np.load(io.BytesIO(game.to_npz()))) for game in result.games]
+
+    def games_savez() -> None:
+        for arrays in game_arrays:
+            np.savez_compressed(io.BytesIO(), **arrays)
+
+    def games_direct() -> None:
+        for arrays in game_arrays:
+            npz_bytes(arrays)
+
     steps = [
         (
             "decode + resize, 500x375 JPEG (before: whole image resized)",
@@ -178,6 +190,13 @@ def measure(
         ),
         ("solve (2 classes)", lambda: solve_coalitions(config, evaluated), True, batch),
         ("encode the output samples (npy, game.npz, json)", encode, True, batch),
+        (
+            "game.npz by np.savez_compressed (before)",
+            games_savez,
+            False,
+            batch,
+        ),
+        ("game.npz written directly (npz_bytes)", games_direct, False, batch),
         (
             f"encode + write + publish a shard of {batches_per_shard * batch}",
             write_shard,

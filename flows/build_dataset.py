@@ -389,6 +389,7 @@ def resolve_explanation_dataset(
     shrinkage: float | None = None,
     error_estimate: bool | None = None,
     budget: int | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Solve an X-dataset version again from its kept games, or extend it to a larger budget.
 
@@ -397,7 +398,8 @@ def resolve_explanation_dataset(
     coalition and runs the version's model on the extra ones only. Either way one task per
     shard (a rerun skips the complete ones) writes a new version beside the source, whose
     ``config.json`` names the source in ``resolved_from`` or ``extended_from``
-    (:mod:`tasks.build_dataset.resolve`).
+    (:mod:`tasks.build_dataset.resolve`). ``device`` is where an extension's model runs (None:
+    the source build's setting).
 
     Returns:
         ``{"dataset_uri", "version", "resolved_from" or "extended_from", "complete",
@@ -405,7 +407,11 @@ def resolve_explanation_dataset(
     """
     logger = get_run_logger()
     plan = plan_resolve(
-        source_uri, shrinkage=shrinkage, error_estimate=error_estimate, budget=budget
+        source_uri,
+        shrinkage=shrinkage,
+        error_estimate=error_estimate,
+        budget=budget,
+        device=device,
     )
     futures = [resolve_shard_task.submit(plan, shard) for shard in plan.shards]
     failed = []

@@ -152,6 +152,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="estimate each attribution's standard error (shap_err.npy)",
     )
+    extend.add_argument(
+        "--device",
+        help="where the model runs: auto, cpu, cuda[:i] (default: as the source's build)",
+    )
     extend.add_argument("--json", action="store_true", help="print JSON instead of a line")
     extend.set_defaults(func=cmd_resolve)
     return parser
@@ -274,6 +278,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
             shrinkage=args.shrinkage,
             error_estimate=args.error_estimate,
             budget=budget,
+            device=getattr(args, "device", None),
         )
     if args.json:
         _print_json(summary)

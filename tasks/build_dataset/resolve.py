@@ -322,6 +322,10 @@ def plan_resolve(
     label = old.model_copy(update=changes)
     label = LabelConfig(**label.model_dump())  # validated (shrinkage needs the leverage sampler)
     extends = label.budget != old.budget
+    if device is not None:
+        if not extends:
+            raise ValueError("device is where an extension's model runs: a re-solve runs none")
+        BuildConfig.model_validate({**build, "device": device})  # a device the config takes
     if label.fingerprint() == old.fingerprint():
         raise ValueError(
             f"nothing to solve again: {source.uri} was labelled with these settings "

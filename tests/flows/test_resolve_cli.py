@@ -117,3 +117,7 @@ def test_extend_writes_a_larger_budget_version_and_refuses_a_smaller_one(tmp_pat
     lines = smaller.stderr.strip().splitlines()
     assert smaller.returncode == 2 and len(lines) == 1, smaller.stderr
     assert "an extension needs a larger budget, got 30" in lines[0]
+    bad_device = _cli(tmp_path, "datasets", "extend", source, "--budget", "90", "--device", "tpu")
+    lines = bad_device.stderr.strip().splitlines()
+    assert bad_device.returncode == 2 and len(lines) == 1, bad_device.stderr
+    assert lines[0].startswith("error:") and "device" in lines[0], lines
