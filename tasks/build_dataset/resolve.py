@@ -243,7 +243,8 @@ class ResolvePlan:
         dataset_uri: the new version's folder (beside the source, under the same name).
         version: the new version, ``v-<hash>`` of (the source version, the new label settings).
         name, split: the dataset's name and split.
-        label: the new label settings (the source's with the solve's fields, or the budget, changed).
+        label: the new label settings (the source's with the solve's fields or the budget
+            changed).
         shards: the source's complete shards (file names), each re-solved into its namesake.
         model_fingerprint: the explained model's, as the source recorded it.
         build: the source's build config, when the new version extends it to a larger budget
