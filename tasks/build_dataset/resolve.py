@@ -54,6 +54,17 @@ logger = logging.getLogger(__name__)
 SOLVE_FIELDS = ("shrinkage", "error_estimate")
 
 
+def _kept_games(samples: Sequence[dict[str, Any]], otherwise: str) -> list[CoalitionGame]:
+    """The samples' games; a sample without one is an error saying what ``otherwise`` can do."""
+    missing = [str(s.get("__key__")) for s in samples if "game.npz" not in s]
+    if missing:
+        raise ValueError(
+            f"sample {missing[0]} has no game.npz: it was labelled without keep_game, so only "
+            f"{otherwise}"
+        )
+    return [CoalitionGame.from_npz(s["game.npz"]) for s in samples]
+
+
 def resolve_samples(samples: Sequence[dict[str, Any]], label: LabelConfig) -> list[dict[str, Any]]:
     """X-dataset samples with their labels solved again from their games, without the model.
 
@@ -77,13 +88,7 @@ def resolve_samples(samples: Sequence[dict[str, Any]], label: LabelConfig) -> li
         ValueError: a sample has no ``game.npz`` (labelled with ``keep_game`` off, or before
             games were kept), or its games cannot be solved together.
     """
-    missing = [str(s.get("__key__")) for s in samples if "game.npz" not in s]
-    if missing:
-        raise ValueError(
-            f"sample {missing[0]} has no game.npz: it was labelled without keep_game, so only "
-            "the model can label it again"
-        )
-    games = [CoalitionGame.from_npz(s["game.npz"]) for s in samples]
+    games = _kept_games(samples, "the model can label it again")
     out: list[dict[str, Any]] = []
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, game in enumerate(games):  # one batched solve per kind of game
@@ -149,13 +154,7 @@ def extend_samples(
         ValueError: a sample has no game, a game is not a leverage design of a smaller budget,
             or the model's values of the empty or full coalition differ from the kept ones.
     """
-    missing = [str(s.get("__key__")) for s in samples if "game.npz" not in s]
-    if missing:
-        raise ValueError(
-            f"sample {missing[0]} has no game.npz: it was labelled without keep_game, so only "
-            "a fresh labelling can reach another budget"
-        )
-    games = [CoalitionGame.from_npz(s["game.npz"]) for s in samples]
+    games = _kept_games(samples, "a fresh labelling can reach another budget")
     for sample, game in zip(samples, games, strict=True):
         if game.sampler != "leverage" or game.front_load:
             raise ValueError(

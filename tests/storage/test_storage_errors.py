@@ -206,7 +206,9 @@ def test_a_request_to_an_endpoint_that_never_answers_ends_within_its_deadline(
     with pytest.raises(EndpointUnreachableError) as info:
         storage.exists("k")
     elapsed = time.monotonic() - start
-    assert elapsed <= 3.5, elapsed
+    # Within the deadline and a second of this process's own work (ten read timeouts and
+    # botocore's backoffs would be over 30 s).
+    assert elapsed <= 4.0, elapsed
     message = str(info.value)
     assert f"cannot check {s3_env.uri('root')}/k: endpoint {black_hole} unreachable" in message
     assert "at most 3 s per request, EXPLAIN_TRANSFER_STORAGE_DEADLINE" in message
@@ -214,10 +216,12 @@ def test_a_request_to_an_endpoint_that_never_answers_ends_within_its_deadline(
 
     # The same through the environment variable, as the command line reads it.
     monkeypatch.setenv("EXPLAIN_TRANSFER_STORAGE_DEADLINE", "2")
+    storage = open_storage(s3_env.uri("root"), max_attempts=10)  # the client: not the request
     start = time.monotonic()
     with pytest.raises(EndpointUnreachableError, match="at most 2 s per request"):
-        open_storage(s3_env.uri("root"), max_attempts=10).read_bytes("k")
-    assert time.monotonic() - start <= 2.5
+        storage.read_bytes("k")
+    elapsed = time.monotonic() - start
+    assert elapsed <= 3.0, elapsed
 
 
 def test_the_timeouts_follow_the_deadline_and_longer_ones_set_are_kept_and_said(monkeypatch):

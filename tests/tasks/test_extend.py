@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from xdata_helpers import build_small_xdata
 
 from storage import open_storage
 from tasks.algorithms.games import CoalitionGame
@@ -20,10 +21,6 @@ from tasks.algorithms.leverage_shap import (
 from tasks.build_dataset import (
     BuildConfig,
     LabelConfig,
-    clear_model_cache,
-    finalize_build,
-    label_shard,
-    plan_build,
 )
 from tasks.build_dataset import resolve as resolve_module
 from tasks.build_dataset.resolve import (
@@ -75,26 +72,6 @@ def test_an_extended_design_keeps_the_old_rows_and_covers_what_a_fresh_one_would
         extend_leverage_coalitions(old.numpy()[1:], 148, torch.Generator())
 
 
-def _build(root: str, label: LabelConfig) -> BuildConfig:
-    config = BuildConfig(
-        name="shapes-x",
-        split="val",
-        input_kind="synthetic",
-        input_uri="shapes",
-        synthetic_per_class=2,
-        output_uri=root,
-        num_shards=2,
-        device="cpu",
-        label=label,
-    )
-    clear_model_cache()
-    plan = plan_build(config)
-    for index in range(config.num_shards):
-        label_shard(plan, index)
-    finalize_build(plan)
-    return plan
-
-
 def _labels(uri: str) -> dict[str, np.ndarray]:
     samples = iter_webdataset(open_storage(uri), "shapes-x", "val")
     return {s["__key__"]: np.load(io.BytesIO(s["shap.npy"])) for s in samples}
@@ -107,7 +84,7 @@ def test_a_version_extended_to_every_coalition_is_a_fresh_labelling_of_that_budg
     of a budget-20 one both give the exact Shapley values; the extension ran the model on the
     44 coalitions the budget-20 games lacked (and the empty and full ones, to check them)."""
     label = LabelConfig(grid_h=2, grid_w=3, budget=20, images_per_batch=4, top_k=1)
-    source = _build(f"{storage_uri}/out", label)
+    source = build_small_xdata(f"{storage_uri}/out", label)
     rows = []
     evaluate = resolve_module.evaluate_coalitions
     monkeypatch.setattr(
@@ -128,7 +105,7 @@ def test_a_version_extended_to_every_coalition_is_a_fresh_labelling_of_that_budg
     recorded = target.read_json("config.json")
     assert recorded["extended_from"] == {"uri": source.dataset_uri, "version": source.version}
     assert "resolved_from" not in recorded and recorded["config"]["label"]["budget"] == 64
-    fresh = _build(f"{storage_uri}/fresh", label.model_copy(update={"budget": 64}))
+    fresh = build_small_xdata(f"{storage_uri}/fresh", label.model_copy(update={"budget": 64}))
     extended, expected = _labels(plan.dataset_uri), _labels(fresh.dataset_uri)
     assert extended.keys() == expected.keys()
     for key in extended:
@@ -147,16 +124,17 @@ def test_a_version_extended_to_every_coalition_is_a_fresh_labelling_of_that_budg
         resolve_shard(bogus, plan.shards[0])
 
 
+@pytest.mark.slow
 def test_an_extension_is_as_accurate_as_a_fresh_labelling_at_its_budget(tmp_path) -> None:
     """49 cells, budget 60 extended to 150: against a budget-2000 reference the extension
     agrees about as well as a fresh budget-150 labelling, and better than its source."""
     label = LabelConfig(budget=60, images_per_batch=10, top_k=0)
-    source = _build(str(tmp_path / "out"), label)
+    source = build_small_xdata(str(tmp_path / "out"), label)
     plan = plan_resolve(source.dataset_uri, budget=150)
     for shard in plan.shards:
         resolve_shard(plan, shard)
     finalize_resolve(plan)
-    fresh = _build(str(tmp_path / "fresh"), label.model_copy(update={"budget": 150}))
+    fresh = build_small_xdata(str(tmp_path / "fresh"), label.model_copy(update={"budget": 150}))
     sem = load_explained_model(BuildConfig.model_validate(plan.build), plan.class_names)
     [batch] = OrderedStream(
         list_split(source.dataset_uri, "val"), Decoder(56, targets="require"), batch_size=10
@@ -184,7 +162,7 @@ def test_an_extension_is_as_accurate_as_a_fresh_labelling_at_its_budget(tmp_path
 
 def test_an_extension_refuses_another_model(tmp_path) -> None:
     label = LabelConfig(grid_h=2, grid_w=3, budget=20, images_per_batch=5, top_k=0)
-    source = _build(str(tmp_path), label)
+    source = build_small_xdata(str(tmp_path), label)
     samples = list(iter_webdataset(open_storage(source.dataset_uri), "shapes-x", "val"))
     torch.manual_seed(123)
     other = load_clip(DEFAULT_MODEL)

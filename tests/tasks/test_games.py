@@ -12,6 +12,7 @@ import open_clip
 import pytest
 import torch
 import webdataset as wds
+from xdata_helpers import build_small_xdata
 
 import tasks
 from storage import open_storage
@@ -19,12 +20,7 @@ from storage.shards import complete_shards
 from tasks.algorithms.games import CoalitionGame
 from tasks.algorithms.kernel_shap import kernel_shap_explain, solve_games
 from tasks.build_dataset import (
-    BuildConfig,
     LabelConfig,
-    clear_model_cache,
-    finalize_build,
-    label_shard,
-    plan_build,
     resolve_samples,
 )
 from tasks.data.readers import iter_webdataset
@@ -139,29 +135,9 @@ def test_a_damaged_game_is_refused_with_its_reason() -> None:
         solve_games([game, other])
 
 
-def _build(root: str, label: LabelConfig) -> BuildConfig:
-    config = BuildConfig(
-        name="shapes-x",
-        split="val",
-        input_kind="synthetic",
-        input_uri="shapes",
-        synthetic_per_class=2,
-        output_uri=root,
-        num_shards=2,
-        device="cpu",
-        label=label,
-    )
-    clear_model_cache()
-    plan = plan_build(config)
-    for index in range(config.num_shards):
-        label_shard(plan, index)
-    finalize_build(plan)
-    return plan
-
-
 def test_a_built_dataset_keeps_its_games_and_they_solve_to_its_labels(storage_uri: str) -> None:
     label = LabelConfig(grid_h=3, grid_w=3, budget=40, images_per_batch=3, error_estimate=True)
-    plan = _build(f"{storage_uri}/kept", label)
+    plan = build_small_xdata(f"{storage_uri}/kept", label)
     dataset = open_storage(plan.dataset_uri)
     samples = list(iter_webdataset(dataset, "shapes-x", "val"))
     assert len(samples) == 10 and all("game.npz" in s for s in samples)
@@ -182,7 +158,7 @@ def test_a_built_dataset_keeps_its_games_and_they_solve_to_its_labels(storage_ur
 
     # Solved with another shrinkage: the labels of a fresh build with that shrinkage.
     plain = label.model_copy(update={"shrinkage": 0.0, "error_estimate": False})
-    fresh_plan = _build(f"{storage_uri}/fresh", plain)
+    fresh_plan = build_small_xdata(f"{storage_uri}/fresh", plain)
     fresh = {
         s["__key__"]: s
         for s in iter_webdataset(open_storage(fresh_plan.dataset_uri), "shapes-x", "val")
@@ -196,7 +172,7 @@ def test_a_built_dataset_keeps_its_games_and_they_solve_to_its_labels(storage_ur
 
 def test_without_kept_games_only_the_model_can_label_again(tmp_path: Path) -> None:
     label = LabelConfig(grid_h=3, grid_w=3, budget=20, images_per_batch=5, keep_game=False)
-    plan = _build(str(tmp_path), label)
+    plan = build_small_xdata(str(tmp_path), label)
     samples = list(iter_webdataset(open_storage(plan.dataset_uri), "shapes-x", "val"))
     assert samples and not any("game.npz" in s for s in samples)
     assert LabelConfig(keep_game=False).fingerprint() != LabelConfig().fingerprint()
@@ -210,7 +186,7 @@ def test_a_version_is_solved_again_into_a_new_one_that_a_fresh_build_would_give(
     from tasks.build_dataset.resolve import finalize_resolve, plan_resolve, resolve_shard
 
     label = LabelConfig(grid_h=3, grid_w=3, budget=40, images_per_batch=4)
-    source = _build(f"{storage_uri}/out", label)
+    source = build_small_xdata(f"{storage_uri}/out", label)
     plan = plan_resolve(source.dataset_uri, shrinkage=0.0, error_estimate=True)
     assert plan.dataset_uri.rsplit("/", 1)[0] == source.dataset_uri.rsplit("/", 1)[0]
     assert plan.version != source.version and len(plan.shards) == 2
@@ -228,7 +204,7 @@ def test_a_version_is_solved_again_into_a_new_one_that_a_fresh_build_would_give(
     resolved = {s["__key__"]: s for s in iter_webdataset(target, "shapes-x", "val")}
 
     fresh_label = label.model_copy(update={"shrinkage": 0.0, "error_estimate": True})
-    fresh = _build(f"{storage_uri}/fresh", fresh_label)
+    fresh = build_small_xdata(f"{storage_uri}/fresh", fresh_label)
     expected = {
         s["__key__"]: s for s in iter_webdataset(open_storage(fresh.dataset_uri), "shapes-x", "val")
     }
@@ -246,7 +222,7 @@ def test_a_version_without_games_cannot_be_solved_again(tmp_path: Path) -> None:
     from tasks.build_dataset.resolve import plan_resolve
 
     label = LabelConfig(grid_h=3, grid_w=3, budget=20, images_per_batch=5, keep_game=False)
-    source = _build(str(tmp_path), label)
+    source = build_small_xdata(str(tmp_path), label)
     with pytest.raises(ValueError, match="labelled without keep_game"):
         plan_resolve(source.dataset_uri, error_estimate=True)
     with pytest.raises(FileNotFoundError, match="is not an X-dataset version"):
