@@ -323,18 +323,16 @@ def extend_leverage_coalitions(
             combos = itertools_combinations(m, size, first_fixed=2 * size == m)
             block = np.zeros((len(combos), m), dtype=bool)
             np.put_along_axis(block, combos, True, axis=1)
-        else:
+            keys = [key.tobytes() for key in np.packbits(block, axis=1)]
+            block = block[np.asarray([key not in seen for key in keys], dtype=bool)]
+            seen.update(keys)
+        else:  # drawn until distinct from every pair held (_keep_new records each in seen)
             block = np.zeros((want, m), dtype=bool)
             todo = np.arange(want)
             while len(todo):
                 draws = torch.rand(len(todo), m, generator=generator)
                 subsets = _place_members(draws, np.full(len(todo), size), m)
                 todo = _keep_new(block, todo, subsets, seen)
-        keys = np.packbits(block, axis=1)
-        fresh = np.asarray([key.tobytes() not in seen for key in keys], dtype=bool)
-        if counts[j] == caps_int[j]:
-            block = block[fresh]
-        seen.update(key.tobytes() for key in keys)
         blocks.append(block)
     new_pairs = np.concatenate(blocks) if blocks else np.zeros((0, m), dtype=bool)
     pairs = np.concatenate([old, new_pairs])
