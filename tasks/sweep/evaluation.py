@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -392,7 +392,8 @@ class _OwnReference:
         self.data, self.maps = data, maps
         self.grid = data.grid
 
-    def batches(self, size: int):
+    def batches(self, size: int) -> Iterator[Batch]:
+        """The batches of :meth:`EvalData.batches`, their targets replaced."""
         for batch in self.data.batches(size):
             targets = torch.stack([self.maps[key] for key in batch.keys])
             yield batch._replace(targets=targets)
