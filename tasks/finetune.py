@@ -480,7 +480,7 @@ class Finetuner:
                     with autocast:
                         logits, maps = forward(images)
                     ce = F.cross_entropy(logits.float(), labels)
-                    expl = _explanation_term(config, maps, labels, batch, device)
+                    expl = _explanation_term(maps, labels, batch, device)
                     loss = ce + config.beta * expl if config.mode == "X" else ce
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -669,7 +669,6 @@ class Finetuner:
 
 
 def _explanation_term(
-    config: FinetuneConfig,
     maps: torch.Tensor,
     labels: torch.Tensor,
     batch: Any,

@@ -10,15 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from xdata_helpers import build_small_xdata
 
 from storage import open_storage
 from tasks.build_dataset import (
-    BuildConfig,
     LabelConfig,
-    clear_model_cache,
-    finalize_build,
-    label_shard,
-    plan_build,
     resolve_samples,
 )
 from tasks.data.readers import iter_webdataset
@@ -41,23 +37,7 @@ def _cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
 
 def _source(tmp_path: Path) -> str:
     label = LabelConfig(grid_h=3, grid_w=3, budget=40, images_per_batch=5)
-    config = BuildConfig(
-        name="shapes-x",
-        split="val",
-        input_kind="synthetic",
-        input_uri="shapes",
-        synthetic_per_class=2,
-        output_uri=str(tmp_path / "x"),
-        num_shards=2,
-        device="cpu",
-        label=label,
-    )
-    clear_model_cache()
-    plan = plan_build(config)
-    for index in range(2):
-        label_shard(plan, index)
-    finalize_build(plan)
-    return plan.dataset_uri
+    return build_small_xdata(str(tmp_path / "x"), label).dataset_uri
 
 
 @pytest.mark.slow
