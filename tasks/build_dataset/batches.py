@@ -6,6 +6,13 @@ threads: Pillow releases the GIL while it works), stacking a batch (into pinned 
 CUDA device), and, in the caller, the model. Each step is bounded, so memory is a few batches
 and the input units in flight, never a whole output shard.
 
+With ``decode_device`` (``BuildConfig.decode: device``) the threads only check each JPEG's
+header; the batch's JPEGs are decoded and resized in one call where the model runs (nvjpeg on a
+GPU), so the host's cost per image is the header and the copy of the encoded bytes. Other
+formats and CMYK JPEGs are still decoded by the threads; their tensors join the batch on the
+device. A JPEG whose header passes but whose body does not decode is quarantined when its batch
+is decoded, so that batch carries one image fewer.
+
 Nothing about the result depends on the number of workers: samples come in listing order, bad
 inputs are quarantined with the same reasons, and the quarantine entries are handed over in
 the order a serial read makes them (each batch carries what happened since the previous one).
@@ -23,7 +30,13 @@ import torch
 
 from tasks.build_dataset.config import BuildConfig
 from tasks.build_dataset.inputs import _image_tensor, unit_reader
-from tasks.data.images import BadImageError
+from tasks.data.images import (
+    BadImageError,
+    decode_jpegs,
+    device_decodable,
+    resize_to_tensor,
+    sample_image_bytes,
+)
 from tasks.data.prefetch import RunAhead, default_decode_workers, ordered_map
 from tasks.data.quarantine import QuarantineReport
 
@@ -42,8 +55,8 @@ class InputBatch:
     Attributes:
         samples: the input samples (listing order), ``images_per_batch`` of them except in the
             last batch, which may be empty.
-        images: their images, ``[N, 3, S, S]`` float in ``[0, 1]`` (pinned for a CUDA device),
-            or ``None`` when there is no sample.
+        images: their images, ``[N, 3, S, S]`` float in ``[0, 1]`` (pinned for a CUDA device;
+            on the decoding device when decoded there), or ``None`` when there is no sample.
         report: reads, conversions and quarantined inputs since the previous batch; merging the
             batches' reports in order gives the report of a serial read.
     """
@@ -68,6 +81,62 @@ def _label_problem(sample: dict[str, Any], num_classes: int) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Encoded:
+    """A JPEG left encoded for the device (its header already checked)."""
+
+    data: bytes
+
+
+def _decode_on(
+    device: torch.device,
+    samples: list[dict[str, Any]],
+    images: list[torch.Tensor | _Encoded],
+    size: int,
+    report: QuarantineReport,
+) -> tuple[list[dict[str, Any]], torch.Tensor | None]:
+    """One batch on ``device``: its JPEGs decoded and resized there, its other images copied."""
+    decoded = iter(decode_jpegs([i.data for i in images if isinstance(i, _Encoded)], device))
+    kept: list[dict[str, Any]] = []
+    tensors: list[torch.Tensor] = []
+    for sample, image in zip(samples, images, strict=True):
+        if isinstance(image, _Encoded):
+            pixels = next(decoded)
+            if isinstance(pixels, BadImageError):
+                report.quarantine(str(sample.get("__key__")), pixels.reason, stage="label")
+                continue
+            image = resize_to_tensor(pixels, size)
+        kept.append(sample)
+        tensors.append(image.to(device))
+    return kept, torch.stack(tensors) if tensors else None
+
+
+def sample_images(
+    samples: Sequence[dict[str, Any]], size: int, device: torch.device, *, decode: str = "host"
+) -> torch.Tensor:
+    """The samples' images on ``device`` as the labeller made them under ``decode``.
+
+    For work on samples already labelled (extending a version): they decoded then, so a
+    failure now is an error, not a quarantine.
+
+    Raises:
+        BadImageError: an image does not decode.
+    """
+    if decode != "device":
+        return torch.stack([_image_tensor(s, size) for s in samples]).to(device)
+    images: list[torch.Tensor | _Encoded] = []
+    for sample in samples:
+        _, data = sample_image_bytes(sample)
+        images.append(_Encoded(data) if device_decodable(data) else _image_tensor(sample, size))
+    report = QuarantineReport()
+    kept, stacked = _decode_on(device, list(samples), images, size, report)
+    if report.quarantined:
+        entry = report.quarantined[0]
+        raise BadImageError(f"{entry.reason} (sample {entry.key})")
+    assert stacked is not None and len(kept) == len(samples)
+    return stacked
+
+
 def _stack(images: Sequence[torch.Tensor], pin_memory: bool) -> torch.Tensor:
     if not pin_memory:
         return torch.stack(list(images))
@@ -82,6 +151,7 @@ def _batches(
     workers: int,
     pin_memory: bool,
     renames: Mapping[str, str] | None,
+    decode_device: torch.device | None,
 ) -> Iterator[InputBatch]:
     read = unit_reader(config, renames)
     per_batch = config.label.images_per_batch
@@ -102,21 +172,31 @@ def _batches(
 
     def prepare(
         item: dict[str, Any] | QuarantineReport,
-    ) -> tuple[dict[str, Any] | QuarantineReport, torch.Tensor | str | None]:
-        """``(item, image tensor or quarantine reason)``; reports pass through."""
+    ) -> tuple[dict[str, Any] | QuarantineReport, torch.Tensor | _Encoded | str | None]:
+        """``(item, image tensor, JPEG for the device or quarantine reason)``; reports pass."""
         if isinstance(item, QuarantineReport):
             return item, None
         problem = _label_problem(item, num_classes)
         if problem is not None:
             return item, problem
         try:
+            if decode_device is not None:
+                _, data = sample_image_bytes(item)
+                if device_decodable(data):
+                    return item, _Encoded(data)
             return item, _image_tensor(item, size)
         except BadImageError as exc:
             return item, exc.reason
 
+    def batch(samples: list[dict[str, Any]], images: list[Any]) -> InputBatch:
+        if decode_device is not None:
+            samples, stacked = _decode_on(decode_device, samples, images, size, report)
+            return InputBatch(samples, stacked, report)
+        return InputBatch(samples, _stack(images, pin_memory) if images else None, report)
+
     report = QuarantineReport()
     samples: list[dict[str, Any]] = []
-    images: list[torch.Tensor] = []
+    images: list[torch.Tensor | _Encoded] = []
     with (
         contextlib.closing(fetched()) as stream,
         contextlib.closing(
@@ -132,9 +212,9 @@ def _batches(
                 samples.append(item)
                 images.append(result)
                 if len(samples) == per_batch:
-                    yield InputBatch(samples, _stack(images, pin_memory), report)
+                    yield batch(samples, images)
                     report, samples, images = QuarantineReport(), [], []
-    yield InputBatch(samples, _stack(images, pin_memory) if images else None, report)
+    yield batch(samples, images)
 
 
 def input_batches(
@@ -145,6 +225,7 @@ def input_batches(
     workers: int = 1,
     pin_memory: bool = False,
     renames: Mapping[str, str] | None = None,
+    decode_device: torch.device | None = None,
 ) -> contextlib.AbstractContextManager[Iterator[InputBatch]]:
     """The labelling batches of some units of the listing, prepared ahead when ``workers > 1``.
 
@@ -159,11 +240,15 @@ def input_batches(
         workers: threads that read and decode (1: all inline in the caller's thread).
         pin_memory: stack the images in pinned memory (for non-blocking copies to a GPU).
         renames: new keys of repeated WebDataset input keys (:attr:`BuildPlan.renamed_keys`).
+        decode_device: decode and resize the JPEGs there, a batch at a time (None: on the
+            host, by the threads).
     """
     if workers <= 1:
-        return contextlib.closing(_batches(config, units, num_classes, 1, pin_memory, renames))
+        return contextlib.closing(
+            _batches(config, units, num_classes, 1, pin_memory, renames, decode_device)
+        )
     return RunAhead(
-        lambda: _batches(config, units, num_classes, workers, pin_memory, renames),
+        lambda: _batches(config, units, num_classes, workers, pin_memory, renames, decode_device),
         depth=BATCHES_AHEAD,
         name="input-batches",
     )

@@ -151,6 +151,17 @@ class BuildConfig(StageConfig):
         ),
     )
 
+    decode: Literal["host", "device"] = Field(
+        "host",
+        description=(
+            "where the labeller decodes and resizes input images: 'host' (Pillow, in "
+            "decode_workers threads), or 'device' (JPEGs decoded where the model runs: nvjpeg "
+            "on a GPU, libjpeg-turbo on the CPU; resized there; other formats and CMYK JPEGs "
+            "still on the host). Pixels differ by at most 1/255 from the host's, so 'device' is "
+            "part of the dataset version"
+        ),
+    )
+
     @model_validator(mode="after")
     def _layout_needs_shards(self) -> BuildConfig:
         if self.preserve_layout and self.input_kind != "webdataset":

@@ -257,7 +257,11 @@ def unit_reader(config: BuildConfig, renames: Mapping[str, str] | None = None) -
         def read_file(unit: str) -> tuple[list[dict[str, Any]], QuarantineReport]:
             report = QuarantineReport()
             class_id, key, path = unit.split(":", 2)
-            sample = read_image_file(storage, path, key, int(class_id), report)
+            # Decoding on the device, the labeller decodes each JPEG once, there; on the host
+            # the reader checks every file by decoding it.
+            sample = read_image_file(
+                storage, path, key, int(class_id), report, check_pixels=config.decode == "host"
+            )
             return ([] if sample is None else [sample]), report
 
         return read_file

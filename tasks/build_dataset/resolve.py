@@ -36,8 +36,8 @@ from tasks.algorithms.kernel_shap import (
     solve_games,
 )
 from tasks.algorithms.leverage_shap import extend_leverage_coalitions
+from tasks.build_dataset.batches import sample_images
 from tasks.build_dataset.config import BuildConfig, LabelConfig
-from tasks.build_dataset.inputs import _image_tensor
 from tasks.build_dataset.stage import (
     LABELLER_REVISION,
     _classifier,
@@ -132,6 +132,7 @@ def extend_samples(
     *,
     image_size: int,
     baseline_mean: Sequence[float] | None,
+    decode: str = "host",
 ) -> list[dict[str, Any]]:
     """X-dataset samples labelled again at the larger ``label.budget``, reusing their games.
 
@@ -149,6 +150,8 @@ def extend_samples(
         label: the source's label settings with the larger budget (and any solve setting).
         image_size: the model's input size.
         baseline_mean: the version's dataset mean (its ``mean`` baseline).
+        decode: where the version decoded its images (``BuildConfig.decode``): the extra
+            coalitions must see the pixels the kept ones saw.
 
     Raises:
         ValueError: a sample has no game, a game is not a leverage design of a smaller budget,
@@ -188,7 +191,7 @@ def extend_samples(
         None,
         counts,
     )
-    images = torch.stack([_image_tensor(s, image_size) for s in samples]).to(device)
+    images = sample_images(samples, image_size, device, decode=decode)
     classes = torch.tensor([list(g.classes) for g in games], dtype=torch.long)
     evaluated = evaluate_coalitions(classifier, config, plan, images, classes)
     evaluated.wait()
@@ -415,7 +418,12 @@ def resolve_shard(plan: ResolvePlan, shard: str) -> dict[str, Any]:
 
         def relabel(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return extend_samples(
-                model, batch, plan.label, image_size=size, baseline_mean=plan.baseline_mean
+                model,
+                batch,
+                plan.label,
+                image_size=size,
+                baseline_mean=plan.baseline_mean,
+                decode=build.decode,
             )
     else:
         batch_size = max(plan.label.images_per_batch, 64)

@@ -345,6 +345,9 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         # A limit that happens to keep every image still names another build.
         listed += f"\nmax_per_class={config.max_per_class}"
     input_digest = hashlib.sha256(listed.encode()).hexdigest()
+    # Decoding on the device moves pixels by up to 1/255, so it names another version; the
+    # host's decoding names the versions it always named.
+    decoded_on = (config.decode,) if config.decode != "host" else ()
     version = "v-" + config.label.fingerprint(
         LABELLER_REVISION,
         fingerprint,
@@ -356,6 +359,7 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         config.image_size,
         output_shards,
         mean,
+        *decoded_on,
     )
     if config.input_kind == "webdataset":
         inputs = sum(_range_size(unit) for unit in units)
@@ -679,6 +683,7 @@ def _label(
             workers=workers,
             pin_memory=device.type == "cuda",
             renames=renames,
+            decode_device=device if config.decode == "device" else None,
         ) as batches,
         # Coalitions of the next batch drawn and the last one solved while the model runs.
         kernel_shap_stream(
@@ -878,6 +883,7 @@ class BuildProgress:
         # build; so does num_shards under preserve_layout (the tasks, not the shards).
         ignored = ["decode_workers"] + (["num_shards"] if self.config.preserve_layout else [])
         planned = dict(self.output.read_json(key).get("config") or {})
+        planned.setdefault("decode", "host")  # versions planned before the field existed
         current = self.config.to_dict()
         for name in ignored:
             planned.pop(name, None)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -94,6 +95,19 @@ def open_image(
         BadImageError: for empty, unidentifiable, truncated or too large inputs, and for
             strips too thin to resize.
     """
+    img = _open_checked(data, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+    width, height = img.size
+    try:
+        if draft_size is not None and img.format == "JPEG" and min(width, height) >= 2 * draft_size:
+            img.draft(img.mode, (draft_size, draft_size))
+        img.load()
+    except Exception as exc:  # codecs raise anything from OSError to struct.error
+        raise BadImageError(f"truncated/corrupt: {exc}") from exc
+    return img
+
+
+def _open_checked(data: bytes, *, max_pixels: int, max_aspect_ratio: float) -> Image.Image:
+    """The image's header read and its size checked; no pixel is decoded yet."""
     if not data:
         raise BadImageError("zero-byte file")
     try:
@@ -115,12 +129,6 @@ def open_image(
         raise BadImageError(f"too large: {width}x{height}")
     if max(width, height) > max_aspect_ratio * min(width, height):
         raise BadImageError(f"extreme aspect ratio: {width}x{height}")
-    try:
-        if draft_size is not None and img.format == "JPEG" and min(width, height) >= 2 * draft_size:
-            img.draft(img.mode, (draft_size, draft_size))
-        img.load()
-    except Exception as exc:  # codecs raise anything from OSError to struct.error
-        raise BadImageError(f"truncated/corrupt: {exc}") from exc
     return img
 
 
@@ -212,17 +220,10 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     """
     import torch
 
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {size}")
     img = to_rgb(img)
     width, height = img.size
+    new_w, new_h, left, top = _resize_geometry(width, height, size)
     if (width, height) != (size, size):
-        scale = size / min(width, height)
-        # max(size, ...) keeps the short side exactly `size` despite rounding.
-        new_w = size if width <= height else max(size, round(width * scale))
-        new_h = size if height < width else max(size, round(height * scale))
-        left = (new_w - size) // 2
-        top = (new_h - size) // 2
         if (new_w, new_h) != (width, height):
             # Only the centre crop is resized: the source box of the crop in the resized
             # image's scale, so the pixels sampled are those of resizing whole and cropping
@@ -235,6 +236,113 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
             img = img.crop((left, top, left + size, top + size))
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _resize_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """``(new_w, new_h, left, top)``: the short side resized to ``size``, the centre crop's corner."""
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    scale = size / min(width, height)
+    # max(size, ...) keeps the short side exactly `size` despite rounding.
+    new_w = size if width <= height else max(size, round(width * scale))
+    new_h = size if height < width else max(size, round(height * scale))
+    return new_w, new_h, (new_w - size) // 2, (new_h - size) // 2
+
+
+def device_decodable(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+) -> bool:
+    """Whether :func:`decode_jpegs` may decode these bytes: a YCbCr or grayscale JPEG.
+
+    Reads the header only (no pixel is decoded) and applies :func:`open_image`'s checks, so an
+    input refused here is refused with the same reason as on the host. CMYK and other JPEGs,
+    and every other format, are for :func:`decode_image`.
+
+    Raises:
+        BadImageError: as :func:`open_image`, for the checks a header allows.
+    """
+    if sniff_format(data) != "jpg":
+        return False
+    img = _open_checked(data, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+    return img.format == "JPEG" and img.mode in ("RGB", "L")
+
+
+def decode_jpegs(
+    datas: Sequence[bytes], device: torch.device
+) -> list[torch.Tensor | BadImageError]:
+    """Decode JPEGs on ``device`` (nvjpeg on a GPU, libjpeg-turbo on the CPU), in one batch.
+
+    On a CUDA device torchvision sends baseline JPEGs to the GPU's hardware decoder (A100 and
+    later) and progressive ones through nvjpeg's hybrid path (Huffman decoding on the host);
+    on the CPU the same call decodes with libjpeg-turbo, pixel for pixel what Pillow decodes.
+    A batch that fails is decoded again one image at a time, so one bad file costs its own
+    place only.
+
+    Args:
+        datas: encoded JPEGs (:func:`device_decodable` ones).
+        device: where to decode and leave the pixels.
+
+    Returns:
+        Per input, a ``uint8`` tensor ``[3, H, W]`` (RGB, grayscale repeated) on ``device``, or
+        the :class:`BadImageError` (``"truncated/corrupt: ..."``) that input raised.
+    """
+    import torch
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as _decode_jpeg
+
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
+    if not encoded:
+        return []
+    try:
+        return list(_decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        pass
+    out: list[torch.Tensor | BadImageError] = []
+    for one in encoded:
+        try:
+            out.append(_decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError as exc:
+            out.append(BadImageError(f"truncated/corrupt: {_decoder_message(exc)}"))
+    return out
+
+
+def _decoder_message(exc: RuntimeError) -> str:
+    """torchvision's message without its source location (``decode_jpeg, file.cpp:171, ...``)."""
+    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"^decode_jpegs?\w*, \S+:\d+, ", "", text)
+
+
+def resize_to_tensor(image: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`image_to_tensor` for a decoded ``uint8`` ``[3, H, W]`` tensor, where it lies.
+
+    The same geometry (short side to ``size``, bicubic with antialiasing, centre crop) done
+    the way Pillow does it: a horizontal pass, then a vertical one, each rounded to 8 bits
+    (torch's antialiased bicubic has Pillow's kernel; one pass without the rounding between
+    would move high-contrast pixels by up to 3/255). Against Pillow the pixels differ by at
+    most 1/255, on about 1 pixel in 4,000 (tests/tasks/test_device_decode.py).
+
+    Returns:
+        ``float32`` ``[3, size, size]`` in ``[0, 1]`` on the image's device.
+    """
+    import torch.nn.functional as F
+
+    _, height, width = image.shape
+    new_w, new_h, left, top = _resize_geometry(width, height, size)
+    pixels = image.unsqueeze(0).float()
+    for shape in ((height, new_w), (new_h, new_w)):
+        if shape != tuple(pixels.shape[-2:]):
+            pixels = (
+                F.interpolate(
+                    pixels, size=shape, mode="bicubic", antialias=True, align_corners=False
+                )
+                .clamp_(0.0, 255.0)
+                .round_()
+            )
+    crop = pixels[0, :, top : top + size, left : left + size]
+    return crop.div(255.0).contiguous()
 
 
 def sample_image_bytes(sample: Mapping[str, object]) -> tuple[str, bytes]:

@@ -32,6 +32,7 @@ from tasks.data.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_FIELDS,
     BadImageError,
+    device_decodable,
     encode_png,
     open_image,
     sniff_format,
@@ -324,6 +325,7 @@ def read_image_file(
     report: QuarantineReport,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    check_pixels: bool = True,
 ) -> dict[str, Any] | None:
     """Read one image file of a listing as a sample, or quarantine it and return None.
 
@@ -334,6 +336,10 @@ def read_image_file(
         class_id: its label.
         report: receives the read, the conversion or the quarantine.
         max_pixels: largest accepted width * height.
+        check_pixels: decode the image to check it (the default). False, for a reader whose
+            consumer decodes every image itself (the labeller decoding on the device): a
+            YCbCr or grayscale JPEG is checked by its header only and kept, so a body that
+            does not decode is the consumer's to quarantine; other images are checked in full.
     """
     report.count("read")
     try:
@@ -348,7 +354,10 @@ def read_image_file(
         report.quarantine(path, f"unreadable: {exc}", stage="read")
         return None
     try:
-        field_name, payload = _stored_image(data, key, path, report, max_pixels)
+        if not check_pixels and device_decodable(data, max_pixels=max_pixels):
+            field_name, payload = "jpg", data
+        else:
+            field_name, payload = _stored_image(data, key, path, report, max_pixels)
     except BadImageError as exc:
         report.quarantine(path, exc.reason, stage="read")
         return None
