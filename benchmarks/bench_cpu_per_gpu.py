@@ -43,7 +43,8 @@ from tasks.algorithms.leverage_shap import sample_leverage_coalitions_batch
 from tasks.build_dataset.batches import _stack
 from tasks.build_dataset.inputs import _image_tensor
 from tasks.build_dataset.stage import _labelled_samples
-from tasks.data.images import decode_image
+from tasks.data.images import decode_image, decode_jpegs, device_decodable, resize_to_tensor
+from tasks.data.readers import image_for_storage
 
 log = logging.getLogger("bench_cpu_per_gpu")
 
@@ -95,10 +96,19 @@ def _former_decode(data: bytes, size: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+#: The totals a step counts in: the host decoding with WebDataset input (the reader does not
+#: decode), the host decoding with image-folder input (the reader decodes every file to check
+#: it, then the labeller decodes it again), and ``decode: device`` with either input.
+HOST, HOST_FOLDER, DEVICE = "host decode, WebDataset input", "host decode, image folder", "device"
+TOTALS = (HOST, HOST_FOLDER, DEVICE)
+EVERY = frozenset(TOTALS)
+ON_HOST = frozenset((HOST, HOST_FOLDER))
+
+
 def measure(
     batch: int, repeats: int, budget: int, shard_size: int
-) -> list[tuple[str, float, bool]]:
-    """``(step, CPU ms per image, counted in the total)`` of each host step of labelling."""
+) -> list[tuple[str, float, frozenset[str]]]:
+    """``(step, CPU ms per image, the totals it counts in)`` of each host step of labelling."""
     config = KernelShapConfig(grid=(7, 7), budget=budget, batch_size=2048)
     samples = [
         {"__key__": f"{i:09d}", "jpg": imagenet_like_jpeg(i % 8), "cls": i % 1000}
@@ -147,60 +157,88 @@ def measure(
         for arrays in game_arrays:
             npz_bytes(arrays)
 
+    none: frozenset[str] = frozenset()
+    encoded = [s["jpg"] for s in samples]
+    cpu = torch.device("cpu")
     steps = [
         (
             "decode + resize, 500x375 JPEG (before: whole image resized)",
             lambda: [_former_decode(s["jpg"], 224) for s in samples],
-            False,
+            none,
+            batch,
+        ),
+        (
+            "image-folder reader's check: a full decode (host decode)",
+            lambda: [image_for_storage(d, "k") for d in encoded],
+            frozenset((HOST_FOLDER,)),
             batch,
         ),
         (
             "decode + resize + float tensor, 500x375 JPEG",
             lambda: [_image_tensor(s, 224) for s in samples],
-            True,
+            ON_HOST,
             batch,
         ),
         (
             "decode + resize, 1000x750 JPEG (before)",
             lambda: [_former_decode(d, 224) for d in large],
-            False,
+            none,
             batch,
         ),
         (
             "decode + resize, 1000x750 JPEG (drafted at 1/2)",
             lambda: [_image_tensor({"jpg": d}, 224) for d in large],
-            False,
+            none,
             batch,
         ),
-        ("collate the batch (stack)", lambda: _stack(images, pin_memory=False), True, batch),
-        ("per-image seeds", lambda: [derive_seed(s["__key__"], 0) for s in samples], True, batch),
+        (
+            "device decode, host side: header checks (reader and labeller) + bytes to tensors",
+            lambda: [
+                (
+                    device_decodable(d),
+                    device_decodable(d),
+                    torch.frombuffer(bytearray(d), dtype=torch.uint8),
+                )
+                for d in encoded
+            ],
+            frozenset((DEVICE,)),
+            batch,
+        ),
+        (
+            "device decode + resize, run on the CPU (a GPU's work there)",
+            lambda: [resize_to_tensor(x, 224) for x in decode_jpegs(encoded, cpu)],
+            none,
+            batch,
+        ),
+        ("collate the batch (stack)", lambda: _stack(images, pin_memory=False), ON_HOST, batch),
+        ("per-image seeds", lambda: [derive_seed(s["__key__"], 0) for s in samples], EVERY, batch),
         (
             "coalition sampling",
             lambda: sample_leverage_coalitions_batch(
                 49, budget - 2, [torch.Generator().manual_seed(s) for s in seeds]
             ),
-            True,
+            EVERY,
             batch,
         ),
         (
             "plan (sampling + forward-row layout)",
             lambda: plan_coalitions(config, seeds),
-            False,
+            none,
             batch,
         ),
-        ("solve (2 classes)", lambda: solve_coalitions(config, evaluated), True, batch),
-        ("encode the output samples (npy, game.npz, json)", encode, True, batch),
+        ("solve (2 classes)", lambda: solve_coalitions(config, evaluated), EVERY, batch),
+        ("encode the output samples (npy, game.npz, json)", encode, EVERY, batch),
         (
             "game.npz by np.savez_compressed (before)",
             games_savez,
-            False,
+            none,
             batch,
         ),
-        ("game.npz written directly (npz_bytes)", games_direct, False, batch),
+        ("game.npz written directly (npz_bytes)", games_direct, none, batch),
         (
             f"encode + write + publish a shard of {batches_per_shard * batch}",
             write_shard,
-            False,
+            none,
             batches_per_shard * batch,
         ),
     ]
@@ -208,23 +246,32 @@ def measure(
     by_name = {name: ms for name, ms, _ in rows}
     layout = by_name["plan (sampling + forward-row layout)"] - by_name["coalition sampling"]
     writing = by_name[steps[-1][0]] - by_name["encode the output samples (npy, game.npz, json)"]
-    rows.append(("forward-row layout (plan less sampling)", layout, True))
-    rows.append(("tar write + publish (shard less encoding)", writing, True))
+    rows.append(("forward-row layout (plan less sampling)", layout, EVERY))
+    rows.append(("tar write + publish (shard less encoding)", writing, EVERY))
     return rows
 
 
-def markdown(rows: list[tuple[str, float, bool]], batch: int) -> str:
+def markdown(rows: list[tuple[str, float, frozenset[str]]], batch: int) -> str:
+    """The table: a column per total saying which steps it counts, then the totals."""
+    short = {HOST: "host, wds", HOST_FOLDER: "host, folder", DEVICE: "device"}
     lines = [
-        f"| step (batches of {batch}, one thread) | CPU ms / image | in the total |",
-        "|---|---|---|",
+        f"| step (batches of {batch}, one thread) | CPU ms / image | "
+        + " | ".join(f"in {short[t]}" for t in TOTALS)
+        + " |",
+        "|---|---|" + "---|" * len(TOTALS),
     ]
-    total = 0.0
+    totals = dict.fromkeys(TOTALS, 0.0)
     for name, ms, counted in rows:
-        lines.append(f"| {name} | {ms:.3f} | {'yes' if counted else ''} |")
-        total += ms if counted else 0.0
-    cores = total * 1e-3 * GPU_IMAGES_PER_SECOND
-    lines.append(f"| **total (500x375 JPEGs)** | **{total:.3f}** | |")
-    lines.append(f"| **cores per GPU at {GPU_IMAGES_PER_SECOND} images/s** | **{cores:.2f}** | |")
+        marks = " | ".join("yes" if t in counted else "" for t in TOTALS)
+        lines.append(f"| {name} | {ms:.3f} | {marks} |")
+        for t in counted:
+            totals[t] += ms
+    for t in TOTALS:
+        cores = totals[t] * 1e-3 * GPU_IMAGES_PER_SECOND
+        lines.append(
+            f"| **total, {t}: ms / image; cores per GPU at {GPU_IMAGES_PER_SECOND} images/s** "
+            f"| **{totals[t]:.3f}** | **{cores:.2f}** | | |"
+        )
     return "\n".join(lines)
 
 

@@ -8,6 +8,11 @@
 - **Forward-pass floor**: images/s if labelling cost nothing but its 150 forward passes
   (token-space trunk rows/s / 150). The labeller's fraction of the floor is the figure of merit
   (goal: >= 60%, i.e. >= 360 images/s on one H100).
+- **Decoding on the device** (``BuildConfig.decode: device``): images/s of
+  :func:`tasks.data.images.decode_jpegs` + :func:`~tasks.data.images.resize_to_tensor` on
+  ImageNet-like 500x375 JPEGs (nvjpeg on a GPU), and the host's CPU milliseconds per image
+  while it runs (the figure of issue 26's one core per GPU); beside it, Pillow's host decode on
+  one thread, the labeller's ``decode: host``.
 - **Fine-tuning**: samples/s of X-mode training steps (classification + explanation loss,
   AdamW, bf16 autocast) of the self-explaining ViT-B/32.
 
@@ -140,6 +145,39 @@ def bench_labelling(
     }
 
 
+def bench_decode(device: torch.device, images: int, batch: int) -> dict:
+    """Device decode + resize of ImageNet-like JPEGs: images/s and host CPU ms per image."""
+    from benchmarks.bench_cpu_per_gpu import imagenet_like_jpeg
+    from tasks.build_dataset.inputs import _image_tensor
+    from tasks.data.images import decode_jpegs, device_decodable, resize_to_tensor
+
+    encoded = [imagenet_like_jpeg(i % 16) for i in range(batch)]
+
+    def device_batch() -> None:
+        assert all(device_decodable(d) for d in encoded)
+        torch.stack([resize_to_tensor(x, IMAGE_SIZE) for x in decode_jpegs(encoded, device)])
+
+    def host_batch() -> None:
+        torch.stack([_image_tensor({"jpg": d}, IMAGE_SIZE) for d in encoded])
+
+    figures = {"jpeg": "500x375, quality 90", "batch": batch}
+    for name, run in (("device", device_batch), ("host_pillow_one_thread", host_batch)):
+        run()  # warm-up (nvjpeg's handles, the kernels)
+        _sync(device)
+        rounds = max(1, images // batch) if name == "device" else max(1, images // batch // 8)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(rounds):
+            run()
+        _sync(device)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        count = rounds * batch
+        figures[name] = {
+            "images_per_s": round(count / wall, 1),
+            "host_cpu_ms_per_image": round(1e3 * cpu / count, 3),
+        }
+    return figures
+
+
 def bench_finetuning(device: torch.device, steps: int, batch: int) -> dict:
     """X-mode training samples/s of the self-explaining ViT-B/32."""
     torch.manual_seed(0)
@@ -199,6 +237,7 @@ def main() -> None:
         "labelling": bench_labelling(
             device, args.images, min(args.label_batch, args.images), args.budget, args.precision
         ),
+        "decode": bench_decode(device, args.images, min(args.label_batch, args.images)),
         "finetuning": bench_finetuning(device, args.steps, args.batch),
     }
     text = json.dumps(figures, indent=2)

@@ -337,7 +337,7 @@ def read_image_file(
         report: receives the read, the conversion or the quarantine.
         max_pixels: largest accepted width * height.
         check_pixels: decode the image to check it (the default). False, for a reader whose
-            consumer decodes every image itself (the labeller decoding on the device): a
+            consumer decodes every image itself (the labeller): a
             YCbCr or grayscale JPEG is checked by its header only and kept, so a body that
             does not decode is the consumer's to quarantine; other images are checked in full.
     """
