@@ -167,9 +167,11 @@ class ShardWriter:
             )
             self._handle = os.fdopen(fd, "wb")
         # A fixed mtime makes the tar a function of its samples, so a rerun reproduces the sha256.
+        # An integer one: a float mtime makes tarfile put a PAX header before every member
+        # (1 KB and a third of the writer's CPU per member, for a time of 0).
         import webdataset  # imports torch: only where a shard is written
 
-        self._tar = webdataset.TarWriter(self._handle, mtime=0.0)
+        self._tar = webdataset.TarWriter(self._handle, mtime=0)
         return self
 
     def write(self, sample: dict[str, Any]) -> None:
