@@ -161,6 +161,7 @@ def _build_config(
         preserve_layout=max_per_class is None,
         output_uri=open_storage(config.out_uri).url(layout.XDATA_PREFIX),
         device=config.device,
+        decode=config.decode,
     )
 
 

@@ -168,6 +168,12 @@ class PipelineConfig(StageConfig):
     sweep_name: str = "embedded-default"
     runner: RunnerConfig = RunnerConfig()
     device: Device = "auto"
+    decode: Literal["host", "device"] = Field(
+        "host",
+        description="where the labeller decodes and resizes its input JPEGs (BuildConfig.decode): "
+        "host (Pillow) or device (where the model runs: nvjpeg on a GPU, under one core per GPU "
+        "for the whole host side; docs/imagenet-x.md)",
+    )
 
     @field_validator("source")
     @classmethod

@@ -185,7 +185,7 @@ def test_shipped_configs_parse_and_the_default_is_the_embedded_default(tmp_path:
     assert changed == {"out_uri", "per_class", "label", "x_loss", "target_epochs"}, changed
     real = PipelineConfig(**json.loads((CONFIGS / "imagenet-vit-b-32.json").read_text()))
     assert real.model_name.startswith("ViT-B-32") and real.image_size == 224
-    assert real.device == "cuda"
+    assert real.device == "cuda" and real.decode == "device"
     assert real.source_spec.kind == "imagefolder" and real.base.startswith("s3://")
     assert {t.kind for t in real.target_specs} == {"imagefolder", "webdataset"}
     # A mix of names and specs: every domain once, the source first.
