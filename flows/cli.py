@@ -220,6 +220,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         "num_shards": args.shards,
         "output_uri": args.out,
         "image_size": args.image_size,
+        "decode": args.decode,
     }
     fields.update({k: v for k, v in overrides.items() if v is not None})
     check_build_arguments(fields, args.dask_address)
@@ -422,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--image-size", type=int)
     build.add_argument("--shards", type=int, help="number of output shards")
     build.add_argument("--out", help="output root URI")
+    build.add_argument(
+        "--decode",
+        choices=["host", "device"],
+        help="decode and resize the JPEGs on the host (default) or where the model runs "
+        "(nvjpeg on a GPU: under one core per GPU for the host side)",
+    )
     build.add_argument(
         "--workers",
         type=_count(1),

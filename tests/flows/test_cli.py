@@ -31,6 +31,44 @@ def test_build_dataset_command_writes_the_shards(
     assert all("shap.npy" in s and "png" in s for s in samples)
 
 
+def test_build_dataset_decodes_on_the_device_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--decode device`` with JPEG input (here the device is the CPU): the version records it
+    and differs from the host-decoded one, the stored images stay the original JPEG bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "folder"
+    originals = {}
+    for i, name in enumerate(["a/one.jpg", "a/two.jpg", "b/three.jpg", "b/four.jpg"]):
+        pixels = np.random.default_rng(i).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(buffer.getvalue())
+        originals[name.rsplit(".", 1)[0]] = buffer.getvalue()
+    argv = ["build-dataset", "--name", "jpegs-x", "--split", "val", "--input-kind"]
+    argv += ["imagefolder", "--input", str(folder), "--budget", "30", "--shards", "1"]
+    config = tmp_path / "build.json"
+    config.write_text(json.dumps({"label": {"grid_h": 3, "grid_w": 3}, "device": "cpu"}))
+    argv += ["--config", str(config)]
+    uris = {}
+    for decode in ("host", "device"):
+        assert main([*argv, "--decode", decode, "--out", str(tmp_path / decode)]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["missing"] == [] and summary["samples"] == 4
+        uris[decode] = Path(summary["dataset_uri"])
+    assert uris["host"].name != uris["device"].name  # another version
+    recorded = json.loads((uris["device"] / "config.json").read_text())
+    assert recorded["config"]["decode"] == "device"
+    shards = sorted(uris["device"].glob("jpegs-x-val-*.tar"))
+    samples = list(wds.WebDataset([str(s) for s in shards], shardshuffle=False))
+    assert {s["__key__"]: s["jpg"] for s in samples} == originals
+
+
 def test_bad_configuration_is_a_clear_error_and_exit_code_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
