@@ -10,7 +10,8 @@ trained contrastively on the few prompts of the synthetic domains spreads their 
 so ``alpha`` can be negative (the first shipped base: -0.32 to +0.25); the shipped base locks its
 text tower at initialisation and keeps ``alpha`` near 0.9.
 
-For each target of a finished sweep this prints, on the target's test reference images, alpha and
+For the source (theta_X in its own domain, against the reference of theta_X) and each target
+of a finished sweep this prints, on the target's test reference images, alpha and
 the Pearson of the reference with the SEM map read along the target's own head (what the sweep
 reports) and along ``s`` alone, at lambda 0 and at ``--lam``. The sweep's own configuration
 (its ``summary.json``) names the models, references and vector.
@@ -62,13 +63,18 @@ def main() -> None:
         f"| target | alpha | own head, lambda 0 | own head, lambda {args.lam:g} "
         f"| along s, lambda 0 | along s, lambda {args.lam:g} |\n|---|---|---|---|---|---|"
     )
-    for spec in sorted((t for t in config.targets if t.role == "target"), key=lambda t: t.domain):
+    # The source first (theta_X, no vector: alpha is 1 by definition), then the targets.
+    order = {"source": 0, "target": 1}
+    specs = sorted(
+        (t for t in config.targets if t.role in order), key=lambda t: (order[t.role], t.domain)
+    )
+    for spec in specs:
         model = load_target(spec, config.grid)
         head = model.sem.class_embeddings
         batch = next(iter(load_reference(spec.test_reference).batches(10_000)))
         index = torch.arange(len(batch.labels))
         own, along = [], []
-        for coef in (0.0, args.lam):
+        for coef in (0.0, args.lam) if spec.role == "target" else (0.0,):
             model.load_lambda(vector, coef, allow_different_base=config.allow_different_base)
             model.sem.set_head(head)
             _, maps = model.sem(batch.images)
@@ -76,6 +82,9 @@ def main() -> None:
             model.sem.set_head(s[None])
             _, maps = model.sem(batch.images)
             along.append(pearson(maps[:, 0], batch.targets))
+        if spec.role == "source":
+            print(f"| {spec.domain} (theta_X) | +1 | {own[0]:+.3f} | | {along[0]:+.3f} | |")
+            continue
         print(
             f"| {spec.domain} | {alignment[spec.domain]:+.3f} | {own[0]:+.3f} | {own[1]:+.3f} "
             f"| {along[0]:+.3f} | {along[1]:+.3f} |"
