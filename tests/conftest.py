@@ -96,3 +96,18 @@ def storage_uri(request: pytest.FixtureRequest, tmp_path) -> str:
         return str(tmp_path / "storage-root")
     env: S3Env = request.getfixturevalue("s3_env")
     return env.uri("storage-root")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped where torch sees no CUDA device (CI, these machines);
+    ``benchmarks/gpu_check.sh`` runs them on a GPU with ``-m gpu``."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu_tests:
+        item.add_marker(skip)

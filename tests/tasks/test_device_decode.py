@@ -216,3 +216,51 @@ def test_a_device_decoded_version_extends_to_a_fresh_labelling_of_every_coalitio
         np.testing.assert_allclose(extended[key], expected[key], atol=1e-5)
     recorded = open_storage(plan.dataset_uri).read_json("config.json")
     assert json.dumps(recorded["config"]["decode"]) == '"device"'
+
+
+@pytest.mark.gpu
+def test_nvjpeg_decodes_and_resizes_as_the_cpu_does_within_a_few_levels() -> None:
+    """On a GPU: nvjpeg (hardware or hybrid) against libjpeg-turbo, and the resize on the GPU
+    against the same resize on the CPU (a few levels at most: IDCTs differ)."""
+    cuda = torch.device("cuda")
+    datas = [_jpeg(_photo(20 + i, (500, 375))) for i in range(6)]
+    datas += [_jpeg(_photo(30, (333, 500)), progressive=True), _jpeg(_photo(31, (64, 48)))]
+    datas.append(datas[0][: len(datas[0]) // 2])  # a cut one among them
+    on_gpu, on_cpu = decode_jpegs(datas, cuda), decode_jpegs(datas, CPU)
+    assert isinstance(on_gpu[-1], BadImageError) and isinstance(on_cpu[-1], BadImageError)
+    for gpu, cpu in zip(on_gpu[:-1], on_cpu[:-1], strict=True):
+        assert isinstance(gpu, torch.Tensor) and gpu.device.type == "cuda"
+        levels = (gpu.cpu().int() - cpu.int()).abs()
+        assert levels.max() <= 8 and levels.float().mean() < 1.0
+        resized = (resize_to_tensor(gpu, 224).cpu() - resize_to_tensor(gpu.cpu(), 224)).abs()
+        assert resized.max() * 255 <= 1.0 + 1e-4
+
+
+@pytest.mark.gpu
+def test_a_build_decoded_on_the_gpu_labels_as_the_cpu_does(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "folder")
+    label = LabelConfig(grid_h=3, grid_w=3, budget=40, images_per_batch=3)
+    configs = {}
+    for device in ("cpu", "cuda"):
+        config = BuildConfig(
+            name="jpegs-x",
+            split="val",
+            input_kind="imagefolder",
+            input_uri=str(folder),
+            output_uri=str(tmp_path / device),
+            num_shards=2,
+            device=device,
+            decode="device",
+            label=label,
+        )
+        clear_model_cache()
+        plan = plan_build(config)
+        for index in range(config.num_shards):
+            label_shard(plan, index)
+        assert finalize_build(plan)["samples"] == 6
+        configs[device] = plan
+    on_cpu, on_gpu = _labels(configs["cpu"].dataset_uri), _labels(configs["cuda"].dataset_uri)
+    assert on_cpu.keys() == on_gpu.keys()
+    for key in on_cpu:
+        r = np.corrcoef(on_cpu[key].ravel(), on_gpu[key].ravel())[0, 1]
+        assert r > 0.95, (key, r)
