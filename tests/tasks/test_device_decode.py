@@ -127,7 +127,7 @@ def _folder(root: Path) -> Path:
     return root
 
 
-def _build(root: str, folder: Path, decode: str, label: LabelConfig) -> Any:
+def _build(root: str, folder: Path, decode: str, label: LabelConfig, device: str = "cpu") -> Any:
     config = BuildConfig(
         name="jpegs-x",
         split="val",
@@ -135,7 +135,7 @@ def _build(root: str, folder: Path, decode: str, label: LabelConfig) -> Any:
         input_uri=str(folder),
         output_uri=root,
         num_shards=2,
-        device="cpu",
+        device=device,
         decode=decode,
         label=label,
     )
@@ -242,22 +242,8 @@ def test_a_build_decoded_on_the_gpu_labels_as_the_cpu_does(tmp_path: Path) -> No
     label = LabelConfig(grid_h=3, grid_w=3, budget=40, images_per_batch=3)
     configs = {}
     for device in ("cpu", "cuda"):
-        config = BuildConfig(
-            name="jpegs-x",
-            split="val",
-            input_kind="imagefolder",
-            input_uri=str(folder),
-            output_uri=str(tmp_path / device),
-            num_shards=2,
-            device=device,
-            decode="device",
-            label=label,
-        )
-        clear_model_cache()
-        plan = plan_build(config)
-        for index in range(config.num_shards):
-            label_shard(plan, index)
-        assert finalize_build(plan)["samples"] == 6
+        plan, summary = _build(str(tmp_path / device), folder, "device", label, device)
+        assert summary["samples"] == 6
         configs[device] = plan
     on_cpu, on_gpu = _labels(configs["cpu"].dataset_uri), _labels(configs["cuda"].dataset_uri)
     assert on_cpu.keys() == on_gpu.keys()
