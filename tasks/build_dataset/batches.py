@@ -10,8 +10,8 @@ With ``decode_device`` (``BuildConfig.decode: device``) the threads only check e
 header; the batch's JPEGs are decoded and resized in one call where the model runs (nvjpeg on a
 GPU), so the host's cost per image is the header and the copy of the encoded bytes. Other
 formats and CMYK JPEGs are still decoded by the threads; their tensors join the batch on the
-device. A JPEG whose header passes but whose body does not decode is quarantined when its batch
-is decoded, so that batch carries one image fewer.
+device. A JPEG the device cannot decode is decoded on the host; one the host cannot decode
+either is quarantined when its batch is decoded, so that batch carries one image fewer.
 
 Nothing about the result depends on the number of workers: samples come in listing order, bad
 inputs are quarantined with the same reasons, and the quarantine entries are handed over in
@@ -22,6 +22,7 @@ the order a serial read makes them (each batch carries what happened since the p
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,8 @@ from tasks.data.images import (
 )
 from tasks.data.prefetch import RunAhead, default_decode_workers, ordered_map
 from tasks.data.quarantine import QuarantineReport
+
+logger = logging.getLogger(__name__)
 
 #: Input units (files, or input-shard ranges) read ahead of the decoder: for shard ranges, the
 #: one being decoded and the next.
@@ -95,7 +98,12 @@ def _decode_on(
     size: int,
     report: QuarantineReport,
 ) -> tuple[list[dict[str, Any]], torch.Tensor | None]:
-    """One batch on ``device``: its JPEGs decoded and resized there, its other images copied."""
+    """One batch on ``device``: its JPEGs decoded and resized there, its other images copied.
+
+    A JPEG the device cannot decode is decoded on the host instead (nvjpeg does not take every
+    JPEG libjpeg does, e.g. arithmetic coding), so decoding on the device never loses an image
+    the host labels; one neither can decode is quarantined with the host's reason.
+    """
     decoded = iter(decode_jpegs([i.data for i in images if isinstance(i, _Encoded)], device))
     kept: list[dict[str, Any]] = []
     tensors: list[torch.Tensor] = []
@@ -103,9 +111,18 @@ def _decode_on(
         if isinstance(image, _Encoded):
             pixels = next(decoded)
             if isinstance(pixels, BadImageError):
-                report.quarantine(str(sample.get("__key__")), pixels.reason, stage="label")
-                continue
-            image = resize_to_tensor(pixels, size)
+                try:
+                    image = _image_tensor(sample, size)
+                except BadImageError as exc:
+                    report.quarantine(str(sample.get("__key__")), exc.reason, stage="label")
+                    continue
+                logger.info(
+                    "%s: decoded on the host (the device refused it: %s)",
+                    sample.get("__key__"),
+                    pixels.reason,
+                )
+            else:
+                image = resize_to_tensor(pixels, size)
         kept.append(sample)
         tensors.append(image.to(device))
     return kept, torch.stack(tensors) if tensors else None
