@@ -263,7 +263,10 @@ class Storage(abc.ABC):
 
     def read_parquet(self, key: str) -> pa.Table:
         """Read a Parquet object into a :class:`pyarrow.Table`."""
-        return pq.read_table(pa.BufferReader(self.read_bytes(key)))
+        # On one thread: the tables here are small (manifests, sweep rows), and Arrow's CPU
+        # pool, once used, can abort the interpreter at exit ("terminate called without an
+        # active exception", apache/arrow#34314; seen here once in `datasets show`).
+        return pq.read_table(pa.BufferReader(self.read_bytes(key)), use_threads=False)
 
     def write_parquet(self, key: str, table: pa.Table) -> None:
         """Publish ``table`` as a Parquet object."""
