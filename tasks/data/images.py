@@ -296,20 +296,21 @@ def decode_jpegs(
     encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
     if not encoded:
         return []
+    # torchvision raises RuntimeError for what its decoders refuse; ValueError for some headers.
     try:
         return list(_decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         pass
     out: list[torch.Tensor | BadImageError] = []
     for one in encoded:
         try:
             out.append(_decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             out.append(BadImageError(f"truncated/corrupt: {_decoder_message(exc)}"))
     return out
 
 
-def _decoder_message(exc: RuntimeError) -> str:
+def _decoder_message(exc: Exception) -> str:
     """torchvision's message without its source location (``decode_jpeg, file.cpp:171, ...``)."""
     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     return re.sub(r"^decode_jpegs?\w*, \S+:\d+, ", "", text)
