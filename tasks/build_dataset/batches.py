@@ -128,6 +128,12 @@ def _decode_on(
     return kept, torch.stack(tensors) if tensors else None
 
 
+def _for_device(sample: dict[str, Any], size: int) -> torch.Tensor | _Encoded:
+    """A sample's JPEG left encoded for the device, or its image decoded on the host."""
+    _, data = sample_image_bytes(sample)
+    return _Encoded(data) if device_decodable(data) else _image_tensor(sample, size)
+
+
 def sample_images(
     samples: Sequence[dict[str, Any]], size: int, device: torch.device, *, decode: str = "host"
 ) -> torch.Tensor:
@@ -141,10 +147,7 @@ def sample_images(
     """
     if decode != "device":
         return torch.stack([_image_tensor(s, size) for s in samples]).to(device)
-    images: list[torch.Tensor | _Encoded] = []
-    for sample in samples:
-        _, data = sample_image_bytes(sample)
-        images.append(_Encoded(data) if device_decodable(data) else _image_tensor(sample, size))
+    images = [_for_device(sample, size) for sample in samples]
     report = QuarantineReport()
     kept, stacked = _decode_on(device, list(samples), images, size, report)
     if report.quarantined:
@@ -198,9 +201,7 @@ def _batches(
             return item, problem
         try:
             if decode_device is not None:
-                _, data = sample_image_bytes(item)
-                if device_decodable(data):
-                    return item, _Encoded(data)
+                return item, _for_device(item, size)
             return item, _image_tensor(item, size)
         except BadImageError as exc:
             return item, exc.reason
