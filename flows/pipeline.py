@@ -79,6 +79,7 @@ def _finetune_config(
     data: str,
     *,
     epochs: int | None = None,
+    lr: float | None = None,
 ) -> FinetuneConfig:
     domain = plan.spec.name
     # Built-in domains name their own classes: their configs (and fingerprints) stay as before.
@@ -95,9 +96,10 @@ def _finetune_config(
         val_data=_data_uri(config, domain),
         epochs=epochs or config.epochs,
         batch_size=config.batch_size,
-        lr=config.lr,
+        lr=lr or config.lr,
         beta=config.beta,
         x_loss=config.x_loss if mode == "X" else "labels",
+        game_consistency=config.game_consistency if mode == "X" else 0.0,
         grid=config.label.grid_h,
         seed=config.seed,
         device=config.device,
@@ -329,7 +331,13 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
         target_models[target] = _finetune(
             config,
             _finetune_config(
-                config, plans[target], "P", base, target_data, epochs=config.target_epochs
+                config,
+                plans[target],
+                "P",
+                base,
+                target_data,
+                epochs=config.target_epochs,
+                lr=config.target_lr,
             ),
             logger,
         )

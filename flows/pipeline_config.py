@@ -71,6 +71,12 @@ class PipelineConfig(StageConfig):
         "classifies every built-in domain (docs/results.md); a config of real data sets its own "
         "(configs/digits.json, configs/imagenet-vit-b-32.json: null)",
     )
+    target_lr: float | None = Field(
+        None,
+        gt=0,
+        description="peak learning rate of the targets' prediction-only models (None: ``lr``, "
+        "as the source's P and X, which share theirs as the vector needs)",
+    )
     eval_every: int = Field(
         4,
         ge=1,
@@ -93,6 +99,13 @@ class PipelineConfig(StageConfig):
         description="theta_X's explanation loss: labels (the paper's regression on the Kernel "
         "SHAP labels) or game (the FastSHAP / ViT-Shapley objective on the kept coalitions; "
         "needs label.keep_game)",
+    )
+    game_consistency: float = Field(
+        0.0,
+        ge=0,
+        description="weight of theta_X's game-consistency term: on a few of the coalitions each "
+        "label was solved from, theta_X's value is kept at the labelled model's (theta_P's), so "
+        "the labels stay true of theta_X; 0: none; needs label.keep_game",
     )
     # Every fine-tuning of the pipeline launches the same way; at these defaults (FinetuneConfig's
     # own) each trains in the flow's process, and the models' fingerprints are those of a config
@@ -232,6 +245,11 @@ class PipelineConfig(StageConfig):
             raise ValueError(
                 "x_loss 'game' trains on the coalitions kept beside each label: set "
                 "label.keep_game true (or x_loss 'labels')"
+            )
+        if self.game_consistency > 0 and not self.label.keep_game:
+            raise ValueError(
+                "game_consistency compares theta_X with the coalitions kept beside each label: "
+                "set label.keep_game true (or game_consistency 0)"
             )
         return self
 

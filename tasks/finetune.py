@@ -32,6 +32,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ from storage.checkpoints import (
     save_state_dict,
 )
 from storage.fingerprints import fingerprint_of
+from tasks.algorithms.kernel_shap import coalition_values
 from tasks.config import resolve_device
 from tasks.data.stream import (
     Decoder,
@@ -102,7 +104,7 @@ def training_stream(config: FinetuneConfig, rank: int = 0, world_size: int = 1) 
     split = list_split(config.data, config.split, config.data_name)
     grid = (config.grid, config.grid)
     targets = "require" if config.mode == "X" else "no"
-    games = config.mode == "X" and config.x_loss == "game"
+    games = config.mode == "X" and (config.x_loss == "game" or config.game_consistency > 0)
     decoder = Decoder(config.image_size, targets=targets, grid=grid, games=games, where=split.uri)
     if config.mode == "X":
         decoder([first_sample(split)])
@@ -187,6 +189,87 @@ def game_loss(
     y = values - v_empty[:, None] - coalitions.sum(dim=2) * share[:, None]
     cosine = (w * x * y).sum(1) / torch.sqrt((w * x * x).sum(1) * (w * y * y).sum(1) + eps)
     return (2 * (1 - cosine)).mean()
+
+
+@dataclass(frozen=True)
+class LabelledGame:
+    """How the labels of an X-dataset valued their coalitions (for :func:`consistency_loss`).
+
+    Attributes:
+        baseline: the labeller's baseline (its dataset mean as a tensor, or a name).
+        output: ``"logit"`` or ``"prob"``.
+        grid: ``(gh, gw)`` cells.
+    """
+
+    baseline: str | torch.Tensor
+    output: str
+    grid: tuple[int, int]
+
+    @classmethod
+    def of_dataset(cls, uri: str) -> LabelledGame:
+        """The labelling settings recorded in an X-dataset version's ``config.json``."""
+        meta = open_storage(uri).read_json("config.json")
+        label = meta["config"]["label"]
+        baseline: str | torch.Tensor = label["baseline"]
+        if baseline == "mean":
+            baseline = torch.tensor(meta["baseline_mean"], dtype=torch.float32)
+        return cls(baseline, label["output"], (int(label["grid_h"]), int(label["grid_w"])))
+
+
+def consistency_loss(
+    model: SelfExplainingCLIP,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    games: GameBatch,
+    labelled: LabelledGame,
+    coalitions: int,
+    generator: torch.Generator,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Keeps the model's game where its labels were measured: ``mean ((v(S) - v_label(S)) / sd)^2``.
+
+    The labels are Kernel SHAP of the labelled model (theta_P by default); they are true of the
+    model being trained only while its values on the same coalitions stay the labelled model's.
+    For ``coalitions`` of each image's kept coalitions, drawn afresh each step from
+    ``generator``, the model's value of the label class is compared with the recorded one,
+    in units of the standard deviation of the image's recorded values (so that every image
+    weighs the same whatever its logit scale). At the labelled model the term is zero.
+
+    Args:
+        model: the SEM being trained.
+        images: ``[B, 3, H, W]`` the batch (in ``[0, 1]``).
+        labels: ``[B]`` label ids (each game's class).
+        games: the label class's games of the batch.
+        labelled: the labeller's baseline, output and grid.
+        coalitions: coalitions drawn per image.
+        generator: the draw's generator (CPU).
+        eps: keeps a constant game finite.
+    """
+    real = games.weights > 0
+    scores = torch.rand(real.shape, generator=generator).to(real.device)
+    scores = scores.masked_fill(~real, -1.0)
+    take = scores.topk(min(coalitions, real.shape[1]), dim=1).indices
+    masks = games.coalitions.gather(1, take.unsqueeze(-1).expand(-1, -1, games.coalitions.shape[2]))
+    recorded = games.values.gather(1, take)
+    valid = real.gather(1, take)
+    baseline = labelled.baseline
+    if isinstance(baseline, torch.Tensor):
+        baseline = baseline.to(images.device)
+    values = coalition_values(
+        model.as_classifier(),
+        images,
+        labels,
+        masks,
+        baseline=baseline,
+        grid=labelled.grid,
+        output=labelled.output,
+    )
+    spread = torch.where(real, games.values, 0.0)
+    count = real.sum(dim=1).clamp(min=2)
+    mean = spread.sum(dim=1) / count
+    sd = torch.sqrt(((torch.where(real, games.values - mean[:, None], 0.0)) ** 2).sum(1) / count)
+    error = ((values - recorded) / (sd[:, None] + eps)) ** 2
+    return (error * valid).sum() / valid.sum().clamp(min=1)
 
 
 def pearson_per_image(maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -439,6 +522,9 @@ class Finetuner:
         )
         model = SelfExplainingCLIP(clip_model, head, grid=grid).to(device)
         optimizer = build_optimizer(model, config)
+        labelled = None
+        if config.mode == "X" and config.game_consistency > 0:
+            labelled = LabelledGame.of_dataset(config.data)
         forward = model
         if data_parallel:
             from torch.nn.parallel import DistributedDataParallel
@@ -480,8 +566,21 @@ class Finetuner:
                     with autocast:
                         logits, maps = forward(images)
                     ce = F.cross_entropy(logits.float(), labels)
-                    expl = _explanation_term(maps, labels, batch, device)
+                    expl = _explanation_term(maps, labels, batch, device, config.x_loss)
                     loss = ce + config.beta * expl if config.mode == "X" else ce
+                    if labelled is not None:
+                        draw = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+                        with autocast:
+                            kept = consistency_loss(
+                                model,
+                                images,
+                                labels,
+                                batch.games.to(device),
+                                labelled,
+                                config.consistency_coalitions,
+                                draw,
+                            )
+                        loss = loss + config.game_consistency * kept
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -673,9 +772,10 @@ def _explanation_term(
     labels: torch.Tensor,
     batch: Any,
     device: torch.device,
+    x_loss: str = "labels",
 ) -> torch.Tensor | None:
     """The batch's explanation loss (None without targets: P mode)."""
-    if batch.games is not None:
+    if x_loss == "game" and batch.games is not None:
         return game_loss(maps, labels, batch.games.to(device))
     if batch.targets is None:
         return None

@@ -33,7 +33,7 @@ _RESUME_NEUTRAL_FIELDS = (
 )
 
 # Fields added after models were trained, with the value every earlier model was trained with.
-_LATER_FIELDS = {"x_loss": "labels"}
+_LATER_FIELDS = {"x_loss": "labels", "game_consistency": 0.0}
 
 
 class FinetuneConfig(StageConfig):
@@ -63,6 +63,12 @@ class FinetuneConfig(StageConfig):
             standardised map on the Kernel SHAP label (``shap.npy``); or ``"game"``, the
             FastSHAP / ViT-Shapley objective on the coalitions the label was solved from
             (``game.npz``), the map calibrated to each image's game (:func:`tasks.finetune.game_loss`).
+        game_consistency: weight of the game-consistency term (X mode, 0: none): on a few of
+            the coalitions each label was solved from (``game.npz``, ``consistency_coalitions``
+            per image and step), theta_X's value of the label class is kept at the labelled
+            model's, so that the labels stay true of the model they train
+            (:func:`tasks.finetune.consistency_loss`).
+        consistency_coalitions: coalitions per image and step of the game-consistency term.
         grid: attribution grid side (``grid x grid`` cells, the SHAP grid).
         seed: seeds the data order and the torch RNG.
         checkpoint_every: steps between resumable checkpoints (None: by time and epoch only).
@@ -107,6 +113,8 @@ class FinetuneConfig(StageConfig):
     warmup_steps: int = Field(default=0, ge=0)
     beta: float = Field(default=1.0, ge=0)
     x_loss: Literal["labels", "game"] = "labels"
+    game_consistency: float = Field(default=0.0, ge=0)
+    consistency_coalitions: int = Field(default=4, ge=1)
     grid: int = Field(default=7, ge=1)
     seed: int = 0
     checkpoint_every: int | None = Field(default=None, ge=1)
@@ -160,5 +168,7 @@ class FinetuneConfig(StageConfig):
         for name, default in _LATER_FIELDS.items():
             if fields[name] == default:
                 fields.pop(name)
+        if not self.game_consistency:
+            fields.pop("consistency_coalitions")
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -13,8 +13,9 @@ from tasks.build_dataset import (
 )
 
 
-def build_small_xdata(root: str, label: LabelConfig) -> BuildPlan:
-    """10 ``shapes`` val images (2 per class) labelled with ``label`` in 2 shards under ``root``."""
+def build_small_xdata(root: str, label: LabelConfig, checkpoint: str | None = None) -> BuildPlan:
+    """10 ``shapes`` val images (2 per class) labelled with ``label`` in 2 shards under ``root``
+    (by the model at ``checkpoint``, or the build's default)."""
     config = BuildConfig(
         name="shapes-x",
         split="val",
@@ -25,6 +26,7 @@ def build_small_xdata(root: str, label: LabelConfig) -> BuildPlan:
         num_shards=2,
         device="cpu",
         label=label,
+        checkpoint=checkpoint,
     )
     clear_model_cache()
     plan = plan_build(config)

@@ -444,6 +444,68 @@ def _token_cells(model: Any, images: Tensor, grid: tuple[int, int], masking: str
     return (row_cell.unsqueeze(1) * grid[1] + col_cell.unsqueeze(0)).reshape(-1)
 
 
+def coalition_values(
+    model: Any,
+    images: Tensor,
+    classes: Tensor,
+    coalitions: Tensor,
+    *,
+    baseline: str | Tensor = "mean",
+    grid: tuple[int, int] = (7, 7),
+    output: str = "logit",
+    masking: str = "auto",
+) -> Tensor:
+    """The values ``v(S)`` of given coalitions, differentiable in the model's parameters.
+
+    The same masking as the labeller's (token masking when the model's patch grid is a multiple
+    of the cell grid, else pixels), without its batching engine: every masked input goes through
+    the model in one call, with autograd on, which is what training on a model's own game needs.
+
+    Args:
+        model: a classifier of images in ``[0, 1]`` (token masking when it is TokenMaskable).
+        images: ``[N, 3, H, W]``.
+        classes: ``[N]`` the class whose value each image's coalitions take.
+        coalitions: ``[N, k, P]`` 0/1 (or bool) coalitions over the ``grid`` cells.
+        baseline: ``"mean"`` (of ``images``), ``"zero"``, ``"blur"`` or a tensor, as
+            :func:`kernel_shap`.
+        grid: ``(gh, gw)`` cells, ``P = gh * gw``.
+        output: ``"logit"`` or ``"prob"``.
+        masking: ``"auto"``, ``"pixel"`` or ``"token"``.
+
+    Returns:
+        ``[N, k]`` values in the model's output dtype promoted to float32.
+    """
+    n, k, players = coalitions.shape
+    if players != grid[0] * grid[1]:
+        raise ValueError(f"coalitions have {players} players, grid {grid} has {grid[0] * grid[1]}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    keep_cells = coalitions.to(images.device) > 0.5
+    owner = torch.arange(n, device=images.device).repeat_interleave(k)
+    base, _, shared = _baseline_images(images, baseline, grid)
+    base_owner = torch.zeros_like(owner) if shared else owner
+    token_cells = _token_cells(model, images, grid, masking)
+    if token_cells is not None:
+        tokens = model.embed_patches(images)
+        base_tokens = model.embed_patches(base)
+        keep = keep_cells.flatten(0, 1)[:, token_cells].unsqueeze(-1)
+        logits = model.forward_from_patches(
+            torch.where(keep, tokens[owner], base_tokens[base_owner])
+        )
+    else:
+        height, width = images.shape[-2:]
+        cells = (
+            _cell_index(height, grid[0], images.device).unsqueeze(1) * grid[1]
+            + _cell_index(width, grid[1], images.device).unsqueeze(0)
+        ).reshape(-1)
+        keep = keep_cells.flatten(0, 1)[:, cells].view(n * k, 1, height, width)
+        logits = model(torch.where(keep, images[owner], base[base_owner]))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if output == "prob":
+        logits = logits.softmax(dim=-1)
+    return logits.gather(1, classes.to(images.device)[owner].unsqueeze(1)).view(n, k)
+
+
 @dataclass(frozen=True)
 class KernelShapConfig:
     """How a batch is explained: the players, the budget and the rest, checked once.
