@@ -19,8 +19,9 @@ of that many synthetic source images per class (rendered with seed 0) labelled a
 (the run's source must be a built-in synthetic domain), e.g. twice the images at half the budget
 (the same labelling cost).
 
-Run: ``python -m benchmarks.theta_x_recipes --out demo-out`` (the default recipes: about 25 min
-on 2 CPU cores), or ``--recipes '[{"epochs": 36}]'``.
+Run: ``python -m benchmarks.theta_x_recipes --out demo-out`` (the first round's recipes: about
+25 min on 2 CPU cores), ``--set game`` or ``--set consistency`` (the later rounds'), or
+``--recipes '[{"epochs": 36}]'``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,35 @@ DEFAULT_RECIPES: tuple[dict[str, Any], ...] = (
     {"x_data": [128, 75], "epochs": 18},
     {"x_data": [128, 75], "epochs": 36},
 )
+#: The rounds after the first, as docs/results.md's table shows them (``--set NAME``).
+RECIPE_SETS: dict[str, tuple[dict[str, Any], ...]] = {
+    "first": DEFAULT_RECIPES,
+    # issue 24: the game loss and many images at a low budget
+    "game": (
+        {"x_loss": "game"},
+        {"x_loss": "game", "epochs": 36},
+        {"x_data": [256, 50]},
+        {"x_data": [256, 50], "x_loss": "game"},
+        {"x_data": [256, 50], "x_loss": "game", "epochs": 6},
+        {"x_data": [128, 75], "x_loss": "game", "epochs": 18},
+        {"x_data": [512, 50], "x_loss": "game"},
+    ),
+    # issue 24: theta_X's game kept at theta_P's on the labels' coalitions
+    "consistency": (
+        {"game_consistency": 1.0},
+        {"game_consistency": 3.0, "lr": 3e-4},
+        {"game_consistency": 1.0, "lr": 3e-4},
+        {"game_consistency": 1.0, "lr": 3e-4, "x_loss": "game"},
+        {"game_consistency": 1.0, "lr": 3e-4, "consistency_coalitions": 8},
+        {"game_consistency": 1.0, "lr": 3e-4, "x_data": [128, 75], "epochs": 6},
+        {"game_consistency": 1.0, "lr": 5e-4},
+        {"game_consistency": 0.3, "lr": 1e-3},
+        {"game_consistency": 1.0, "lr": 1e-3},
+        {"game_consistency": 1.0, "lr": 1e-3, "consistency_coalitions": 2},
+        {"game_consistency": 1.0, "lr": 2e-3},
+        {"game_consistency": 1.0, "x_loss": "game", "epochs": 36},
+    ),
+}
 
 
 def recipe_name(recipe: dict[str, Any]) -> str:
@@ -134,7 +164,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the pipeline's output folder")
     parser.add_argument("--sweep", default="embedded-default", help="the sweep's name")
-    parser.add_argument("--recipes", help="JSON list of recipes (default: the probe set)")
+    parser.add_argument("--recipes", help="JSON list of recipes (default: the --set)")
+    parser.add_argument(
+        "--set", default="first", choices=sorted(RECIPE_SETS), help="a named list of recipes"
+    )
     parser.add_argument("--images", type=int, default=100, help="source test images scored")
     parser.add_argument("--reference-budget", type=int, default=400)
     parser.add_argument("--work", help="scratch folder (default: OUT/benchmarks/theta-x)")
@@ -151,7 +184,7 @@ def main() -> None:
     reference = load_reference(source.test_reference)
     batch = reference.head(args.images)
     mean = torch.tensor(reference.baseline_mean)
-    recipes = json.loads(args.recipes) if args.recipes else list(DEFAULT_RECIPES)
+    recipes = json.loads(args.recipes) if args.recipes else list(RECIPE_SETS[args.set])
     print(
         "| recipe | train expl loss | val accuracy | SEM | Kernel SHAP-150 | SEM - KS-150 (se) "
         "| SEM vs the run's reference |\n|---|---|---|---|---|---|---|"

@@ -272,6 +272,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "epochs": args.epochs,
         "beta": args.beta,
         "x_loss": args.x_loss,
+        "game_consistency": args.game_consistency,
         "model_name": args.model,
     }
     fields.update({k: v for k, v in overrides.items() if v is not None})
@@ -457,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--x-loss",
         choices=["labels", "game"],
         help="X mode's explanation loss: the labels (default) or the kept games (game.npz)",
+    )
+    ft.add_argument(
+        "--game-consistency",
+        type=float,
+        help="X mode: weight of the term keeping the model's values on the labels' kept "
+        "coalitions at the labelled model's (default 0: none; needs game.npz)",
     )
     ft.add_argument("--out", required=True, help="output root URI")
     ft.set_defaults(func=cmd_finetune)

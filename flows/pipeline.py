@@ -408,6 +408,7 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
             lambdas=config.lambdas,
             kernel_shap_budgets=config.kernel_shap_budgets,
             kernel_shap_images=config.kernel_shap_images,
+            source_kernel_shap_images=config.source_kernel_shap_images,
             edited_kernel_shap_budget=config.edited_kernel_shap_budget,
             edited_agreement_budgets=config.edited_agreement_budgets,
             accuracy_tolerance=config.accuracy_tolerance,

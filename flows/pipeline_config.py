@@ -164,6 +164,13 @@ class PipelineConfig(StageConfig):
         "first this many test reference images of each target (None: all); the SEM rows and "
         "the lambda differences always use every reference image",
     )
+    source_kernel_shap_images: int | None = Field(
+        None,
+        ge=1,
+        description="the source's Kernel SHAP rows in domain (the paper's claim: theta_X's "
+        "pass against Kernel SHAP-150 of theta_X, paired over these images) on the first this "
+        "many test reference images (None: kernel_shap_images)",
+    )
     edited_kernel_shap_budget: int | None = Field(
         150,
         ge=2,

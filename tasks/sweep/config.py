@@ -127,6 +127,9 @@ class SweepConfig(StageConfig):
             each split's reference only (None: all). Its rows are a budget curve and the
             reference's reliability, means that need fewer images than the paired lambda
             differences; the SEM rows always use every reference image.
+        source_kernel_shap_images: the same for the source's rows in domain (the paper's
+            claim, theta_X's pass against Kernel SHAP-150 of theta_X, paired over these
+            images); None: ``kernel_shap_images``.
         accuracy_tolerance: largest accepted validation accuracy drop from lambda = 0, in
             accuracy points (1.0 = one percentage point).
         selection_metric: the explanation-quality metric lambda is selected on.
@@ -164,6 +167,7 @@ class SweepConfig(StageConfig):
     kernel_shap_budgets: tuple[int, ...] = (25, 50, 100, 150, 300)
     kernel_shap_splits: tuple[Literal["val", "test"], ...] = ("test",)
     kernel_shap_images: int | None = Field(None, ge=1)
+    source_kernel_shap_images: int | None = Field(None, ge=1)
     accuracy_tolerance: float = Field(1.0, ge=0)
     selection_metric: Literal[
         "pearson", "spearman", "topk", "insertion_auc", "deletion_auc", "pointing"
@@ -261,9 +265,16 @@ class SweepConfig(StageConfig):
         if target is not None:
             fields.pop("heatmap_images")
             fields["targets"] = [self.target(target).fingerprint_dict()]
+            if self.target(target).role != "source":
+                # only the source's rows in domain are on those images
+                fields["source_kernel_shap_images"] = None
         else:
             fields["targets"] = [spec.fingerprint_dict() for spec in self.targets]
-        for optional in ("kernel_shap_images", "edited_kernel_shap_budget"):
+        for optional in (
+            "kernel_shap_images",
+            "source_kernel_shap_images",
+            "edited_kernel_shap_budget",
+        ):
             if fields[optional] is None:
                 fields.pop(optional)
         if not fields["edited_agreement_budgets"]:

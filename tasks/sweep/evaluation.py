@@ -317,9 +317,13 @@ def metric_options(config: SweepConfig) -> dict[str, Any]:
     )
 
 
-def kernel_shap_data(config: SweepConfig, data: EvalData) -> EvalData:
-    """The images the Kernel SHAP rows explain: the first ``kernel_shap_images`` (or all)."""
-    return data if config.kernel_shap_images is None else data.first(config.kernel_shap_images)
+def kernel_shap_data(config: SweepConfig, data: EvalData, role: str = "target") -> EvalData:
+    """The images the Kernel SHAP rows explain: the first ``kernel_shap_images`` (or all); in
+    domain (``role`` ``"source"``) the first ``source_kernel_shap_images`` when it is set."""
+    images = config.kernel_shap_images
+    if role == "source" and config.source_kernel_shap_images is not None:
+        images = config.source_kernel_shap_images
+    return data if images is None else data.first(images)
 
 
 def kernel_shap_seed(config: SweepConfig, data: EvalData) -> int:
@@ -533,7 +537,7 @@ def evaluate_target(
     rows: list[dict[str, Any]] = []
     model.load_lambda(vector, 0.0, allow_different_base=config.allow_different_base)
     for split in (s for s in config.kernel_shap_splits if s in spec.splits):
-        d = kernel_shap_data(config, data[split])
+        d = kernel_shap_data(config, data[split], spec.role)
         for budget in config.kernel_shap_budgets:
             scores = evaluate_kernel_shap(
                 model.sem,

@@ -580,6 +580,39 @@ def test_edited_kernel_shap_at_lambda_0_reuses_the_theta_t_row(world) -> None:
         evaluate_edited_kernel_shap(config, spec, None, None, None, 0.0, [val, other_budget])
 
 
+def test_the_source_may_pair_its_in_domain_rows_over_more_images_than_the_targets(
+    world, tmp_path
+) -> None:
+    """``source_kernel_shap_images`` sets the source's Kernel SHAP images alone: the targets'
+    rows (and their fingerprints) are those of ``kernel_shap_images``."""
+    target, stand_in = world["targets"]
+    source = TargetSpec(
+        domain=stand_in.domain,
+        model=stand_in.model,
+        test_reference=stand_in.test_reference,
+        role="source",
+    )
+    common = dict(targets=(target, source), kernel_shap_budgets=(25,), kernel_shap_images=2)
+    plain = sweep_config(world, **common, output_uri=str(tmp_path / "plain"))
+    more = sweep_config(
+        world, **common, source_kernel_shap_images=4, output_uri=str(tmp_path / "more")
+    )
+    assert more.result_fingerprint(target=target.domain) == plain.result_fingerprint(
+        target=target.domain
+    )
+    assert more.result_fingerprint(target=source.domain) != plain.result_fingerprint(
+        target=source.domain
+    )
+    images = {
+        (r["target"], r["method"]): r["images"]
+        for r in run_sweep(more).rows
+        if r["method"] in ("kernel_shap", "sem") and r["split"] == "test"
+    }
+    assert images[source.domain, "kernel_shap"] == 4
+    assert images[target.domain, "kernel_shap"] == 2
+    assert images[source.domain, "sem"] > 4
+
+
 def test_kernel_shap_images_limits_the_baseline_to_the_first_reference_images(
     world, tmp_path
 ) -> None:
