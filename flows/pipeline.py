@@ -78,10 +78,14 @@ def _finetune_config(
     base: str,
     data: str,
     *,
-    epochs: int | None = None,
-    lr: float | None = None,
+    target: bool = False,
 ) -> FinetuneConfig:
+    """The fine-tuning of ``plan``'s domain: the source's P or X, or (``target``) a target's P,
+    which trains ``target_epochs`` at ``target_lr`` (each None: the source's)."""
     domain = plan.spec.name
+    epochs, lr = config.epochs, config.lr
+    if target:
+        epochs, lr = config.target_epochs or epochs, config.target_lr or lr
     # Built-in domains name their own classes: their configs (and fingerprints) stay as before.
     builtin = plan.spec.kind == "synthetic"
     return FinetuneConfig(
@@ -94,9 +98,9 @@ def _finetune_config(
         class_names=None if builtin else plan.class_names,
         templates=plan.spec.templates,
         val_data=_data_uri(config, domain),
-        epochs=epochs or config.epochs,
+        epochs=epochs,
         batch_size=config.batch_size,
-        lr=lr or config.lr,
+        lr=lr,
         beta=config.beta,
         x_loss=config.x_loss if mode == "X" else "labels",
         game_consistency=config.game_consistency if mode == "X" else 0.0,
@@ -330,15 +334,7 @@ def explain_transfer_pipeline(config: PipelineConfig) -> dict[str, Any]:
         target_data = _data_uri(config, target)
         target_models[target] = _finetune(
             config,
-            _finetune_config(
-                config,
-                plans[target],
-                "P",
-                base,
-                target_data,
-                epochs=config.target_epochs,
-                lr=config.target_lr,
-            ),
+            _finetune_config(config, plans[target], "P", base, target_data, target=True),
             logger,
         )
         _check_accuracy(target_models[target], config, target)

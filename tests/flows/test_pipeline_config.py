@@ -153,15 +153,19 @@ def test_a_launch_that_cannot_start_is_refused_with_the_config():
 
 def test_the_embedded_default_models_keep_their_configs_and_fingerprints():
     """At their defaults the launch fields give the FinetuneConfigs the pipeline made before it
-    had them, field for field, so every model keeps its fingerprint and output folder."""
+    had them, field for field, so every model keeps its fingerprint and output folder; the
+    source's P and X take the default's lr and theta_X its game-consistency term, the targets
+    ``target_lr``, the lr every target model was trained with before."""
     config = PipelineConfig(out_uri="s3://bucket/run")
     plans = check_domains(config)
     runs = [("shapes", "P", None), ("shapes", "X", None)]
     runs += [(t.name, "P", config.target_epochs) for t in config.target_specs]
+    assert config.target_lr == 1e-4  # the lr of every target model before the default moved
     for domain, mode, epochs in runs:
+        target = domain != "shapes"
         data = f"s3://bucket/run/data/{domain}" if mode == "P" else "s3://bucket/run/xdata/v-0"
         made = _finetune_config(
-            config, plans[domain], mode, "base.safetensors", data, epochs=epochs
+            config, plans[domain], mode, "base.safetensors", data, target=target
         )
         before = FinetuneConfig(
             domain=domain,
@@ -175,8 +179,9 @@ def test_the_embedded_default_models_keep_their_configs_and_fingerprints():
             val_data=f"s3://bucket/run/data/{domain}",
             epochs=epochs or config.epochs,
             batch_size=config.batch_size,
-            lr=config.lr,
+            lr=config.target_lr if target else config.lr,
             beta=config.beta,
+            game_consistency=config.game_consistency if mode == "X" else 0.0,
             grid=config.label.grid_h,
             seed=config.seed,
             device=config.device,
