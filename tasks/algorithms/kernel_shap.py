@@ -358,6 +358,13 @@ def _cell_index(size: int, cells: int, device: torch.device) -> Tensor:
     return torch.arange(size, device=device) * cells // size
 
 
+def _cell_map(rows: int, cols: int, grid: tuple[int, int], device: torch.device) -> Tensor:
+    """Cell of each position of a ``rows x cols`` grid (row-major, flat) in the ``grid`` cells."""
+    row_cell = _cell_index(rows, grid[0], device)
+    col_cell = _cell_index(cols, grid[1], device)
+    return (row_cell.unsqueeze(1) * grid[1] + col_cell.unsqueeze(0)).reshape(-1)
+
+
 def blur_baseline(images: Tensor, grid: tuple[int, int]) -> Tensor:
     """The ``"blur"`` baseline: a gaussian blur with sigma = half a cell (reflect padding).
 
@@ -439,9 +446,7 @@ def _token_cells(model: Any, images: Tensor, grid: tuple[int, int], masking: str
                 f"multiple of the cell grid {grid} and divides the image size"
             )
         return None
-    row_cell = _cell_index(rows, grid[0], images.device)
-    col_cell = _cell_index(cols, grid[1], images.device)
-    return (row_cell.unsqueeze(1) * grid[1] + col_cell.unsqueeze(0)).reshape(-1)
+    return _cell_map(rows, cols, grid, images.device)
 
 
 def coalition_values(
@@ -494,10 +499,7 @@ def coalition_values(
         )
     else:
         height, width = images.shape[-2:]
-        cells = (
-            _cell_index(height, grid[0], images.device).unsqueeze(1) * grid[1]
-            + _cell_index(width, grid[1], images.device).unsqueeze(0)
-        ).reshape(-1)
+        cells = _cell_map(height, width, grid, images.device)
         keep = keep_cells.flatten(0, 1)[:, cells].view(n * k, 1, height, width)
         logits = model(torch.where(keep, images[owner], base[base_owner]))
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -821,10 +823,7 @@ def evaluate_coalitions(
             )
         else:
             height, width = images.shape[-2:]
-            pixel_cells = (
-                _cell_index(height, grid[0], device).unsqueeze(1) * grid[1]
-                + _cell_index(width, grid[1], device).unsqueeze(0)
-            ).reshape(-1)
+            pixel_cells = _cell_map(height, width, grid, device)
         for start in range(0, len(row_masks), batch_size):
             rows = row_masks[start : start + batch_size]
             owner = row_image[start : start + batch_size]

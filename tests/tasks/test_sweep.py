@@ -493,11 +493,8 @@ def test_a_target_without_a_val_reference_is_refused_but_a_source_needs_none(wor
     assert source.splits == ("test",) and source.lambdas((0.0, 1.0, 2.0)) == (0.0,)
 
 
-def test_the_source_role_is_evaluated_in_domain_at_lambda_0_and_reported_apart(
-    world, tmp_path
-) -> None:
-    """theta_X of the source (here a theta_T stands in) is scored at lambda 0 on test only,
-    against Kernel SHAP of the same model: the paper's in-domain claim, in its own table."""
+def _target_and_source(world: dict) -> tuple[TargetSpec, TargetSpec]:
+    """The world's first target, and its second standing in for a source in domain."""
     target, stand_in = world["targets"]
     source = TargetSpec(
         domain=stand_in.domain,
@@ -505,6 +502,15 @@ def test_the_source_role_is_evaluated_in_domain_at_lambda_0_and_reported_apart(
         test_reference=stand_in.test_reference,
         role="source",
     )
+    return target, source
+
+
+def test_the_source_role_is_evaluated_in_domain_at_lambda_0_and_reported_apart(
+    world, tmp_path
+) -> None:
+    """theta_X of the source (here a theta_T stands in) is scored at lambda 0 on test only,
+    against Kernel SHAP of the same model: the paper's in-domain claim, in its own table."""
+    target, source = _target_and_source(world)
     config = sweep_config(
         world, targets=(target, source), kernel_shap_budgets=(25, 150), output_uri=str(tmp_path)
     )
@@ -585,13 +591,7 @@ def test_the_source_may_pair_its_in_domain_rows_over_more_images_than_the_target
 ) -> None:
     """``source_kernel_shap_images`` sets the source's Kernel SHAP images alone: the targets'
     rows (and their fingerprints) are those of ``kernel_shap_images``."""
-    target, stand_in = world["targets"]
-    source = TargetSpec(
-        domain=stand_in.domain,
-        model=stand_in.model,
-        test_reference=stand_in.test_reference,
-        role="source",
-    )
+    target, source = _target_and_source(world)
     common = dict(targets=(target, source), kernel_shap_budgets=(25,), kernel_shap_images=2)
     plain = sweep_config(world, **common, output_uri=str(tmp_path / "plain"))
     more = sweep_config(
