@@ -24,16 +24,18 @@ itself are one ``error:`` line too.
 from __future__ import annotations
 
 import argparse
-import gc
+import atexit
 import json
 import logging
 import os
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from flows.cli_errors import (
     EXPECTED_ERRORS,
@@ -502,51 +504,81 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Everything a command started (the private Prefect API, a local Dask cluster, progress
     threads) is stopped before its result or its ``error:`` line is printed. Called as the
-    program itself (``argv`` None), the process then exits within a second or so: see
-    :func:`_prepare_exit`.
+    program itself (``argv`` None), the process then ends at once: see :func:`_exit`.
     """
+    if argv is not None:
+        return _run(argv)
     try:
-        args = build_parser().parse_args(argv)
-        configure_logging(args.verbose)
-        from flows.progress import set_quiet
+        status: int | str | None = _run(None)
+    except SystemExit as exc:  # argparse's usage errors and --help
+        status = exc.code
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        status = 130
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    _exit(status)
 
-        set_quiet(args.quiet)
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        # The machines this runs on may have no route out: no telemetry from the local server.
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        if args.func is cmd_serve:
-            from flows.serve_cli import check_serve_arguments
 
-            try:
-                check_serve_arguments(args)
-            except EXPECTED_ERRORS as exc:
-                return _fail(exc)
-            # A running server's own failures keep their tracebacks.
-            return cmd_serve(args)
+def _run(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    from flows.progress import set_quiet
+
+    set_quiet(args.quiet)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The machines this runs on may have no route out: no telemetry from the local server.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if args.func is cmd_serve:
+        from flows.serve_cli import check_serve_arguments
+
         try:
-            return args.func(args)
-        except Exception as exc:
-            # A storage error raised in a Prefect task comes back as it was raised, or inside
-            # Prefect's or a task group's exception: the line is about the error itself.
-            reported = reported_error(exc)
-            if reported is None:
-                raise
-            return _fail(reported)
-    finally:
-        if argv is None:
-            _prepare_exit()
+            check_serve_arguments(args)
+        except EXPECTED_ERRORS as exc:
+            return _fail(exc)
+        # A running server's own failures keep their tracebacks.
+        return cmd_serve(args)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        # A storage error raised in a Prefect task comes back as it was raised, or inside
+        # Prefect's or a task group's exception: the line is about the error itself.
+        reported = reported_error(exc)
+        if reported is None:
+            raise
+        return _fail(reported)
 
 
-def _prepare_exit() -> None:
-    """Make the interpreter's own shutdown quick once the command is done.
+def _exit(status: int | str | None) -> NoReturn:
+    """End the program once its command is done, without the interpreter's teardown.
 
-    At exit Python tears down every module and garbage-collects what torch, Prefect and
-    pydantic built: seconds of CPU on a busy 2-core machine, after the last line was printed.
-    Freezing the heap leaves those objects to the operating system, which frees the whole
-    process at once; the shutdown itself stays the ordinary one (atexit handlers, flushed
-    streams). Only for the program itself: an embedding process (a test) keeps collecting.
+    After the interpreter's own shutdown, C++ static destructors run, and a native thread pool
+    of a loaded library can still hold a joinable thread then: the process aborts with
+    "terminate called without an active exception" (SIGABRT, exit status 134) after a run that
+    succeeded (apache/arrow#34314; 3 of 7 demos on 2026-12-04). So the program does what the
+    shutdown does that matters (waits for its non-daemon threads, runs the atexit handlers:
+    logging's flush, Prefect's), flushes its streams and leaves with ``os._exit``: no module
+    teardown, no static destructors, and none of the seconds of garbage collection that torch's,
+    Prefect's and pydantic's objects cost a busy 2-core machine.
     """
-    gc.freeze()
+    if status is None:
+        code = 0
+    elif isinstance(status, int):
+        code = status
+    else:
+        print(status, file=sys.stderr)
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to say
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

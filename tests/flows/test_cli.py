@@ -190,3 +190,46 @@ def test_a_loopback_dask_cluster_labels_with_the_private_api(tmp_path: Path) -> 
     summary = json.loads(done.stdout)
     assert summary["missing"] == [] and summary["samples"] == 5
     assert len(list(Path(summary["dataset_uri"]).glob("shapes-x-val-*.tar"))) == 2
+
+
+_AS_PROGRAM = """
+import atexit, sys, threading, time
+from flows import cli
+
+def late():
+    time.sleep(0.2)
+    print("thread done", flush=True)
+
+atexit.register(lambda: print("atexit ran", flush=True))
+threading.Thread(target=late).start()
+sys.argv = ["explain-transfer", *sys.argv[1:]]
+cli.main()
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "status"),
+    [
+        (["results", "--out", "no-such-run"], 2),  # an expected failure: one error line
+        (["no-such-command"], 2),  # argparse's own exit
+        (["--help"], 0),
+    ],
+)
+def test_the_program_ends_with_its_status_after_its_threads_and_atexit_handlers(
+    tmp_path: Path, argv: list[str], status: int
+) -> None:
+    """Run as the program, main() ends the process itself (os._exit: no C++ static destructors,
+    whose native thread pools aborted finished demos with SIGABRT), but only after what the
+    interpreter's shutdown would have done first: its non-daemon threads end, atexit runs."""
+    done = subprocess.run(
+        [sys.executable, "-c", _AS_PROGRAM, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == status, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert "thread done" in lines and lines[-1] == "atexit ran"
+    assert "not reached" not in lines
