@@ -20,8 +20,8 @@ of that many synthetic source images per class (rendered with seed 0) labelled a
 (the same labelling cost).
 
 Run: ``python -m benchmarks.theta_x_recipes --out demo-out`` (the first round's recipes: about
-25 min on 2 CPU cores), ``--set game`` or ``--set consistency`` (the later rounds'), or
-``--recipes '[{"epochs": 36}]'``.
+25 min on 2 CPU cores), ``--set game``, ``--set consistency`` or ``--set amortized`` (the later
+rounds'), or ``--recipes '[{"epochs": 36}]'``.
 """
 
 from __future__ import annotations
@@ -86,6 +86,12 @@ RECIPE_SETS: dict[str, tuple[dict[str, Any], ...]] = {
         {"game_consistency": 1.0, "lr": 1e-3, "consistency_coalitions": 2},
         {"game_consistency": 1.0, "lr": 2e-3},
         {"game_consistency": 1.0, "x_loss": "game", "epochs": 36},
+    ),
+    # issue 24: many images at a low budget, with the game-consistency term
+    "amortized": (
+        {"game_consistency": 1.0, "lr": 5e-4, "x_data": [256, 50]},
+        {"game_consistency": 1.0, "lr": 5e-4, "x_data": [128, 75]},
+        {"game_consistency": 1.0, "lr": 5e-4, "x_data": [256, 50], "x_loss": "game"},
     ),
 }
 

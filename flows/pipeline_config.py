@@ -113,6 +113,13 @@ class PipelineConfig(StageConfig):
         "label was solved from, theta_X's value is kept at the labelled model's (theta_P's), so "
         "the labels stay true of theta_X; 0: none; needs label.keep_game",
     )
+    trainable_blocks: int | None = Field(
+        None,
+        ge=1,
+        description="the source's P and X train only the image tower's last this many "
+        "transformer blocks and its final norm and projection, so the vector lives there "
+        "(None: the whole image encoder); the targets' models train whole",
+    )
     # Every fine-tuning of the pipeline launches the same way; at these defaults (FinetuneConfig's
     # own) each trains in the flow's process, and the models' fingerprints are those of a config
     # without these fields.

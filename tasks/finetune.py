@@ -521,6 +521,8 @@ class Finetuner:
             model_name=config.model_name,
         )
         model = SelfExplainingCLIP(clip_model, head, grid=grid).to(device)
+        if config.trainable_blocks is not None:
+            model.train_last_blocks(config.trainable_blocks)
         optimizer = build_optimizer(model, config)
         labelled = None
         if config.mode == "X" and config.game_consistency > 0:

@@ -33,7 +33,7 @@ _RESUME_NEUTRAL_FIELDS = (
 )
 
 # Fields added after models were trained, with the value every earlier model was trained with.
-_LATER_FIELDS = {"x_loss": "labels", "game_consistency": 0.0}
+_LATER_FIELDS = {"x_loss": "labels", "game_consistency": 0.0, "trainable_blocks": None}
 
 
 class FinetuneConfig(StageConfig):
@@ -69,6 +69,8 @@ class FinetuneConfig(StageConfig):
             model's, so that the labels stay true of the model they train
             (:func:`tasks.finetune.consistency_loss`).
         consistency_coalitions: coalitions per image and step of the game-consistency term.
+        trainable_blocks: train only the image tower's last this many transformer blocks and
+            what follows them (the final norm and projection); None: the whole image encoder.
         grid: attribution grid side (``grid x grid`` cells, the SHAP grid).
         seed: seeds the data order and the torch RNG.
         checkpoint_every: steps between resumable checkpoints (None: by time and epoch only).
@@ -115,6 +117,7 @@ class FinetuneConfig(StageConfig):
     x_loss: Literal["labels", "game"] = "labels"
     game_consistency: float = Field(default=0.0, ge=0)
     consistency_coalitions: int = Field(default=4, ge=1)
+    trainable_blocks: int | None = Field(default=None, ge=1)
     grid: int = Field(default=7, ge=1)
     seed: int = 0
     checkpoint_every: int | None = Field(default=None, ge=1)

@@ -164,6 +164,28 @@ class SelfExplainingCLIP(nn.Module):
             self.class_embeddings.device
         )
 
+    def train_last_blocks(self, blocks: int) -> None:
+        """Train only the image tower's last ``blocks`` transformer blocks, its final norm and
+        its projection; the patch embedding, positions and earlier blocks stay the base's.
+
+        Raises:
+            ValueError: the tower has fewer blocks.
+        """
+        visual = self.clip.visual
+        resblocks = visual.transformer.resblocks
+        if blocks > len(resblocks):
+            raise ValueError(f"trainable_blocks {blocks}: the image tower has {len(resblocks)}")
+        keep = {
+            id(p)
+            for block in list(resblocks)[len(resblocks) - blocks :]
+            for p in block.parameters()
+        }
+        keep |= {id(p) for p in visual.ln_post.parameters()}
+        if isinstance(visual.proj, nn.Parameter):
+            keep.add(id(visual.proj))
+        for param in visual.parameters():
+            param.requires_grad_(id(param) in keep)
+
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The open_clip state dict (all of CLIP, open_clip's own keys): what a checkpoint holds."""
         return self.clip.state_dict()

@@ -194,6 +194,17 @@ def test_shipped_configs_parse_and_the_default_is_the_embedded_default(tmp_path:
         "game_consistency",
         "source_kernel_shap_images",
     }, changed
+    # The in-domain recipe (docs/results.md): the default's source with four times the training
+    # images, labelled at a third of the budget; nothing else moves.
+    in_domain = PipelineConfig(**json.loads((CONFIGS / "amortized-consistency.json").read_text()))
+    changed = {k for k, v in in_domain.model_dump(mode="json").items() if v != default.get(k)}
+    assert changed == {"out_uri", "source", "label", "sweep_name"}, changed
+    assert in_domain.source_spec.per_class == {"train": 256, "val": 100, "test": 100}
+    assert in_domain.label.budget == 50 and in_domain.per_class == {
+        "train": 64,
+        "val": 100,
+        "test": 100,
+    }
     real = PipelineConfig(**json.loads((CONFIGS / "imagenet-vit-b-32.json").read_text()))
     assert real.model_name.startswith("ViT-B-32") and real.image_size == 224
     assert real.device == "cuda" and real.decode == "device"
