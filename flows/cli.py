@@ -556,7 +556,7 @@ def _exit(status: int | str | None) -> NoReturn:
     After the interpreter's own shutdown, C++ static destructors run, and a native thread pool
     of a loaded library can still hold a joinable thread then: the process aborts with
     "terminate called without an active exception" (SIGABRT, exit status 134) after a run that
-    succeeded (apache/arrow#34314; 3 of 7 demos on 2026-12-04). So the program does what the
+    succeeded (apache/arrow#34314; 2 of 8 demo runs on 2026-12-04). So the program does what the
     shutdown does that matters (waits for its non-daemon threads, runs the atexit handlers:
     logging's flush, Prefect's), flushes its streams and leaves with ``os._exit``: no module
     teardown, no static destructors, and none of the seconds of garbage collection that torch's,
