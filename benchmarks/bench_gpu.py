@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tasks.algorithms.kernel_shap import kernel_shap_explain
-from tasks.finetune import explanation_loss
+from tasks.explanation_losses import explanation_loss
 from tasks.model import SelfExplainingCLIP, load_clip
 from tasks.model.vit import OpenCLIPClassifier
 

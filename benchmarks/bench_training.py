@@ -26,7 +26,8 @@ from PIL import Image
 from tasks.algorithms.kernel_shap import kernel_shap
 from tasks.data.images import sample_to_tensor
 from tasks.data.synthetic import SYNTHETIC_DOMAINS, make_split
-from tasks.finetune import FinetuneConfig, build_optimizer, explanation_loss
+from tasks.explanation_losses import explanation_loss
+from tasks.finetune import FinetuneConfig, build_optimizer
 from tasks.model import DEFAULT_MODEL, SelfExplainingCLIP, load_clip, zero_shot_head
 
 DOMAIN = "shapes"

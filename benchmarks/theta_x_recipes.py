@@ -38,7 +38,8 @@ from storage import open_storage
 from tasks.algorithms.kernel_shap import kernel_shap
 from tasks.build_dataset.config import BuildConfig
 from tasks.build_dataset.stage import finalize_build, label_shard, plan_build
-from tasks.finetune import FinetuneConfig, finetune, pearson_per_image
+from tasks.explanation_losses import pearson_per_image
+from tasks.finetune import FinetuneConfig, finetune
 from tasks.model.loading import load_sem, read_sidecar, weights_uri
 from tasks.sweep.config import SweepConfig
 from tasks.sweep.inputs import load_reference

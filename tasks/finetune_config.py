@@ -62,12 +62,13 @@ class FinetuneConfig(StageConfig):
         x_loss: the explanation loss (X mode): ``"labels"``, the paper's regression of the
             standardised map on the Kernel SHAP label (``shap.npy``); or ``"game"``, the
             FastSHAP / ViT-Shapley objective on the coalitions the label was solved from
-            (``game.npz``), the map calibrated to each image's game (:func:`tasks.finetune.game_loss`).
+            (``game.npz``), the map calibrated to each image's game
+            (:func:`tasks.explanation_losses.game_loss`).
         game_consistency: weight of the game-consistency term (X mode, 0: none): on a few of
             the coalitions each label was solved from (``game.npz``, ``consistency_coalitions``
             per image and step), theta_X's value of the label class is kept at the labelled
             model's, so that the labels stay true of the model they train
-            (:func:`tasks.finetune.consistency_loss`).
+            (:func:`tasks.explanation_losses.consistency_loss`).
         consistency_coalitions: coalitions per image and step of the game-consistency term.
         trainable_blocks: train only the image tower's last this many transformer blocks and
             what follows them (the final norm and projection); None: the whole image encoder.

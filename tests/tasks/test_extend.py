@@ -32,7 +32,7 @@ from tasks.build_dataset.resolve import (
 from tasks.build_dataset.stage import load_explained_model
 from tasks.data.readers import iter_webdataset
 from tasks.data.stream import Decoder, OrderedStream, list_split
-from tasks.finetune import pearson_per_image
+from tasks.explanation_losses import pearson_per_image
 from tasks.model import DEFAULT_MODEL, load_clip
 from tasks.model.sem import SelfExplainingCLIP, zero_shot_head
 

@@ -20,11 +20,11 @@ from storage.layout import shard_name
 from storage.shards import ShardWriter
 from tasks.data.stream import Decoder, OrderedStream, list_split
 from tasks.data.synthetic import make_split
+from tasks.explanation_losses import pearson_per_image
 from tasks.finetune import (
     FinetuneConfig,
     Finetuner,
     finetune,
-    pearson_per_image,
     training_stream,
 )
 from tasks.model import (

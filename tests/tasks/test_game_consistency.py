@@ -16,13 +16,8 @@ from storage.checkpoints import save_state_dict
 from tasks.algorithms.kernel_shap import coalition_values, kernel_shap_explain
 from tasks.build_dataset import LabelConfig
 from tasks.data.stream import stack_games
-from tasks.finetune import (
-    FinetuneConfig,
-    LabelledGame,
-    consistency_loss,
-    finetune,
-    training_stream,
-)
+from tasks.explanation_losses import LabelledGame, consistency_loss
+from tasks.finetune import FinetuneConfig, finetune, training_stream
 from tasks.model import DEFAULT_MODEL, SelfExplainingCLIP, load_clip, load_sem
 
 

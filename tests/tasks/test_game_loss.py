@@ -19,7 +19,8 @@ from storage.shards import ShardWriter
 from tasks.algorithms.games import CoalitionGame
 from tasks.data.stream import Decoder, OrderedStream, list_split, stack_games
 from tasks.data.synthetic import make_split
-from tasks.finetune import FinetuneConfig, finetune, game_loss, pearson_per_image
+from tasks.explanation_losses import game_loss, pearson_per_image
+from tasks.finetune import FinetuneConfig, finetune
 from tasks.model import DEFAULT_MODEL, load_clip, load_sem
 
 GRID = (2, 3)
