@@ -13,7 +13,8 @@ from flows.events import emit_checkpoint_published
 from flows.progress import StepProgress
 from storage import layout, open_storage
 from storage.checkpoints import checkpoint_fingerprint
-from tasks.finetune import FinetuneConfig, finetune
+from storage.fingerprints import fingerprint_of
+from tasks.finetune import FinetuneConfig, data_fingerprint, finetune
 
 
 @task(
@@ -33,8 +34,10 @@ def finetune_task(config: FinetuneConfig, out_uri: str, out_key: str) -> dict[st
 
 
 def finetune_key(config: FinetuneConfig) -> str:
-    """Where a fine-tuning run writes: one folder per (domain, mode, config)."""
-    return layout.finetune_key(config.domain, config.mode, config.resume_fingerprint())
+    """Where a fine-tuning run writes: one folder per (domain, mode, config, data content), so
+    a domain re-exported with other images trains a model of its own beside the old one."""
+    key = fingerprint_of(config.resume_fingerprint(), data_fingerprint(config))
+    return layout.finetune_key(config.domain, config.mode, key)
 
 
 def _model_asset(config: FinetuneConfig, out_uri: str, out_key: str):

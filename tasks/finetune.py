@@ -26,6 +26,7 @@ rank returns before rank 0 has written them.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import logging
 import math
@@ -129,6 +130,23 @@ def training_stream(config: FinetuneConfig, rank: int = 0, world_size: int = 1) 
         stream.steps_per_epoch,
     )
     return stream
+
+
+def data_fingerprint(config: FinetuneConfig) -> str:
+    """What a run depends on beyond its config and base: the content of its training and val
+    splits, their shards' sha256 as the completion markers record them (no shard is read).
+
+    The config names the data by URI only, and a domain whose settings change is re-exported in
+    place under the same URI: without this, a run on the new data would find the old run's
+    model complete, or resume its checkpoints.
+
+    Raises:
+        ValueError: a split has no complete shard.
+    """
+    parts = [list_split(config.data, config.split, config.data_name).fingerprint()]
+    if config.val_data is not None:
+        parts.append(list_split(config.val_data, config.val_split).fingerprint())
+    return fingerprint_of(*parts)
 
 
 def validation_stream(config: FinetuneConfig, batch_size: int = 128) -> OrderedStream | None:
@@ -293,10 +311,15 @@ class Finetuner:
         # The (model, optimizer) files the record names: the slot the next checkpoint avoids.
         self._recorded_slot: tuple[str, str] | None = None
 
+    @functools.cached_property
+    def data_fingerprint(self) -> str:
+        """The content of the run's training and val data (:func:`data_fingerprint`)."""
+        return data_fingerprint(self.config)
+
     def inputs_fingerprint(self) -> str:
-        """What the model depends on: the config and the content of the base weights."""
+        """What the model depends on: the config, the base weights' content, the data's."""
         base = checkpoint_fingerprint(self.config.base) if self.config.base else None
-        return fingerprint_of(self.config.resume_fingerprint(), base)
+        return fingerprint_of(self.config.resume_fingerprint(), base, self.data_fingerprint)
 
     def is_complete(self) -> bool:
         """Whether the final model exists, made from these inputs."""
@@ -430,7 +453,9 @@ class Finetuner:
                     with autocast:
                         logits, maps = forward(images)
                     ce = F.cross_entropy(logits.float(), labels)
-                    expl = explanation_term(maps, labels, batch, device, config.x_loss)
+                    expl = explanation_term(
+                        maps, labels, batch, device, config.x_loss, config.common_map
+                    )
                     loss = ce + config.beta * expl if config.mode == "X" else ce
                     if labelled is not None:
                         draw = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
@@ -555,6 +580,7 @@ class Finetuner:
             "step": step,
             "base_fingerprint": base_fingerprint,
             "resume_fingerprint": self.config.resume_fingerprint(),
+            "data_fingerprint": self.data_fingerprint,
             "model": model_key,
             "optimizer": optim_key,
         }
@@ -580,10 +606,14 @@ class Finetuner:
             logger.warning("checkpoint files named in %s are missing: restarting", self.out.uri)
             return fresh
         resume_state = torch.load(io.BytesIO(self.out.read_bytes(optim_key)), weights_only=True)
-        expected = (self.config.resume_fingerprint(), base_fingerprint)
-        if (record.get("resume_fingerprint"), record.get("base_fingerprint")) != expected:
+        expected = (self.config.resume_fingerprint(), base_fingerprint, self.data_fingerprint)
+        found = tuple(
+            record.get(name)
+            for name in ("resume_fingerprint", "base_fingerprint", "data_fingerprint")
+        )
+        if found != expected:
             logger.warning(
-                "checkpoint in %s is from another config or base: restarting", self.out.uri
+                "checkpoint in %s is from another config, base or data: restarting", self.out.uri
             )
             return fresh
         if resume_state["step"] != record.get("step"):

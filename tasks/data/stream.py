@@ -33,6 +33,7 @@ crop, values in ``[0, 1]``); the model applies CLIP's mean and std itself.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import itertools
 import json
@@ -73,6 +74,7 @@ class SplitShards:
         split: the split.
         shards: shard keys, sorted.
         counts: samples per shard (from the completion markers).
+        digests: each shard's sha256, as its completion marker records it.
     """
 
     uri: str
@@ -80,11 +82,21 @@ class SplitShards:
     split: str
     shards: tuple[str, ...]
     counts: tuple[int, ...]
+    digests: tuple[str | None, ...] = ()
 
     @property
     def samples(self) -> int:
         """Samples in the split."""
         return sum(self.counts)
+
+    def content(self) -> list[list[Any]]:
+        """``[shard key, sha256, samples]`` per shard: what a fingerprint of the split's content
+        is made from (a folder re-exported in place with other images changes it)."""
+        return [list(row) for row in zip(self.shards, self.digests, self.counts, strict=True)]
+
+    def fingerprint(self) -> str:
+        """A digest of :meth:`content`."""
+        return hashlib.sha256(json.dumps(self.content()).encode()).hexdigest()[:16]
 
 
 def dataset_name(uri: str, split: str) -> str:
@@ -121,8 +133,10 @@ def list_split(uri: str, split: str, name: str | None = None) -> SplitShards:
     keys = complete_shards(storage, name, split)
     if not keys:
         raise ValueError(f"dataset {uri} has no complete shard of {name}-{split}")
-    counts = tuple(int(storage.completion_info(key.rsplit("/", 1)[-1])["samples"]) for key in keys)
-    return SplitShards(storage.uri, name, split, tuple(keys), counts)
+    infos = [storage.completion_info(key.rsplit("/", 1)[-1]) for key in keys]
+    counts = tuple(int(info["samples"]) for info in infos)
+    digests = tuple(info.get("sha256") for info in infos)
+    return SplitShards(storage.uri, name, split, tuple(keys), counts, digests)
 
 
 class Batch(NamedTuple):

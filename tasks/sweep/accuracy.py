@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from storage import open_storage
 from tasks.data.stream import Batch, Decoder, OrderedStream, SplitShards, list_split
 from tasks.model import SelfExplainingCLIP
 from tasks.sweep.split_cache import cached_batches
@@ -87,21 +86,18 @@ def load_accuracy_data(
 
 
 def accuracy_data_fingerprint(uri: str, name: str | None) -> str:
-    """What the accuracy of a folder's val and test splits depends on: their shards' markers.
+    """What the accuracy of a folder's val and test splits depends on: their shards' content
+    (:meth:`SplitShards.content`).
 
     Raises:
         FileNotFoundError: the folder holds no complete shard of val or test (it is gone).
     """
-    storage = open_storage(uri)
     parts: list[Any] = []
     for split in ("val", "test"):
         try:
-            shards = list_split(uri, split, name)
+            parts.extend(list_split(uri, split, name).content())
         except ValueError as exc:
             raise FileNotFoundError(f"no accuracy data of {split} at {uri}: {exc}") from exc
-        for shard in shards.shards:
-            info = storage.completion_info(shard.rsplit("/", 1)[-1])
-            parts.append([shard, info.get("fingerprint"), info.get("samples")])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -184,6 +184,44 @@ class _Crash(RuntimeError):
     pass
 
 
+def test_data_re_exported_in_place_trains_a_model_of_its_own_and_no_checkpoint_resumes(
+    data, tmp_path
+) -> None:
+    # The same URI, other images: what a synthetic domain whose per_class changed looks like.
+    from flows.finetune import finetune_key
+
+    plain = str(tmp_path / "plain")
+    _write_dataset(plain, "train", per_class=7, shards=3, with_shap=False)
+    config = _config(data, "P", data=plain, val_data=None)
+    first_key = finetune_key(config)
+    storage = open_storage(str(tmp_path / "out"))
+    first = finetune(config, storage, "run")
+    assert finetune(config, storage, "run")["skipped"]
+
+    def crash_at_step_3(step: int, total: int) -> None:
+        if step == 3:  # the checkpoint of step 2 is on disk
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        finetune(config, storage, "crashed", progress=crash_at_step_3)
+    assert load_sidecar(storage, "crashed/last.safetensors")["step"] == 2
+
+    _write_dataset(plain, "train", per_class=5, shards=3, with_shap=False)
+    assert finetune_key(config) != first_key
+    again = finetune(config, storage, "run")
+    assert not again["skipped"] and again["steps"] == 4  # ceil(25 / 8): the new data
+    assert again["fingerprint"] != first["fingerprint"]
+    steps_seen: list[int] = []
+    resumed = finetune(
+        config, storage, "crashed", progress=lambda step, total: steps_seen.append(step)
+    )
+    assert steps_seen == [1, 2, 3, 4]  # the old data's checkpoint is not resumed
+    assert resumed["fingerprint"] == again["fingerprint"]
+    # The same content written again is the same data: the key is the content's, not the time's.
+    _write_dataset(plain, "train", per_class=5, shards=3, with_shap=False)
+    assert finetune(config, storage, "run")["skipped"]
+
+
 @pytest.fixture(scope="module")
 def x_reference(data, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """An uninterrupted 2-epoch X run (10 steps), checkpointed every 3 steps."""
