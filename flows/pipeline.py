@@ -105,6 +105,7 @@ def _finetune_config(
         x_loss=config.x_loss if mode == "X" else "labels",
         game_consistency=config.game_consistency if mode == "X" else 0.0,
         trainable_blocks=None if target else config.trainable_blocks,
+        common_map=config.common_map if mode == "X" else 0.0,
         grid=config.label.grid_h,
         seed=config.seed,
         device=config.device,

@@ -120,6 +120,13 @@ class PipelineConfig(StageConfig):
         "transformer blocks and its final norm and projection, so the vector lives there "
         "(None: the whole image encoder); the targets' models train whole",
     )
+    common_map: float = Field(
+        0.0,
+        ge=0,
+        description="weight of theta_X's explanation loss applied also to the map along the "
+        "source head's common direction (the mean of its class maps), the part of the head "
+        "other domains share; 0: none",
+    )
     # Every fine-tuning of the pipeline launches the same way; at these defaults (FinetuneConfig's
     # own) each trains in the flow's process, and the models' fingerprints are those of a config
     # without these fields.

@@ -171,10 +171,34 @@ def explanation_term(
     batch: Any,
     device: torch.device,
     x_loss: str = "labels",
+    common_map: float = 0.0,
 ) -> torch.Tensor | None:
-    """The batch's explanation loss (None without targets: P mode)."""
+    """The batch's explanation loss (None without targets: P mode).
+
+    With ``common_map`` > 0 the same loss also asks the map along the head's common direction,
+    the mean over classes of the class maps (each a cosine with a unit class embedding, so
+    their mean reads the patches along the classes' mean embedding), to match the label; its
+    weight is ``common_map``. That direction is the part of the head other domains share.
+    """
     if x_loss == "game" and batch.games is not None:
-        return game_loss(maps, labels, batch.games.to(device))
+        games = batch.games.to(device)
+        loss = game_loss(maps, labels, games)
+        if common_map > 0:
+            loss = loss + common_map * game_loss(_common(maps), _zeros(labels), games)
+        return loss
     if batch.targets is None:
         return None
-    return explanation_loss(maps, labels, batch.targets.to(device))
+    targets = batch.targets.to(device)
+    loss = explanation_loss(maps, labels, targets)
+    if common_map > 0:
+        loss = loss + common_map * explanation_loss(_common(maps), _zeros(labels), targets)
+    return loss
+
+
+def _common(maps: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, gh, gw]``: the mean of the class maps, the map along the common direction."""
+    return maps.mean(dim=1, keepdim=True)
+
+
+def _zeros(labels: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(labels)

@@ -33,7 +33,12 @@ _RESUME_NEUTRAL_FIELDS = (
 )
 
 # Fields added after models were trained, with the value every earlier model was trained with.
-_LATER_FIELDS = {"x_loss": "labels", "game_consistency": 0.0, "trainable_blocks": None}
+_LATER_FIELDS = {
+    "x_loss": "labels",
+    "game_consistency": 0.0,
+    "trainable_blocks": None,
+    "common_map": 0.0,
+}
 
 
 class FinetuneConfig(StageConfig):
@@ -72,6 +77,8 @@ class FinetuneConfig(StageConfig):
         consistency_coalitions: coalitions per image and step of the game-consistency term.
         trainable_blocks: train only the image tower's last this many transformer blocks and
             what follows them (the final norm and projection); None: the whole image encoder.
+        common_map: weight of the explanation loss applied also to the map along the head's
+            common direction (X mode, 0: none; :func:`tasks.explanation_losses.explanation_term`).
         grid: attribution grid side (``grid x grid`` cells, the SHAP grid).
         seed: seeds the data order and the torch RNG.
         checkpoint_every: steps between resumable checkpoints (None: by time and epoch only).
@@ -119,6 +126,7 @@ class FinetuneConfig(StageConfig):
     game_consistency: float = Field(default=0.0, ge=0)
     consistency_coalitions: int = Field(default=4, ge=1)
     trainable_blocks: int | None = Field(default=None, ge=1)
+    common_map: float = Field(default=0.0, ge=0)
     grid: int = Field(default=7, ge=1)
     seed: int = 0
     checkpoint_every: int | None = Field(default=None, ge=1)
