@@ -251,3 +251,27 @@ def test_manifest_reads_markers_concurrently_or_not_at_all(tmp_path, monkeypatch
     reads.clear()
     assert write_manifest(storage, shards, infos=infos).equals(table)
     assert reads == []  # the markers the caller had were not read again
+
+
+def test_a_split_is_listed_with_its_markers_read_concurrently(tmp_path, monkeypatch):
+    from tasks.data.stream import list_split
+
+    storage = open_storage(str(tmp_path))
+    shards = [shard_name("dom", "train", i) for i in range(6)]
+    for index, key in enumerate(shards):
+        _write_shard(storage, key, _samples(2, offset=2 * index))
+    sequential = list_split(str(tmp_path), "train")
+    # Every marker read waits for a second one: read one after another, the barrier breaks.
+    barrier = threading.Barrier(2, timeout=10)
+    original = type(storage).read_bytes
+
+    def read_bytes(self, key):
+        if key.startswith("_completions/"):
+            barrier.wait()
+        return original(self, key)
+
+    monkeypatch.setattr(type(storage), "read_bytes", read_bytes)
+    listed = list_split(str(tmp_path), "train")
+    assert listed == sequential
+    assert listed.shards == tuple(shards) and listed.counts == (2,) * 6
+    assert all(len(digest) == 64 for digest in listed.digests)
