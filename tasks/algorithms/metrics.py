@@ -17,6 +17,7 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -352,15 +353,6 @@ def topk_off_evidence(attributions: Tensor, masks: Tensor, k: int = 5) -> Tensor
 
 
 @torch.no_grad()
-def label_output(
-    model_fn: ModelFn, images: Tensor, classes: Tensor, output: Literal["prob", "logit"] = "prob"
-) -> Tensor:
-    """The model's output for ``classes`` on the full images (the start of the deletion curve)."""
-    logits = model_fn(images)
-    values = logits.softmax(dim=-1) if output == "prob" else logits
-    return values.gather(1, classes.to(values.device).long()[:, None]).squeeze(1)
-
-
 def explanation_quality(
     attributions: Tensor,
     *,
@@ -386,7 +378,8 @@ def explanation_quality(
       ``baseline`` are given;
     - ``pointing``, ``pointing_chance``, ``energy_pointing``, ``topk_off_evidence``: when
       evidence ``masks`` are given;
-    - ``deletion_normalised``: deletion AUC over the full image's probability (``prob`` only);
+    - ``deletion_normalised``: deletion AUC over the full image's probability (``prob`` only;
+      NaN where that probability is below chance, ``1 / classes``);
     - ``accuracy``: when ``logits`` and ``labels`` are given.
 
     Args:
@@ -431,8 +424,16 @@ def explanation_quality(
         per_image["insertion_auc"], per_image["deletion_auc"] = ins, dele
         if output == "prob":
             # Deletion relative to where it starts: a confident model's curve has further to fall.
-            full = label_output(model_fn, images, classes, output)
-            per_image["deletion_normalised"] = dele / full.clamp(min=1e-6).to(dele.dtype)
+            # An image whose class the model already gives less than chance has no confidence to
+            # lose, and the ratio would explode (one image at p = 4e-4 put a target's mean at 28):
+            # it is not measurable (NaN), and the sweep's paired differences drop it.
+            probs = model_fn(images).softmax(dim=-1)
+            full = probs.gather(1, classes.to(probs.device).long()[:, None]).squeeze(1)
+            full = full.to(dele.device, dele.dtype)
+            chance = 1.0 / probs.shape[-1]
+            per_image["deletion_normalised"] = torch.where(
+                full >= chance, dele / full.clamp(min=chance), torch.full_like(dele, math.nan)
+            )
     elif any(v is not None for v in faithfulness_inputs):
         raise ValueError("insertion/deletion needs model_fn, images, classes and baseline")
     if masks is not None:

@@ -219,9 +219,36 @@ def test_pointing_chance_energy_and_off_evidence():
 
 
 def test_deletion_normalised_by_the_full_image(additive_case):
-    model, images, baseline, exact, classes = additive_case
+    model, images, baseline, exact, _ = additive_case
+    classes = torch.ones(3, dtype=torch.long)  # the class this model gives more than chance
     per_image = explanation_quality(
         exact, model_fn=model, images=images, classes=classes, baseline=baseline, reduce=False
     )
     full = model(images).softmax(dim=-1).gather(1, classes[:, None]).squeeze(1)
+    assert torch.all(full > 0.5)
     assert torch.allclose(per_image["deletion_normalised"], per_image["deletion_auc"] / full)
+
+
+def test_deletion_normalised_is_not_measured_below_chance():
+    """An image the model gives its class less than chance has no confidence to lose: dividing
+    by its probability (4e-4 in a real sweep) would swamp the mean, so it is NaN and the mean
+    is over the other images."""
+
+    def model(x):
+        # Three classes; class 0's logit grows with the image's brightness.
+        brightness = x.mean(dim=(1, 2, 3))
+        zeros = torch.zeros_like(brightness)
+        return torch.stack([20.0 * (brightness - 0.5), zeros, zeros], dim=1)
+
+    images = torch.stack([torch.full((3, SIZE, SIZE), 0.9), torch.full((3, SIZE, SIZE), 0.05)])
+    maps = torch.rand(2, *GRID, generator=torch.Generator().manual_seed(0))
+    classes = torch.zeros(2, dtype=torch.long)
+    kwargs = dict(model_fn=model, images=images, classes=classes, baseline=0.0)
+    per_image = explanation_quality(maps, reduce=False, **kwargs)
+    full = model(images).softmax(dim=-1)[:, 0]
+    assert full[1] < 1e-3 < 1 / 3 < full[0]
+    normalised = per_image["deletion_normalised"]
+    assert torch.isnan(normalised[1])
+    assert torch.isclose(normalised[0], per_image["deletion_auc"][0] / full[0].double(), rtol=1e-5)
+    means = explanation_quality(maps, **kwargs)
+    assert means["deletion_normalised"] == pytest.approx(float(normalised[0]))
