@@ -205,6 +205,13 @@ def test_shipped_configs_parse_and_the_default_is_the_embedded_default(tmp_path:
         "val": 100,
         "test": 100,
     }
+    # The nearest to both goals (docs/results.md): the default's 320 images labelled at budget
+    # 400, the source's P and X at lr 4e-4 for 15 epochs; the targets and the sweep as they are.
+    nearest = PipelineConfig(**json.loads((CONFIGS / "budget-400.json").read_text()))
+    changed = {k for k, v in nearest.model_dump(mode="json").items() if v != default.get(k)}
+    assert changed == {"out_uri", "label", "lr", "epochs", "eval_every", "sweep_name"}, changed
+    assert nearest.label.budget == 400 and nearest.lr == 4e-4 and nearest.epochs == 15
+    assert nearest.label.model_copy(update={"budget": 150}) == PipelineConfig(out_uri="x").label
     real = PipelineConfig(**json.loads((CONFIGS / "imagenet-vit-b-32.json").read_text()))
     assert real.model_name.startswith("ViT-B-32") and real.image_size == 224
     assert real.device == "cuda" and real.decode == "device"
