@@ -352,7 +352,6 @@ def topk_off_evidence(attributions: Tensor, masks: Tensor, k: int = 5) -> Tensor
     return (coverage.gather(1, top) < 0.5).float().mean(dim=1)
 
 
-@torch.no_grad()
 def explanation_quality(
     attributions: Tensor,
     *,
@@ -427,12 +426,13 @@ def explanation_quality(
             # An image whose class the model already gives less than chance has no confidence to
             # lose, and the ratio would explode (one image at p = 4e-4 put a target's mean at 28):
             # it is not measurable (NaN), and the sweep's paired differences drop it.
-            probs = model_fn(images).softmax(dim=-1)
+            with torch.no_grad():
+                probs = model_fn(images).softmax(dim=-1)
             full = probs.gather(1, classes.to(probs.device).long()[:, None]).squeeze(1)
             full = full.to(dele.device, dele.dtype)
             chance = 1.0 / probs.shape[-1]
             per_image["deletion_normalised"] = torch.where(
-                full >= chance, dele / full.clamp(min=chance), torch.full_like(dele, math.nan)
+                full >= chance, dele / full, torch.full_like(dele, math.nan)
             )
     elif any(v is not None for v in faithfulness_inputs):
         raise ValueError("insertion/deletion needs model_fn, images, classes and baseline")
