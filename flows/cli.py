@@ -19,6 +19,10 @@ can be written, a bucket or scheduler that answers), importing only :mod:`storag
 second or so; then what needs the typed config (field values, the model's image size, domain
 names), which imports torch; only then does the Prefect API start. Argument errors of argparse
 itself are one ``error:`` line too.
+
+SIGTERM (a scheduler's timeout, ``kill``) stops a run as Ctrl-C does: the private Prefect API
+is stopped, the run's logs go to ``{out}/logs`` and the command prints one ``error:`` line and
+exits with status 143; what was complete is kept, and the same command resumes it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import atexit
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -499,6 +504,21 @@ def _fail(exc: BaseException) -> int:
     return 2
 
 
+class Terminated(BaseException):
+    """SIGTERM reached the command (a ``BaseException``, as ``KeyboardInterrupt``: cleanup runs).
+
+    Without it the signal's default action ends the process where it stands, and so does
+    Prefect's own handler, which during a flow run reports the run as crashed and then passes the
+    signal on to the handler it found: the private Prefect API would be left running as an
+    orphan and the run's logs left in its private home.
+    """
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``explain-transfer ARGV``; the exit status (2 for an expected failure).
 
@@ -508,10 +528,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     if argv is not None:
         return _run(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         status: int | str | None = _run(None)
     except SystemExit as exc:  # argparse's usage errors and --help
         status = exc.code
+    except Terminated:
+        print(
+            "error: terminated (SIGTERM); what was complete is kept, and the same command "
+            "resumes it",
+            file=sys.stderr,
+            flush=True,
+        )
+        status = 128 + signal.SIGTERM
     except KeyboardInterrupt:
         traceback.print_exc()
         status = 130

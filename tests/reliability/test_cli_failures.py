@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -258,3 +260,80 @@ def test_two_runs_at_once_on_a_busy_machine_print_no_traceback(tmp_path: Path) -
     assert f"full logs under {tmp_path / 'demo' / 'logs'}" in outputs["demo"][0]
     # Each run had its own home; the databases went with the runs.
     assert not list((tmp_path / "shared-prefect-home").rglob("prefect.db"))
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while being read
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_with_its_server_keeps_its_logs_and_the_same_command_resumes(
+    tmp_path: Path,
+) -> None:
+    """A scheduler's SIGTERM in the middle of a flow: one error line, status 143, the private
+    Prefect API stopped (not left as an orphan), the run's logs under the output, the completed
+    stages untouched by the rerun, which finishes the run."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--miniature", "--out", str(out)]
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_API"))},
+        "PYTHONPATH": str(REPO_ROOT),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *argv],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Inside the pipeline's flow: the export is complete and a fine-tuning has begun.
+        deadline = time.monotonic() + 300
+        while not (out / "models").is_dir() or not any((out / "models").iterdir()):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the run never reached its fine-tuning"
+            time.sleep(0.2)
+        done = {
+            path: path.stat().st_mtime_ns
+            for path in out.rglob("*")
+            if "_completions" in path.parts and path.is_file()
+        }
+        server = _children(process.pid)
+        assert server, "no private Prefect API was running"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "error: terminated (SIGTERM)" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert not [pid for pid in server if _alive(pid)], "the Prefect API outlived the run"
+    logs = out / "logs"
+    assert list(logs.glob("*-run.log")) and list(logs.glob("*-server.log"))
+    assert done, "nothing was complete before the signal"
+
+    rerun = run_cli(argv, tmp_path, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"all outputs under {out} (" in rerun.stdout
+    assert {path: path.stat().st_mtime_ns for path in done} == done
