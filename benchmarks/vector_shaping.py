@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from tasks.algorithms.vectors import ExplainabilityVector
-from tasks.sweep.accuracy import load_accuracy_data
 from tasks.sweep.config import SweepConfig
 from tasks.sweep.evaluation import evaluate_target
-from tasks.sweep.inputs import load_reference, load_target, load_vector
+from tasks.sweep.inputs import load_target, load_vector
 from tasks.sweep.selection import mark_chosen
+from tasks.sweep.stage import load_target_data
 
 Shape = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -95,14 +95,8 @@ def main() -> None:
     targets = [t for t in config.targets if t.role == "target"]
     inputs = {}
     for spec in targets:
-        data = {s: load_reference(getattr(spec, f"{s}_reference")) for s in spec.splits}
-        accuracy = {
-            s: load_accuracy_data(
-                spec.accuracy_data, s, name=spec.accuracy_name, image_size=data[s].image_size
-            )
-            for s in spec.splits
-        }
-        inputs[spec.domain] = (load_target(spec, config.grid, config.device), data, accuracy)
+        model = load_target(spec, config.grid, config.device)
+        inputs[spec.domain] = (model, *load_target_data(config, spec, model))
     print("| vector | norm | " + " | ".join(t.domain for t in targets) + " |")
     print("|---|---|" + "---|" * len(targets))
     for name in args.shapes:

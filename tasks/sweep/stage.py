@@ -18,8 +18,8 @@ import pyarrow as pa
 from storage import layout
 from tasks.algorithms.vectors import ExplainabilityVector
 from tasks.data.stream import list_split
-from tasks.sweep.accuracy import load_accuracy_data
-from tasks.sweep.config import TABLE_SCHEMA, SweepConfig, sweep_storage
+from tasks.sweep.accuracy import AccuracyData, load_accuracy_data
+from tasks.sweep.config import TABLE_SCHEMA, SweepConfig, TargetSpec, sweep_storage
 from tasks.sweep.evaluation import (
     ProgressCallback,
     evaluate_edited_agreement,
@@ -27,6 +27,8 @@ from tasks.sweep.evaluation import (
     evaluate_target,
 )
 from tasks.sweep.inputs import (
+    EvalData,
+    TargetModel,
     check_reference,
     check_vector,
     has_reference,
@@ -81,6 +83,40 @@ def validate_sweep(config: SweepConfig) -> dict[str, Any]:
     return {"vector": repr(vector), "targets": fingerprints}
 
 
+def load_target_data(
+    config: SweepConfig, spec: TargetSpec, model: TargetModel
+) -> tuple[dict[str, EvalData], dict[str, AccuracyData] | None]:
+    """A target's references per split, checked against theta_T, and its accuracy data.
+
+    Returns:
+        ``(data, accuracy)``: split -> reference, and split -> the whole split accuracy is
+        measured on (None when the target names no accuracy data).
+
+    Raises:
+        ValueError: a reference that does not fit theta_T.
+    """
+    references = {"val": spec.val_reference, "test": spec.test_reference}
+    data = {
+        split: load_reference(references[split], max_images=config.max_images)
+        for split in spec.splits
+    }
+    for split_data in data.values():
+        check_reference(split_data, model, spec, config.grid)
+    if spec.accuracy_data is None:
+        return data, None
+    accuracy = {
+        split: load_accuracy_data(
+            spec.accuracy_data,
+            split,
+            name=spec.accuracy_name,
+            image_size=data[split].image_size,
+            max_images=config.max_images,
+        )
+        for split in spec.splits
+    }
+    return data, accuracy
+
+
 def sweep_target(
     config: SweepConfig,
     target: str,
@@ -131,25 +167,7 @@ def sweep_target(
     vector = vector if vector is not None else load_vector(config.vector)
     model = load_target(spec, config.grid, config.device)
     check_vector(vector, model, allow_different_base=config.allow_different_base)
-    references = {"val": spec.val_reference, "test": spec.test_reference}
-    data = {
-        split: load_reference(references[split], max_images=config.max_images)
-        for split in spec.splits
-    }
-    for split_data in data.values():
-        check_reference(split_data, model, spec, config.grid)
-    accuracy = None
-    if spec.accuracy_data is not None:
-        accuracy = {
-            split: load_accuracy_data(
-                spec.accuracy_data,
-                split,
-                name=spec.accuracy_name,
-                image_size=data[split].image_size,
-                max_images=config.max_images,
-            )
-            for split in spec.splits
-        }
+    data, accuracy = load_target_data(config, spec, model)
     n_heat = min(config.heatmap_images, len(data["test"]))
     rows, heat_maps = evaluate_target(
         config,

@@ -28,6 +28,20 @@ from tasks.build_dataset import BuildConfig, LabelConfig
 from tasks.data.readers import iter_webdataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """``explain-transfer ARGS`` started in a fresh interpreter, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 WORKER = Path(__file__).with_name("worker.py")
 
 FAKE_ACCESS_KEY = "AKIARELIABILITYTEST1"

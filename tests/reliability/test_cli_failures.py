@@ -20,7 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from reliability_helpers import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, REPO_ROOT, aws_env
+from reliability_helpers import (
+    FAKE_ACCESS_KEY,
+    FAKE_SECRET_KEY,
+    REPO_ROOT,
+    aws_env,
+    start_cli,
+)
 
 from storage import EndpointUnreachableError, open_storage
 from storage.s3 import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
@@ -30,11 +36,10 @@ PROGRESS = re.compile(r"\d+/\d+ \[[^\]]*\]$|: \d+/\d+ \w+ \(\d+%\), [\d:]+ elaps
 SESSION_TOKEN = "FwoGZXIvYXdzEXAMPLESESSIONTOKENmustneverbeprinted0123456789"
 
 
-def run_cli(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """``explain-transfer ARGS`` in a fresh interpreter; a run past ``timeout`` fails the test."""
-    full_env = {
+def cli_env(cwd: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """A command's environment: no AWS or Prefect API settings of ours, a private Prefect
+    home under ``cwd``, no AWS config files or instance metadata, then ``env``."""
+    return {
         **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_API"))},
         "PYTHONPATH": str(REPO_ROOT),
         "PREFECT_HOME": str(cwd / "prefect-home"),
@@ -43,10 +48,16 @@ def run_cli(
         "AWS_EC2_METADATA_DISABLED": "true",
         **(env or {}),
     }
+
+
+def run_cli(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``explain-transfer ARGS`` in a fresh interpreter; a run past ``timeout`` fails the test."""
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
         cwd=cwd,
-        env=full_env,
+        env=cli_env(cwd, env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -234,17 +245,7 @@ def test_two_runs_at_once_on_a_busy_machine_print_no_traceback(tmp_path: Path) -
             "demo": ["demo", "--miniature", "--out", str(tmp_path / "demo")],
             "export": ["export", "--domain", "glyphs", "--out", str(tmp_path / "export")],
         }
-        running = {
-            name: subprocess.Popen(
-                [sys.executable, "-m", "flows.cli", *argv],
-                cwd=tmp_path,
-                env=full_env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for name, argv in commands.items()
-        }
+        running = {name: start_cli(argv, tmp_path, full_env) for name, argv in commands.items()}
         outputs = {name: process.communicate(timeout=1500) for name, process in running.items()}
     finally:
         for burner in burners:
@@ -293,19 +294,7 @@ def test_sigterm_stops_the_run_with_its_server_keeps_its_logs_and_the_same_comma
     stages untouched by the rerun, which finishes the run."""
     out = tmp_path / "demo"
     argv = ["demo", "--miniature", "--out", str(out)]
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_API"))},
-        "PYTHONPATH": str(REPO_ROOT),
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *argv],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_cli(argv, tmp_path, cli_env(tmp_path))
     try:
         # Inside the pipeline's flow: the export is complete and a fine-tuning has begun.
         deadline = time.monotonic() + 300

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from reliability_helpers import REPO_ROOT
+from reliability_helpers import REPO_ROOT, start_cli
 
 #: Seconds ``explain-transfer --help`` takes on an idle 2-core machine (measured: 0.39-0.42 s).
 IDLE_HELP_SECONDS = 0.5
@@ -66,14 +66,7 @@ class TimedRun:
 def run_timed(argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> TimedRun:
     """``explain-transfer ARGV`` in a fresh interpreter, each stderr line timestamped."""
     started = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *argv],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_cli(argv, cwd, env)
     lines: list[tuple[float, str]] = []
     err = io.StringIO()
     out: list[str] = []
